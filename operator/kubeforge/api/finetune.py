@@ -1,0 +1,249 @@
+"""FineTuneJob: train a base model on a dataset and export the result."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from kubeforge.api.base import (
+    ArtifactStatus,
+    CommonStatus,
+    Credentials,
+    DNSLabel,
+    Immutable,
+    KubeModel,
+    Placement,
+    Rule,
+)
+from kubeforge.api.meta import ObjectMeta
+from kubeforge.api.uris import OutputUri, Uri
+
+Positive = Annotated[int, Field(gt=0)]
+
+Method = Literal["full", "lora", "qlora"]
+Strategy = Literal["auto", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron"]
+Precision = Literal["auto", "bf16", "fp16", "fp8"]
+FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
+
+
+class ModelArchitecture(KubeModel):
+    """The architecture, for models the planner cannot look up (all optional)."""
+
+    num_parameters: Positive | None = Field(default=None, description="Total parameter count.")
+    num_layers: Positive | None = None
+    hidden_size: Positive | None = None
+    num_attention_heads: Positive | None = None
+    num_key_value_heads: Positive | None = None
+    head_dim: Positive | None = None
+    intermediate_size: Positive | None = None
+    vocab_size: Positive | None = None
+    max_position_embeddings: Positive | None = None
+    num_experts: Positive | None = Field(default=None, description="Experts per MoE layer (1 or unset: dense).")
+    num_experts_per_token: Positive | None = None
+
+    rules = (
+        Rule(
+            cel="!has(self.numKeyValueHeads) || !has(self.numAttentionHeads) "
+            "|| self.numAttentionHeads % self.numKeyValueHeads == 0",
+            message="must divide numAttentionHeads",
+            check=lambda a: a.num_key_value_heads is None
+            or a.num_attention_heads is None
+            or a.num_attention_heads % a.num_key_value_heads == 0,
+            field=".numKeyValueHeads",
+        ),
+        Rule(
+            cel="!has(self.numExpertsPerToken) || (has(self.numExperts) "
+            "&& self.numExpertsPerToken <= self.numExperts)",
+            message="needs numExperts, and may not exceed it",
+            check=lambda a: a.num_experts_per_token is None
+            or (a.num_experts is not None and a.num_experts_per_token <= a.num_experts),
+            field=".numExpertsPerToken",
+        ),
+    )
+
+
+class ModelSource(KubeModel):
+    uri: Uri = Field(description="hf://org/name, pvc://claim/path, s3://bucket/prefix, or a local path.")
+    revision: str | None = Field(
+        default=None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// models."
+    )
+    architecture: ModelArchitecture | None = Field(
+        default=None, description="Architecture facts for models the planner cannot look up."
+    )
+
+    rules = (
+        Rule(
+            cel="!has(self.revision) || self.uri.startsWith('hf://')",
+            message="only applies to hf:// models",
+            check=lambda m: m.revision is None or m.uri.startswith("hf://"),
+            field=".revision",
+        ),
+    )
+
+
+class Dataset(KubeModel):
+    uri: Uri = Field(description="JSON lines file or folder: pvc://, s3://, hf:// or a local path.")
+    format: Literal["messages", "alpaca", "text", "preference"] = Field(
+        default="messages",
+        description=(
+            "messages: {messages: [{role, content}]}; alpaca: {instruction, input, output}; "
+            "text: {text}; preference: {prompt, chosen, rejected} (for objective dpo)."
+        ),
+    )
+    max_seq_length: int = Field(default=2048, gt=0, le=1048576)
+    packing: bool = Field(default=True, description="Pack several examples into each sequence.")
+
+
+class LoRA(KubeModel):
+    rank: int = Field(default=16, gt=0, le=4096)
+    alpha: int = Field(default=32, gt=0, le=8192)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or 'all-linear'.",
+    )
+
+
+class Training(KubeModel):
+    objective: Literal["sft", "dpo"] = Field(
+        default="sft", description="sft: next-token loss; dpo: preference optimisation (format preference)."
+    )
+    epochs: float | None = Field(
+        default=None, gt=0, le=1000, description="Passes over the data (default 1 unless maxSteps is set)."
+    )
+    max_steps: Positive | None = Field(default=None, description="Optimizer steps; instead of epochs.")
+    learning_rate: float | None = Field(
+        default=None, gt=0, lt=1, description="Default: 2e-4 for lora/qlora, 1e-5 for full."
+    )
+    global_batch_size: int = Field(default=32, gt=0, le=65536, description="Sequences per optimizer step.")
+    seed: int = Field(default=42, ge=0)
+    checkpoint_every: Positive | None = Field(
+        default=None, description="Save a resumable checkpoint every N steps (default: once per epoch)."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+
+    rules = (
+        Rule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            message="set epochs or maxSteps, not both",
+            check=lambda t: not (t.epochs is not None and t.max_steps is not None),
+            field=".maxSteps",
+        ),
+    )
+
+
+class FineTuneResources(Placement):
+    max_gpus: Positive | None = Field(
+        default=None, alias="maxGPUs", description="Most GPUs the job may use (default: no limit)."
+    )
+    queue: DNSLabel | None = Field(
+        default=None, description="Kueue LocalQueue: the gang is admitted all-or-nothing."
+    )
+
+
+class Parallelism(KubeModel):
+    strategy: Strategy = Field(default="auto", description="auto lets the planner choose.")
+    tensor_parallel: Positive | None = Field(default=None, description="Megatron tensor parallel degree.")
+    pipeline_parallel: Positive | None = Field(default=None, description="Megatron pipeline stages.")
+    sequence_parallel: bool | None = Field(default=None, description="Megatron sequence parallelism.")
+    precision: Precision = Field(default="auto", description="auto: fp8 on Hopper+, bf16 on Ampere+, else fp16.")
+
+    rules = (
+        Rule(
+            cel="self.strategy in ['auto', 'megatron'] || "
+            "((!has(self.tensorParallel) || self.tensorParallel == 1) "
+            "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
+            message="tensorParallel and pipelineParallel above 1 need strategy megatron (or auto)",
+            check=lambda p: p.strategy in ("auto", "megatron")
+            or ((p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1),
+            field=".strategy",
+        ),
+        Rule(
+            cel="self.strategy in ['auto', 'megatron'] || !has(self.sequenceParallel) || !self.sequenceParallel",
+            message="sequenceParallel needs strategy megatron (or auto)",
+            check=lambda p: p.strategy in ("auto", "megatron") or not p.sequence_parallel,
+            field=".sequenceParallel",
+        ),
+    )
+
+
+class Output(KubeModel):
+    uri: OutputUri = Field(description="Where the artifact goes: pvc://claim/path, s3://bucket/prefix or a local path.")
+    merge: bool = Field(default=True, description="Merge adapters into the weights (lora/qlora).")
+
+
+class FineTuneJobSpec(KubeModel):
+    model: Annotated[ModelSource, Immutable()]
+    dataset: Annotated[Dataset, Immutable()]
+    method: Annotated[Method, Immutable()] = "lora"
+    lora: LoRA | None = Field(default=None, description="LoRA settings (method lora or qlora).")
+    training: Training = Field(default_factory=Training)
+    resources: FineTuneResources = Field(default_factory=FineTuneResources)
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    output: Annotated[Output, Immutable()]
+    image: str | None = Field(default=None, max_length=512, description="Trainer image override.")
+    credentials: Credentials | None = None
+
+    rules = (
+        Rule(
+            cel="!has(self.lora) || self.method in ['lora', 'qlora']",
+            message="only applies to method lora or qlora",
+            check=lambda s: s.lora is None or s.method in ("lora", "qlora"),
+            field=".lora",
+        ),
+        Rule(
+            cel="!has(self.parallelism) || !has(self.parallelism.strategy) || "
+            "!(self.method == 'qlora' && self.parallelism.strategy == 'megatron')",
+            message="qlora is not supported with strategy megatron",
+            check=lambda s: not (s.method == "qlora" and s.parallelism.strategy == "megatron"),
+            field=".parallelism.strategy",
+        ),
+        Rule(
+            cel="!has(self.dataset.format) || !has(self.training) || !has(self.training.objective) || "
+            "((self.dataset.format == 'preference') == (self.training.objective == 'dpo'))",
+            message="format preference goes with training.objective dpo, and dpo needs format preference",
+            check=lambda s: (s.dataset.format == "preference") == (s.training.objective == "dpo"),
+            field=".dataset.format",
+        ),
+    )
+
+
+class Progress(KubeModel):
+    step: int = Field(default=0, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    percent: int | None = Field(default=None, ge=0, le=100)
+    epoch: float | None = Field(default=None, ge=0)
+    loss: float | None = None
+    tokens_per_second: float | None = Field(default=None, ge=0)
+    eta_seconds: int | None = Field(default=None, ge=0)
+    updated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class FineTuneArtifact(ArtifactStatus):
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class FineTuneJobStatus(CommonStatus):
+    phase: FineTunePhase | None = None
+    plan: dict[str, Any] | None = Field(
+        default=None,
+        description="The planner's decision (see `kubeforge plan -o json`).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    progress: Progress | None = None
+    artifact: FineTuneArtifact | None = None
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class FineTuneJob(KubeModel):
+    api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None

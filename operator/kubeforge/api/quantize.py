@@ -1,0 +1,129 @@
+"""QuantizeJob: turn an artifact into a quantized one, optionally gated by an accuracy check."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubeforge.api.base import (
+    ArtifactStatus,
+    CommonStatus,
+    Credentials,
+    Immutable,
+    KubeModel,
+    LocalObjectRef,
+    Placement,
+    Rule,
+)
+from kubeforge.api.meta import ObjectMeta
+from kubeforge.api.uris import OutputUri, Uri
+
+QuantizeMethod = Literal["fp8", "w4a16-gptq", "w4a16-awq", "w8a8-int8"]
+QuantizePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
+CALIBRATED_METHODS = ("w4a16-gptq", "w4a16-awq", "w8a8-int8")
+
+
+def count_set(*values: object) -> int:
+    return sum(v is not None for v in values)
+
+
+class QuantizeSource(KubeModel):
+    fine_tune_job_ref: LocalObjectRef | None = Field(
+        default=None, description="Quantize what this FineTuneJob exported (waits until it succeeds)."
+    )
+    uri: Uri | None = Field(default=None, description="Or an artifact location: pvc://, s3://, hf://, local.")
+
+    rules = (
+        Rule(
+            cel="(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.uri) ? 1 : 0) == 1",
+            message="set exactly one of fineTuneJobRef and uri",
+            check=lambda s: count_set(s.fine_tune_job_ref, s.uri) == 1,
+        ),
+    )
+
+
+class Calibration(KubeModel):
+    dataset_uri: Uri | None = Field(
+        default=None, description="JSON lines to calibrate on (default: the source FineTuneJob's dataset)."
+    )
+    samples: int = Field(default=256, gt=0, le=65536)
+    max_seq_length: int = Field(default=2048, gt=0, le=1048576)
+
+
+class EvaluationGate(KubeModel):
+    metric: Literal["perplexity", "exact-match"] = "perplexity"
+    dataset_uri: Uri | None = Field(default=None, description="Held-out examples (default: calibration data).")
+    samples: int = Field(default=128, gt=0, le=65536)
+    max_degradation: float = Field(
+        ge=0,
+        le=1,
+        description=(
+            "Largest allowed loss of quality as a fraction: relative perplexity increase, or absolute "
+            "exact-match drop. The job fails, with both numbers, beyond it."
+        ),
+    )
+
+
+class QuantizeOutput(KubeModel):
+    uri: OutputUri
+
+
+class QuantizeJobSpec(KubeModel):
+    source: Annotated[QuantizeSource, Immutable()]
+    method: Annotated[QuantizeMethod, Immutable()] = Field(
+        description="fp8: dynamic FP8 (no calibration); w4a16-gptq / w4a16-awq: int4 weights; w8a8-int8."
+    )
+    calibration: Calibration | None = None
+    evaluation: EvaluationGate | None = None
+    output: Annotated[QuantizeOutput, Immutable()]
+    resources: Placement = Field(default_factory=Placement)
+    image: str | None = Field(default=None, max_length=512, description="Quantizer image override.")
+    credentials: Credentials | None = None
+
+    rules = (
+        Rule(
+            cel="!has(self.calibration) || self.method != 'fp8'",
+            message="fp8 is dynamic and takes no calibration",
+            check=lambda s: s.calibration is None or s.method != "fp8",
+            field=".calibration",
+        ),
+        Rule(
+            cel="self.method == 'fp8' || !has(self.source.uri) || "
+            "(has(self.calibration) && has(self.calibration.datasetUri))",
+            message="is required when the source is a uri and the method needs calibration",
+            check=lambda s: s.method == "fp8"
+            or s.source.uri is None
+            or (s.calibration is not None and s.calibration.dataset_uri is not None),
+            field=".calibration.datasetUri",
+        ),
+    )
+
+
+class QuantizeProgress(KubeModel):
+    stage: str | None = Field(default=None, max_length=64)
+    percent: int | None = Field(default=None, ge=0, le=100)
+
+
+class SourceStatus(KubeModel):
+    uri: str | None = Field(default=None, max_length=2048)
+    digest: str | None = Field(default=None, max_length=128)
+
+
+class QuantizeJobStatus(CommonStatus):
+    phase: QuantizePhase | None = None
+    source: SourceStatus | None = None
+    gpus: int | None = Field(default=None, ge=0)
+    progress: QuantizeProgress | None = None
+    artifact: ArtifactStatus | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class QuantizeJob(KubeModel):
+    api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
+    kind: Literal["QuantizeJob"] = "QuantizeJob"
+    metadata: ObjectMeta
+    spec: QuantizeJobSpec
+    status: QuantizeJobStatus | None = None

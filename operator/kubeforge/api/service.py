@@ -1,0 +1,113 @@
+"""ModelService: serve an artifact with vLLM, SGLang or transformers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubeforge.api.base import (
+    ArtifactStatus,
+    CommonStatus,
+    Credentials,
+    KubeModel,
+    LocalObjectRef,
+    Placement,
+    Rule,
+)
+from kubeforge.api.meta import ObjectMeta
+from kubeforge.api.quantize import count_set
+from kubeforge.api.uris import Uri
+
+Engine = Literal["auto", "vllm", "sglang", "transformers"]
+ServicePhase = Literal["Pending", "Waiting", "Deploying", "Ready", "Failed"]
+
+
+class ServiceSource(KubeModel):
+    quantize_job_ref: LocalObjectRef | None = Field(default=None, description="Serve this QuantizeJob's artifact.")
+    fine_tune_job_ref: LocalObjectRef | None = Field(default=None, description="Serve this FineTuneJob's artifact.")
+    uri: Uri | None = Field(default=None, description="Or an artifact location: pvc://, s3://, hf://, local.")
+
+    rules = (
+        Rule(
+            cel="(has(self.quantizeJobRef) ? 1 : 0) + (has(self.fineTuneJobRef) ? 1 : 0) "
+            "+ (has(self.uri) ? 1 : 0) == 1",
+            message="set exactly one of quantizeJobRef, fineTuneJobRef and uri",
+            check=lambda s: count_set(s.quantize_job_ref, s.fine_tune_job_ref, s.uri) == 1,
+        ),
+    )
+
+
+class EngineOptions(KubeModel):
+    max_model_len: int | None = Field(default=None, gt=0, le=10485760, description="Context length to serve.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+
+
+class Adapter(KubeModel):
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")] = Field(
+        description="The model name clients ask for."
+    )
+    uri: Uri
+
+
+class ModelServiceSpec(KubeModel):
+    source: ServiceSource
+    engine: Engine = Field(default="auto", description="auto: vLLM on GPUs, transformers on CPU.")
+    replicas: int = Field(default=1, ge=0, le=1000)
+    served_model_name: str | None = Field(
+        default=None, max_length=128, description="Model name in the OpenAI API (default: the object's name)."
+    )
+    resources: Placement = Field(default_factory=Placement)
+    tensor_parallel: int | Literal["auto"] = Field(
+        default="auto",
+        description="GPUs per replica: 'auto' (the smallest power of two that holds weights and KV cache) or a number.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    engine_options: EngineOptions = Field(default_factory=EngineOptions)
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    image: str | None = Field(default=None, max_length=512, description="Engine image override.")
+    credentials: Credentials | None = None
+
+    rules = (
+        Rule(
+            cel="type(self.tensorParallel) == int ? self.tensorParallel >= 1 : self.tensorParallel == 'auto'",
+            message="must be 'auto' or a number >= 1",
+            check=lambda s: s.tensor_parallel == "auto" or (isinstance(s.tensor_parallel, int) and s.tensor_parallel >= 1),
+            field=".tensorParallel",
+        ),
+        Rule(
+            cel="!has(self.adapters) || size(self.adapters) == 0 || self.engine != 'transformers'",
+            message="LoRA adapters need engine vllm or sglang",
+            check=lambda s: not s.adapters or s.engine != "transformers",
+            field=".adapters",
+        ),
+        Rule(
+            cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            message="adapter names must be unique",
+            check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+            field=".adapters",
+        ),
+    )
+
+
+class ModelServiceStatus(CommonStatus):
+    phase: ServicePhase | None = None
+    engine: str | None = Field(default=None, max_length=32)
+    endpoint: str | None = Field(default=None, max_length=1024, description="In-cluster OpenAI base URL.")
+    served_artifact: ArtifactStatus | None = None
+    gpus: int | None = Field(default=None, ge=0)
+    replicas: int | None = Field(default=None, ge=0)
+    ready_replicas: int | None = Field(default=None, ge=0)
+
+
+class ModelService(KubeModel):
+    api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
+    kind: Literal["ModelService"] = "ModelService"
+    metadata: ObjectMeta
+    spec: ModelServiceSpec
+    status: ModelServiceStatus | None = None

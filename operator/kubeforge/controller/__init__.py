@@ -1,0 +1,1 @@
+"""The kopf operator: thin handlers (handlers.py) over pure reconcile functions."""

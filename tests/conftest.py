@@ -1,0 +1,49 @@
+"""Shared fixtures: the API emulator on loopback and the real operator process against it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import kmock
+import pytest
+import pytest_asyncio
+
+from tests.harness.emulator import FaithfulEmulator
+from tests.harness.operator import OperatorProcess, write_kubeconfig
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACES = ("default", "team-a")
+
+
+@pytest_asyncio.fixture()
+async def emulator() -> AsyncIterator[FaithfulEmulator]:
+    """A Kubernetes API emulator on 127.0.0.1 with our CRDs and the built-ins we use."""
+    async with FaithfulEmulator(strict=False) as api, kmock.Server(api) as server:
+        api.url = str(server.url).rstrip("/")
+        for ns in NAMESPACES:
+            resp = await api.post("/api/v1/namespaces", json={"metadata": {"name": ns}})
+            assert resp.status == 201, await resp.text()
+        yield api
+
+
+@pytest_asyncio.fixture()
+async def operator(emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[OperatorProcess]:
+    """The real operator process (`python -m kubeforge.controller`) against the emulator."""
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
+    proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator)
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f"----- operator log -----\n{proc.logs()[-20000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
