@@ -28,7 +28,9 @@ async def emulator() -> AsyncIterator[FaithfulEmulator]:
 
 
 @pytest_asyncio.fixture()
-async def operator(emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[OperatorProcess]:
+async def operator(
+    emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[OperatorProcess]:
     """The real operator process (`python -m kubeforge.controller`) against the emulator."""
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator)

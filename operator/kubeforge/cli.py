@@ -1,7 +1,7 @@
 """The `kubeforge` command line.
 
-    kubeforge crds [-o DIR]          print the CRDs (or write one file per CRD into DIR)
-    kubeforge validate FILE...       check YAML files against the API; exit 1 on any problem
+kubeforge crds [-o DIR]          print the CRDs (or write one file per CRD into DIR)
+kubeforge validate FILE...       check YAML files against the API; exit 1 on any problem
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubeforge.api.crd import all_crds, file_name, to_yaml
-from kubeforge.api.kinds import KINDS
 from kubeforge.api.documents import read_documents
+from kubeforge.api.kinds import KINDS
 from kubeforge.api.validation import check
 
 
@@ -61,7 +61,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed = True
             continue
         for doc in docs:
-            obj, problems = check(doc.body)
+            _, problems = check(doc.body)
             where = f"{path}{doc.where}"
             label = doc.label
             if problems:

@@ -75,7 +75,9 @@ _kmock_parse_path = parsing.parse_path
 def _parse_path(path: str) -> parsing.ParsedPath:
     """kmock 0.8 reads /api/v1/namespaces[/NAME] as a namespace prefix and fails; these are Namespaces."""
     parts = path.strip("/").split("/")
-    if parts[:3] == ["api", "v1", "namespaces"] and (len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))):
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
         return parsing.ParsedPath(
             group="",
             version="v1",
@@ -257,7 +259,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             data = yaml.safe_load(request.text)
         if key not in self._objects or self._objects[key].deleted:
             if content_type == APPLY and request.subresource is None:
-                await self._create(request.resource, request.namespace, dict(data, metadata=dict(data.get("metadata", {}), name=request.name)))
+                await self._create(
+                    request.resource,
+                    request.namespace,
+                    dict(data, metadata=dict(data.get("metadata", {}), name=request.name)),
+                )
                 return
             raise _error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
         old = copy.deepcopy(self._objects[key].raw)
@@ -292,7 +298,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     async def _store(self, key: tuple, old: dict[str, Any], new: dict[str, Any], *, status_only: bool) -> None:
         resource = key[0]
         if status_only:
-            new = dict(old, status=new.get("status")) if "status" in new else {k: v for k, v in old.items() if k != "status"}
+            new = (
+                dict(old, status=new.get("status"))
+                if "status" in new
+                else {k: v for k, v in old.items() if k != "status"}
+            )
         elif self._has_status(resource):
             new = {k: v for k, v in new.items() if k != "status"}
             if "status" in old:

@@ -16,7 +16,7 @@ class WaitTimeout(AssertionError):
 
 
 async def wait_for(
-    probe: Callable[[], T | None | Awaitable[T | None]],
+    probe: Callable[[], T | Awaitable[T | None] | None],
     *,
     what: str,
     timeout: float = 15.0,

@@ -21,7 +21,9 @@ from pydantic.alias_generators import to_camel
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-CONDITION_TYPE = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+CONDITION_TYPE = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
 CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 
@@ -190,9 +192,7 @@ class ArtifactStatus(KubeModel):
     """A model artifact as the runtime wrote it (see kubeforge-artifact.json)."""
 
     uri: str = Field(max_length=2048)
-    digest: str | None = Field(
-        default=None, max_length=128, description="sha256 of the artifact's manifest file."
-    )
+    digest: str | None = Field(default=None, max_length=128, description="sha256 of the artifact's manifest file.")
     size_bytes: int | None = Field(default=None, ge=0)
     created_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
 

@@ -141,9 +141,7 @@ def _convert(
         out["type"] = "object"
     if out.get("type") == "object" and "properties" in out:
         out.pop("additionalProperties", None)
-        out["properties"] = {
-            name: _convert(sub, defs, classes, None) for name, sub in out["properties"].items()
-        }
+        out["properties"] = {name: _convert(sub, defs, classes, None) for name, sub in out["properties"].items()}
         if model is not None:
             _attach_rules(out, model)
     elif out.get("type") == "object" and isinstance(out.get("additionalProperties"), dict):

@@ -47,17 +47,20 @@ class ModelArchitecture(KubeModel):
             cel="!has(self.numKeyValueHeads) || !has(self.numAttentionHeads) "
             "|| self.numAttentionHeads % self.numKeyValueHeads == 0",
             message="must divide numAttentionHeads",
-            check=lambda a: a.num_key_value_heads is None
-            or a.num_attention_heads is None
-            or a.num_attention_heads % a.num_key_value_heads == 0,
+            check=lambda a: (
+                a.num_key_value_heads is None
+                or a.num_attention_heads is None
+                or a.num_attention_heads % a.num_key_value_heads == 0
+            ),
             field=".numKeyValueHeads",
         ),
         Rule(
-            cel="!has(self.numExpertsPerToken) || (has(self.numExperts) "
-            "&& self.numExpertsPerToken <= self.numExperts)",
+            cel="!has(self.numExpertsPerToken) || (has(self.numExperts) && self.numExpertsPerToken <= self.numExperts)",
             message="needs numExperts, and may not exceed it",
-            check=lambda a: a.num_experts_per_token is None
-            or (a.num_experts is not None and a.num_experts_per_token <= a.num_experts),
+            check=lambda a: (
+                a.num_experts_per_token is None
+                or (a.num_experts is not None and a.num_experts_per_token <= a.num_experts)
+            ),
             field=".numExpertsPerToken",
         ),
     )
@@ -141,9 +144,7 @@ class FineTuneResources(Placement):
     max_gpus: Positive | None = Field(
         default=None, alias="maxGPUs", description="Most GPUs the job may use (default: no limit)."
     )
-    queue: DNSLabel | None = Field(
-        default=None, description="Kueue LocalQueue: the gang is admitted all-or-nothing."
-    )
+    queue: DNSLabel | None = Field(default=None, description="Kueue LocalQueue: the gang is admitted all-or-nothing.")
 
 
 class Parallelism(KubeModel):
@@ -159,8 +160,10 @@ class Parallelism(KubeModel):
             "((!has(self.tensorParallel) || self.tensorParallel == 1) "
             "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
             message="tensorParallel and pipelineParallel above 1 need strategy megatron (or auto)",
-            check=lambda p: p.strategy in ("auto", "megatron")
-            or ((p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1),
+            check=lambda p: (
+                p.strategy in ("auto", "megatron")
+                or ((p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1)
+            ),
             field=".strategy",
         ),
         Rule(

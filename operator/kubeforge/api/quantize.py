@@ -92,9 +92,11 @@ class QuantizeJobSpec(KubeModel):
             cel="self.method == 'fp8' || !has(self.source.uri) || "
             "(has(self.calibration) && has(self.calibration.datasetUri))",
             message="is required when the source is a uri and the method needs calibration",
-            check=lambda s: s.method == "fp8"
-            or s.source.uri is None
-            or (s.calibration is not None and s.calibration.dataset_uri is not None),
+            check=lambda s: (
+                s.method == "fp8"
+                or s.source.uri is None
+                or (s.calibration is not None and s.calibration.dataset_uri is not None)
+            ),
             field=".calibration.datasetUri",
         ),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from kubeforge.api.base import (
     ArtifactStatus,
@@ -21,6 +21,17 @@ from kubeforge.api.uris import Uri
 
 Engine = Literal["auto", "vllm", "sglang", "transformers"]
 ServicePhase = Literal["Pending", "Waiting", "Deploying", "Ready", "Failed"]
+TENSOR_PARALLEL_MESSAGE = "must be 'auto' or a number >= 1"
+
+
+def _tensor_parallel(value: object) -> object:
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    if not ok:
+        raise ValueError(f"{TENSOR_PARALLEL_MESSAGE} (got {value!r})")
+    return value
+
+
+TensorParallel = Annotated[int | Literal["auto"], BeforeValidator(_tensor_parallel)]
 
 
 class ServiceSource(KubeModel):
@@ -59,7 +70,7 @@ class ModelServiceSpec(KubeModel):
         default=None, max_length=128, description="Model name in the OpenAI API (default: the object's name)."
     )
     resources: Placement = Field(default_factory=Placement)
-    tensor_parallel: int | Literal["auto"] = Field(
+    tensor_parallel: TensorParallel = Field(
         default="auto",
         description="GPUs per replica: 'auto' (the smallest power of two that holds weights and KV cache) or a number.",
         json_schema_extra={"x-kubernetes-int-or-string": True},
@@ -76,8 +87,10 @@ class ModelServiceSpec(KubeModel):
     rules = (
         Rule(
             cel="type(self.tensorParallel) == int ? self.tensorParallel >= 1 : self.tensorParallel == 'auto'",
-            message="must be 'auto' or a number >= 1",
-            check=lambda s: s.tensor_parallel == "auto" or (isinstance(s.tensor_parallel, int) and s.tensor_parallel >= 1),
+            message=TENSOR_PARALLEL_MESSAGE,
+            check=lambda s: (
+                s.tensor_parallel == "auto" or (isinstance(s.tensor_parallel, int) and s.tensor_parallel >= 1)
+            ),
             field=".tensorParallel",
         ),
         Rule(

@@ -45,7 +45,7 @@ def parse_uri(uri: str) -> Location:
         if ":" in uri.split("/", 1)[0]:
             raise ValueError(f"{uri!r} is neither a URI (hf://, pvc://, s3://) nor a local path")
         return Location("local", "", uri)
-    scheme, rest = match.group(1), uri[match.end():]
+    scheme, rest = match.group(1), uri[match.end() :]
     if scheme == "hf":
         repo = rest.rstrip("/")
         if not HF_REPO.match(repo):

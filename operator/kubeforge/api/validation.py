@@ -8,6 +8,7 @@ Two passes, both reporting every problem with its field path:
 from __future__ import annotations
 
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -101,14 +102,21 @@ def _each(sub: type[BaseModel], child: Any, path: str) -> list[Problem]:
 
 def _children(model: type[BaseModel], value: Any) -> Iterator[tuple[str, type[BaseModel], Any]]:
     """(alias, model class, value) for every present field whose type holds a model."""
-    for name, info in model.model_fields.items():
-        sub = model_in(info.annotation)
-        if sub is None:
-            continue
-        alias = info.alias or name
+    for name, alias, sub in _model_fields(model):
         child = getattr(value, name) if isinstance(value, BaseModel) else value.get(alias)
         if child is not None:
             yield alias, sub, child
+
+
+@functools.cache
+def _model_fields(model: type[BaseModel]) -> tuple[tuple[str, str, type[BaseModel]], ...]:
+    """(name, alias, model class) of the fields whose type holds a model; computed once per class."""
+    out = []
+    for name, info in model.model_fields.items():
+        sub = model_in(info.annotation)
+        if sub is not None:
+            out.append((name, info.alias or name, sub))
+    return tuple(out)
 
 
 def model_in(annotation: Any) -> type[BaseModel] | None:
@@ -200,7 +208,7 @@ def _message(model: type[BaseModel], e: Mapping[str, Any], loc: list[Any]) -> st
     }
     if kind in bounds:
         key, op = bounds[kind]
-        return f"must be {op} {ctx[key]} (got {_show(given)})"
+        return f"must be {op} {_number(ctx[key])} (got {_show(given)})"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']} (got {_show(given)})"
     if kind == "string_too_short":
@@ -239,6 +247,10 @@ def _known_fields(model: type[BaseModel], loc: list[Any]) -> list[str]:
     if current is None:
         return []
     return [info.alias or name for name, info in current.model_fields.items()]
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _show(value: Any) -> str:

@@ -14,7 +14,9 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(type_: str, status: Status, reason: str, message: str, generation: int | None, now: str) -> dict[str, Any]:
+def condition(
+    type_: str, status: Status, reason: str, message: str, generation: int | None, now: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": type_,
         "status": status,

@@ -1,0 +1,98 @@
+"""The Helm chart, rendered and linted with Helm's own SDK, its output checked like any manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+
+from tests.harness.manifests import documents, validate_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubeforge"
+
+
+def render(values: dict | None = None) -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values or {}, name="kubeforge", namespace="kubeforge-system", is_install=True)
+    return documents(out.values())
+
+
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {d["kind"]: d for d in docs}
+
+
+def test_lint_is_clean():
+    report = helm.lint(str(CHART), strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"watchNamespaces": ["team-a", "team-b"], "image": {"repository": "registry.local/kf", "tag": "dev"}},
+        {"serviceAccount": {"create": False, "name": "existing"}, "tolerations": [{"operator": "Exists"}]},
+    ],
+)
+def test_every_rendered_object_is_valid_kubernetes(values):
+    docs = render(values)
+    assert {d["kind"] for d in docs} >= {"Deployment", "ClusterRole", "ClusterRoleBinding"}
+    for doc in docs:
+        validate_manifest(doc)
+
+
+def test_deployment_runs_the_operator_as_non_root_with_a_liveness_probe():
+    dep = by_kind(render({"watchNamespaces": ["team-a"]}))["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--namespace=team-a"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["image"] == "ghcr.io/kubeforge/operator:0.1.0"
+    assert dep["spec"]["replicas"] == 1
+
+
+def test_rbac_covers_our_kinds_and_their_status():
+    role = by_kind(render())["ClusterRole"]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for plural in ("finetunejobs", "quantizejobs", "modelservices"):
+        assert ("kubeforge.io", plural, "watch") in granted
+        assert ("kubeforge.io", f"{plural}/status", "patch") in granted
+    assert ("", "nodes", "list") in granted
+    assert ("batch", "jobs", "create") in granted
+    assert ("", "events", "create") in granted
+
+
+def test_no_service_account_when_told_not_to_create_one():
+    docs = by_kind(render({"serviceAccount": {"create": False, "name": "existing"}}))
+    assert "ServiceAccount" not in docs
+    assert docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+
+
+def test_values_schema_rejects_a_wrong_value():
+    chart = helm.Chart.load(str(CHART))
+    with pytest.raises(Exception, match="watchNamespaces"):
+        chart.validate_schema({"watchNamespaces": ["Not A Namespace"]})
+
+
+def test_chart_crds_are_the_generated_crds():
+    chart_crds = sorted((CHART / "crds").glob("*.yaml"))
+    assert [p.name for p in chart_crds] == sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    for path in chart_crds:
+        assert path.read_text() == (ROOT / "crds" / path.name).read_text(), f"run `kubeforge crds -o {CHART / 'crds'}`"
+
+
+def test_crds_are_valid_apiextensions_objects():
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        for doc in documents([path.read_text()]):
+            validate_manifest(doc)
