@@ -19,7 +19,7 @@ def missing_tools() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    e2e = [item for item in items if "e2e" in item.keywords]
+    e2e = [item for item in items if item.get_closest_marker("e2e") is not None]
     if not e2e:
         return
     reason = missing_tools()

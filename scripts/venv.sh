@@ -18,7 +18,6 @@ stamp="$venv/.kubeforge-installed"
 want="$extras $(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "==> installing kubeforge[$extras] into $venv (pinned by requirements/constraints.txt)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         -c requirements/constraints.txt -e ".[$extras]"
     echo "$want" > "$stamp"
