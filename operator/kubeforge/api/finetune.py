@@ -181,6 +181,8 @@ class Output(KubeModel):
 
 
 class FineTuneJobSpec(KubeModel):
+    """What to train, on what, how, and where the result goes."""
+
     model: Annotated[ModelSource, Immutable()]
     dataset: Annotated[Dataset, Immutable()]
     method: Annotated[Method, Immutable()] = "lora"
@@ -232,6 +234,8 @@ class FineTuneArtifact(ArtifactStatus):
 
 
 class FineTuneJobStatus(CommonStatus):
+    """What the operator observed: plan, progress and the exported artifact."""
+
     phase: FineTunePhase | None = None
     plan: dict[str, Any] | None = Field(
         default=None,
@@ -245,6 +249,8 @@ class FineTuneJobStatus(CommonStatus):
 
 
 class FineTuneJob(KubeModel):
+    """Train a base model on a dataset (full, LoRA or QLoRA) on the GPUs the planner picks, and export it."""
+
     api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta

@@ -70,6 +70,8 @@ class QuantizeOutput(KubeModel):
 
 
 class QuantizeJobSpec(KubeModel):
+    """The source artifact, the method, and where the quantized artifact goes."""
+
     source: Annotated[QuantizeSource, Immutable()]
     method: Annotated[QuantizeMethod, Immutable()] = Field(
         description="fp8: dynamic FP8 (no calibration); w4a16-gptq / w4a16-awq: int4 weights; w8a8-int8."
@@ -113,6 +115,8 @@ class SourceStatus(KubeModel):
 
 
 class QuantizeJobStatus(CommonStatus):
+    """What the operator observed: source, progress, artifact and metrics."""
+
     phase: QuantizePhase | None = None
     source: SourceStatus | None = None
     gpus: int | None = Field(default=None, ge=0)
@@ -124,6 +128,8 @@ class QuantizeJobStatus(CommonStatus):
 
 
 class QuantizeJob(KubeModel):
+    """Quantize an artifact (FP8, GPTQ/AWQ int4, int8), optionally gated by an accuracy check."""
+
     api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
     kind: Literal["QuantizeJob"] = "QuantizeJob"
     metadata: ObjectMeta

@@ -63,6 +63,8 @@ class Adapter(KubeModel):
 
 
 class ModelServiceSpec(KubeModel):
+    """The artifact to serve, the engine, and how many replicas of it."""
+
     source: ServiceSource
     engine: Engine = Field(default="auto", description="auto: vLLM on GPUs, transformers on CPU.")
     replicas: int = Field(default=1, ge=0, le=1000)
@@ -109,6 +111,8 @@ class ModelServiceSpec(KubeModel):
 
 
 class ModelServiceStatus(CommonStatus):
+    """What the operator observed: the live artifact, its endpoint and ready replicas."""
+
     phase: ServicePhase | None = None
     engine: str | None = Field(default=None, max_length=32)
     endpoint: str | None = Field(default=None, max_length=1024, description="In-cluster OpenAI base URL.")
@@ -119,6 +123,8 @@ class ModelServiceStatus(CommonStatus):
 
 
 class ModelService(KubeModel):
+    """Serve an artifact with vLLM, SGLang or transformers behind an OpenAI-compatible endpoint."""
+
     api_version: Literal["kubeforge.io/v1alpha1"] = "kubeforge.io/v1alpha1"
     kind: Literal["ModelService"] = "ModelService"
     metadata: ObjectMeta
