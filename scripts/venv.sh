@@ -3,12 +3,17 @@
 # requirements/constraints.txt. Usage: scripts/venv.sh EXTRA[,EXTRA...]
 # Needs only python3.11 and access to PyPI. Re-running is cheap: it reinstalls only
 # when the extras, pyproject.toml or the constraints changed.
+#
+# torch and DeepSpeed go first, by hand: torch==2.13.0 is the CPU build (an unpinned
+# torch pulls GBs of CUDA wheels), and DeepSpeed must build against that torch
+# (DS_BUILD_OPS=0, no build isolation; its ops compile on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-operator,test}"
 venv="${KUBEFORGE_VENV:-.venv}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
+pip_install() { "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt "$@"; }
 
 if [ ! -x "$venv/bin/python" ]; then
     echo "==> creating $venv with $($python --version)"
@@ -18,7 +23,12 @@ stamp="$venv/.kubeforge-installed"
 want="$extras $(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "==> installing kubeforge[$extras] into $venv (pinned by requirements/constraints.txt)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c requirements/constraints.txt -e ".[$extras]"
+    case ",$extras," in
+        *,test,*|*,train,*|*,quantize,*|*,serve,*)
+            pip_install torch wheel setuptools
+            DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
+            ;;
+    esac
+    pip_install -e ".[$extras]"
     echo "$want" > "$stamp"
 fi

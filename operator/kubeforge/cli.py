@@ -7,12 +7,14 @@ kubeforge validate FILE...       check YAML files against the API; exit 1 on any
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from kubeforge.api.crd import all_crds, file_name, to_yaml
 from kubeforge.api.documents import read_documents
+from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.kinds import KINDS
 from kubeforge.api.validation import check
 
@@ -29,6 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_val.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p_val.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     p_val.set_defaults(func=cmd_validate)
+
+    p_plan = sub.add_parser("plan", help="plan a FineTuneJob against a cluster's nodes")
+    p_plan.add_argument("job", type=Path, metavar="FINETUNE.yaml")
+    p_plan.add_argument("--cluster", type=Path, required=True, metavar="NODES.yaml", help="kubectl get nodes -o yaml")
+    p_plan.add_argument("-o", "--output", choices=("json", "yaml", "table"), default="table")
+    p_plan.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
+    p_plan.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     try:
@@ -71,6 +80,55 @@ def cmd_validate(args: argparse.Namespace) -> int:
             elif not args.quiet:
                 print(f"{where}{label}: ok")
     return 1 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeforge.inventory.pools import items_of, pools_from_nodes
+    from kubeforge.planner import ArchitectureUnknown, plan, resolve
+    from kubeforge.planner.report import table
+
+    job = _one_finetunejob(args.job)
+    if job is None:
+        return 2
+    docs, error = read_documents(args.cluster)
+    if error:
+        print(f"{args.cluster}: {error}", file=sys.stderr)
+        return 2
+    try:
+        nodes = [n for d in docs for n in items_of(d.body)]
+    except ValueError as err:
+        print(f"{args.cluster}: {err}", file=sys.stderr)
+        return 2
+    try:
+        arch = resolve(job.spec.model, local_root=args.job.parent, allow_network=not args.offline)
+    except (ArchitectureUnknown, ValueError) as err:
+        print(f"{args.job}: spec.model: {err}", file=sys.stderr)
+        return 2
+    result = plan(job.spec, pools_from_nodes(nodes), arch)
+    if args.output == "json":
+        print(json.dumps(result.to_json(), indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(result.to_json(), sort_keys=False), end="")
+    else:
+        print(table(result), end="")
+    return 0 if result.feasible else 1
+
+
+def _one_finetunejob(path: Path) -> FineTuneJob | None:
+    docs, error = read_documents(path)
+    if error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return None
+    jobs = [d for d in docs if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
+        print(f"{path}: expected exactly one FineTuneJob, found {len(jobs)}", file=sys.stderr)
+        return None
+    obj, problems = check(jobs[0].body)
+    for problem in problems:
+        print(f"{path}{jobs[0].where}{jobs[0].label}: {problem}", file=sys.stderr)
+    return obj if isinstance(obj, FineTuneJob) and not problems else None
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ class Dataset(KubeModel):
     )
     max_seq_length: int = Field(default=2048, gt=0, le=1048576)
     packing: bool = Field(default=True, description="Pack several examples into each sequence.")
+    num_examples: int | None = Field(
+        default=None, gt=0, description="About how many examples the dataset holds (for the planner's job estimate)."
+    )
 
 
 class LoRA(KubeModel):

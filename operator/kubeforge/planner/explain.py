@@ -1,0 +1,247 @@
+"""Plain sentences for the planner's decisions: one per decision, with the numbers behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from kubeforge.inventory.pools import Inventory, Pool
+from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.memory import estimate
+
+if TYPE_CHECKING:
+    from kubeforge.planner.search import Candidate, Request
+
+GIB = 1024**3
+NAMES = {
+    "ddp": "DDP",
+    "zero1": "ZeRO-1",
+    "zero2": "ZeRO-2",
+    "zero3": "ZeRO-3",
+    "zero3-offload": "ZeRO-3 with CPU offload",
+    "fsdp": "FSDP",
+    "megatron": "Megatron",
+}
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def inventory_notes(inventory: Inventory) -> list[str]:
+    notes = []
+    if inventory.excluded:
+        listed = ", ".join(f"{name} ({why})" for name, why in inventory.excluded[:5])
+        more = f" and {len(inventory.excluded) - 5} more" if len(inventory.excluded) > 5 else ""
+        notes.append(f"{len(inventory.excluded)} node(s) do not count: {listed}{more}.")
+    for pool in inventory.pools:
+        if not pool.gpu.known:
+            notes.append(
+                f"GPU product {pool.gpu.name!r} is not in kubeforge's table: its memory comes from the node "
+                f"label ({gib(pool.memory_bytes)}), bf16 is assumed only from its compute capability, fp8 "
+                "never, and its throughput is guessed low."
+            )
+    return notes
+
+
+def no_pool_reason(req: Request, inventory: Inventory) -> str:
+    if not inventory.pools:
+        return "the cluster has no schedulable GPU nodes"
+    have = "; ".join(p.name for p in inventory.pools)
+    asked = []
+    if req.gpu_type.lower() != "auto":
+        asked.append(f"gpuType {req.gpu_type!r}")
+    if req.node_selector:
+        asked.append("nodeSelector " + ", ".join(f"{k}={v}" for k, v in req.node_selector))
+    return f"no GPU pool matches {' and '.join(asked)}; the cluster has: {have}"
+
+
+def no_model_parallel(req: Request, pool: Pool, arch: Architecture, world: int) -> str:
+    t, p = req.tensor_parallel, req.pipeline_parallel
+    if t and t > pool.nvlink_domain:
+        link = "no NVLink" if pool.nvlink_domain == 1 else f"NVLink domains of {pool.nvlink_domain} GPUs"
+        return f"tensorParallel {t} exceeds one NVLink domain on {pool.gpu.name} ({link})"
+    if t and (arch.num_key_value_heads % t or arch.num_attention_heads % t):
+        return f"tensorParallel {t} does not divide the model's {arch.num_key_value_heads} key/value heads"
+    if p and arch.num_layers % p:
+        return f"pipelineParallel {p} does not divide the model's {arch.num_layers} layers"
+    return f"no tensor x pipeline split fits {world} GPU(s) of {pool.gpu.name}"
+
+
+def infeasible_reason(
+    req: Request, arch: Architecture, pools: list[Pool], candidates: list[Candidate], rejections: list[str]
+) -> str:
+    what = f"{req.method} fine-tuning of a {params(arch.total_parameters)}-parameter model"
+    if not candidates:
+        why = "; ".join(dict.fromkeys(rejections)) or "no layout is possible"
+        if req.global_batch and not rejections:
+            why = f"globalBatchSize {req.global_batch} does not divide over the data-parallel sizes available"
+        return f"{what} cannot be planned: {why}"
+    closest = min(candidates, key=lambda c: c.pressure)
+    layout, mem, pool = closest.layout, closest.memory, closest.pool
+    gpus = f"{layout.world} x {pool.gpu.name}"
+    if mem.total > 0.9 * pool.memory_bytes:
+        binding = (
+            f"even the leanest layout ({NAMES[layout.strategy]} over {gpus}, micro-batch {layout.micro_batch}, "
+            f"gradient checkpointing {'on' if layout.gradient_checkpointing else 'off'}) needs "
+            f"{gib(mem.total)} per GPU (model states {gib(mem.model_states)}, activations {gib(mem.activations)}); "
+            f"a {pool.gpu.name} offers {gib(0.9 * pool.memory_bytes)} of its {gib(pool.memory_bytes)}"
+        )
+    else:
+        binding = (
+            f"{NAMES[layout.strategy]} over {gpus} fits the GPUs but needs {gib(mem.host_per_node)} of host "
+            f"memory per node for offloading; the nodes offer {gib(0.8 * pool.host_memory_bytes)}"
+        )
+    limits = []
+    if req.max_gpus is not None:
+        limits.append(f"maxGPUs {req.max_gpus}")
+    if req.strategy != "auto":
+        limits.append(f"strategy {req.strategy} (as spec.parallelism.strategy asks)")
+    extra = f" within {', '.join(limits)}" if limits else ""
+    return f"{what} does not fit{extra}: {binding}"
+
+
+def summary(arch: Architecture, best: Candidate) -> str:
+    lay = best.layout
+    return (
+        f"{NAMES[lay.strategy]} on {lay.world} x {best.pool.gpu.name} ({lay.nodes} node(s)), {lay.precision}, "
+        f"{gib(best.memory.total)} of {gib(best.pool.memory_bytes)} per GPU"
+    )
+
+
+def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[Candidate]) -> list[str]:
+    lay, pool, mem = best.layout, best.pool, best.memory
+    out = [
+        f"Model: {params(arch.total_parameters)} parameters, {arch.num_layers} layers, hidden {arch.hidden_size} "
+        f"({arch.source}); {req.method} trains {params(_trainable(arch, lay))} of them."
+    ]
+    out.append(_pool_sentence(best, fitting))
+    out.append(_gpus_sentence(best, fitting))
+    out.append(_strategy_sentence(arch, best))
+    out.append(_precision_sentence(req, pool, lay.precision))
+    out.append(
+        f"Global batch {req.global_batch} = micro-batch {lay.micro_batch} x gradient accumulation "
+        f"{lay.gradient_accumulation} x data parallel {lay.data_parallel}."
+    )
+    out.append(_checkpointing_sentence(arch, best))
+    out.append(
+        "Attention: flash_attention_2 (compute capability >= 8.0)."
+        if pool.gpu.compute_capability >= (8, 0)
+        else "Attention: sdpa (flash attention needs compute capability >= 8.0)."
+    )
+    out.append(
+        f"Memory per GPU: weights {gib(mem.weights)}, gradients {gib(mem.gradients)}, optimizer "
+        f"{gib(mem.optimizer)}, activations {gib(mem.activations)}, overhead {gib(mem.overhead)}; total "
+        f"{gib(mem.total)} of {gib(0.9 * pool.memory_bytes)} usable (90% of {gib(pool.memory_bytes)})."
+    )
+    t = best.time
+    out.append(
+        f"Estimated {t.total:.2f} s per step: compute {t.compute:.2f} s, pipeline bubble {t.bubble:.2f} s, "
+        f"data-parallel traffic {t.data_parallel:.2f} s, tensor-parallel traffic {t.tensor_parallel:.2f} s, "
+        f"offload {t.offload:.2f} s, latency {t.latency:.3f} s."
+    )
+    return out
+
+
+def _trainable(arch: Architecture, layout) -> int:
+    from kubeforge.planner.memory import trainable_parameters
+
+    return trainable_parameters(arch, layout)
+
+
+def _pool_sentence(best: Candidate, fitting: Iterable[Candidate]) -> str:
+    pool = best.pool
+    link = (
+        f"NVLink domain of {pool.nvlink_domain} GPUs"
+        if pool.nvlink_domain > 1
+        else "PCIe only (no NVLink between its GPUs)"
+    )
+    others: dict[str, float] = {}
+    for c in fitting:
+        if c.pool is not pool:
+            others[c.pool.name] = min(others.get(c.pool.name, float("inf")), c.time.total)
+    tail = ""
+    if others:
+        listed = ", ".join(f"{name} at {secs:.2f} s/step" for name, secs in sorted(others.items(), key=lambda x: x[1]))
+        tail = f" Other pools that fit: {listed}."
+    return f"Pool {pool.name}, {link}, chosen for the fastest estimated step.{tail}"
+
+
+def _gpus_sentence(best: Candidate, fitting: list[Candidate]) -> str:
+    from kubeforge.planner.search import MIN_SCALING, scaling
+
+    lay = best.layout
+    larger = [c for c in fitting if c.layout.world > lay.world]
+    smaller = [c for c in fitting if c.layout.world < lay.world]
+    parts = [f"{lay.world} GPU(s)"]
+    if smaller:
+        slower = min(smaller, key=lambda c: c.time.total)
+        parts.append(
+            f"fewer ({slower.layout.world}) would fit but take {slower.time.total:.2f} s/step instead of "
+            f"{best.time.total:.2f} s"
+        )
+    else:
+        parts.append("the fewest that fit")
+    if larger:
+        faster = min(larger, key=lambda c: c.time.total)
+        parts.append(
+            f"{faster.layout.world} would take {faster.time.total:.2f} s/step, {scaling(best, faster):.0%} scaling "
+            f"efficiency (more GPUs need {MIN_SCALING:.0%} and a >5% gain)"
+        )
+    return ": ".join(parts[:2]) + ("; " + parts[2] if len(parts) > 2 else "") + "."
+
+
+def _strategy_sentence(arch: Architecture, best: Candidate) -> str:
+    lay, pool = best.layout, best.pool
+    usable = 0.9 * pool.memory_bytes
+    if lay.strategy == "ddp":
+        if lay.world == 1:
+            return "One GPU holds everything: no data parallelism or sharding needed."
+        return (
+            f"DDP: every GPU holds the full model states ({gib(best.memory.model_states)}), so nothing needs sharding."
+        )
+    ddp = estimate(arch, replace(lay, strategy="ddp", tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
+    simpler = (
+        f"unsharded (DDP) the model states would need {gib(ddp.model_states)} per GPU and the total "
+        f"{gib(ddp.total)}; a {pool.gpu.name} has {gib(usable)} usable"
+    )
+    if ddp.total <= usable:
+        simpler = f"DDP would also fit ({gib(ddp.total)} per GPU) but is estimated slower here"
+    if lay.strategy == "megatron":
+        return (
+            f"Megatron TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} x DP {lay.data_parallel}: {simpler}; "
+            f"TP {lay.tensor_parallel} stays inside one NVLink domain of {pool.nvlink_domain} GPUs and PP "
+            f"{lay.pipeline_parallel} divides the {arch.num_layers} layers."
+        )
+    extra = ""
+    if lay.strategy == "zero3-offload":
+        extra = f"; offloading needs {gib(best.memory.host_per_node)} of host memory per node"
+    return f"{NAMES[lay.strategy]}: {simpler}{extra}."
+
+
+def _precision_sentence(req: Request, pool: Pool, precision: str) -> str:
+    cc = ".".join(map(str, pool.gpu.compute_capability))
+    if req.precision != "auto":
+        return f"Precision {precision}, as spec.parallelism.precision asks ({pool.gpu.name}: compute capability {cc})."
+    if precision == "fp8":
+        return f"Precision fp8: {pool.gpu.name} (compute capability {cc}) has fp8 tensor cores; about 1.3x over bf16."
+    if precision == "bf16":
+        why = "fp8 is used for full fine-tuning only" if pool.gpu.supports_fp8 else "fp8 needs compute capability 8.9"
+        return f"Precision bf16: {pool.gpu.name} has compute capability {cc}; {why}."
+    return f"Precision fp16: {pool.gpu.name} (compute capability {cc}) has no bf16."
+
+
+def _checkpointing_sentence(arch: Architecture, best: Candidate) -> str:
+    lay = best.layout
+    if lay.gradient_checkpointing:
+        without = estimate(arch, replace(lay, gradient_checkpointing=False))
+        return (
+            f"Gradient checkpointing on: without it activations would need {gib(without.activations)} "
+            f"(total {gib(without.total)}), more than fits."
+        )
+    return f"Gradient checkpointing off: activations fit ({gib(best.memory.activations)})."

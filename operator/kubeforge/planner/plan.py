@@ -1,0 +1,188 @@
+"""The Plan: every choice the planner made, the memory it expects, and why.
+
+Frozen and self-validating: a feasible Plan that breaks a hard rule cannot be built.
+``to_json`` gives the documented keys (`kubeforge plan -o json`, status.plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3-offload": 3}
+
+
+class PlanError(ValueError):
+    """A Plan that breaks a hard rule: a planner bug, never a user error."""
+
+
+@dataclass(frozen=True)
+class MemoryPerGPU:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+    available: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "overhead": self.overhead,
+            "total": self.total,
+            "available": self.available,
+        }
+
+
+@dataclass(frozen=True)
+class Alternative:
+    change: str  # what to change, in the spec's words, e.g. "method: qlora"
+    gpu_type: str
+    total_gpus: int
+    strategy: str
+    estimated_step_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "change": self.change,
+            "gpuType": self.gpu_type,
+            "totalGPUs": self.total_gpus,
+            "strategy": self.strategy,
+            "estimatedStepSeconds": round(self.estimated_step_seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    feasible: bool
+    reason: str
+    reasons: tuple[str, ...] = ()
+    alternatives: tuple[Alternative, ...] = ()
+    method: str = ""
+    model_parameters: int = 0
+    trainable_parameters: int = 0
+    num_layers: int = 0
+    gpu_type: str = ""
+    compute_capability: tuple[int, int] = (0, 0)
+    nvlink_domain: int = 0
+    node_selector: tuple[tuple[str, str], ...] = ()
+    nodes: int = 0
+    gpus_per_node: int = 0
+    strategy: str = ""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    precision: str = ""
+    global_batch_size: int = 0
+    micro_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    gradient_checkpointing: bool = False
+    attention: str = ""
+    sequence_length: int = 0
+    memory: MemoryPerGPU | None = None
+    host_memory_per_node: int = 0
+    host_memory_available: int = 0
+    estimated_step_seconds: float = 0.0
+    total_steps: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.feasible:
+            self._check()
+        elif not self.reason:
+            raise PlanError("an infeasible plan needs a reason")
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.total_gpus // max(1, self.tensor_parallel * self.pipeline_parallel)
+
+    @property
+    def zero_stage(self) -> int:
+        return ZERO_STAGE.get(self.strategy, 0)
+
+    @property
+    def offload(self) -> bool:
+        return self.strategy == "zero3-offload"
+
+    @property
+    def estimated_gpu_hours(self) -> float | None:
+        if self.total_steps is None:
+            return None
+        return self.estimated_step_seconds * self.total_steps * self.total_gpus / 3600
+
+    def _check(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise PlanError(f"plan breaks a hard rule: {what}")
+
+        need(self.nodes >= 1 and self.gpus_per_node >= 1, "at least one GPU")
+        need(
+            self.tensor_parallel * self.pipeline_parallel * self.data_parallel == self.total_gpus, "tp x pp x dp = GPUs"
+        )
+        need(
+            self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel == self.global_batch_size,
+            "global batch = micro-batch x gradient accumulation x data parallel",
+        )
+        need(self.tensor_parallel <= max(1, self.nvlink_domain), "tensor parallel inside one NVLink domain")
+        need(self.num_layers % self.pipeline_parallel == 0, "pipeline stages divide the layers")
+        need(self.precision != "fp8" or self.compute_capability >= (8, 9), "fp8 needs compute capability >= 8.9")
+        need(self.precision != "bf16" or self.compute_capability >= (8, 0), "bf16 needs compute capability >= 8.0")
+        need(self.memory is not None and self.memory.total <= self.memory.available, "fits in GPU memory")
+        need(not self.offload or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
+        need(self.sequence_parallel is False or self.tensor_parallel > 1, "sequence parallel needs tensor parallel")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "alternatives": [a.to_json() for a in self.alternatives],
+            "reasons": list(self.reasons),
+        }
+        if not self.feasible:
+            return out
+        assert self.memory is not None
+        out.update(
+            {
+                "gpuType": self.gpu_type,
+                "nodes": self.nodes,
+                "gpusPerNode": self.gpus_per_node,
+                "totalGPUs": self.total_gpus,
+                "strategy": self.strategy,
+                "zeroStage": self.zero_stage,
+                "offload": self.offload,
+                "tensorParallel": self.tensor_parallel,
+                "pipelineParallel": self.pipeline_parallel,
+                "dataParallel": self.data_parallel,
+                "sequenceParallel": self.sequence_parallel,
+                "precision": self.precision,
+                "microBatchSize": self.micro_batch_size,
+                "gradientAccumulationSteps": self.gradient_accumulation_steps,
+                "gradientCheckpointing": self.gradient_checkpointing,
+                "attention": self.attention,
+                "memoryPerGPU": self.memory.to_json(),
+                "hostMemoryPerNode": self.host_memory_per_node,
+                "estimatedStepSeconds": round(self.estimated_step_seconds, 4),
+                "estimatedGPUHours": (None if self.estimated_gpu_hours is None else round(self.estimated_gpu_hours, 3)),
+                "totalSteps": self.total_steps,
+                "method": self.method,
+                "modelParameters": self.model_parameters,
+                "trainableParameters": self.trainable_parameters,
+                "globalBatchSize": self.global_batch_size,
+                "sequenceLength": self.sequence_length,
+                "nodeSelector": dict(self.node_selector),
+            }
+        )
+        # the reasons go last, for people reading the JSON top to bottom
+        out["reasons"] = out.pop("reasons")
+        return out

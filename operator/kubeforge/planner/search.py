@@ -1,0 +1,355 @@
+"""Plan search: enumerate layouts, keep those that fit, pick by estimated step time.
+
+For every pool the spec allows (gpuType, nodeSelector), every GPU count up to maxGPUs
+(1, 2, 4... GPUs of one node, then 1, 2, 4... whole nodes, and the pool's maximum), every
+strategy (only the one the spec names, if any), Megatron TP x PP where TP is a power of
+two inside one NVLink domain dividing the KV heads and PP divides the layers, every
+micro-batch that divides the global batch exactly, with and without gradient
+checkpointing: compute the memory (memory.py) and keep what fits under UTILISATION of
+the GPU's memory (and of host memory when offloading).
+
+Choose by estimated step time (cost.py), adding GPUs only while they pay: walking up the
+GPU counts, a larger gang replaces the current choice only if it is more than TIE faster
+and runs at MIN_SCALING parallel efficiency or better relative to it (shared GPUs are
+not wasted for a few percent); ties go to the simplest strategy. Megatron is chosen only
+when it beats the best Hugging Face-native strategy by MEGATRON_MARGIN, since it
+converts the weights into and out of its own format. Explicit spec.parallelism values
+are honoured or the plan is infeasible with the reason; nothing is silently changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from kubeforge.api.finetune import FineTuneJobSpec
+from kubeforge.inventory.pools import Inventory, Pool
+from kubeforge.planner import explain
+from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.cost import StepTime, step_time, total_steps
+from kubeforge.planner.memory import Layout, Memory, estimate, trainable_parameters
+from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
+
+UTILISATION = 0.90  # of GPU memory a plan may fill
+HOST_UTILISATION = 0.80  # of node memory offloading may fill
+TIE = 0.05  # step times within 5% count as equal
+MIN_SCALING = 0.6  # more GPUs only when they run at >= 60% scaling efficiency
+MEGATRON_MARGIN = 0.15  # Megatron converts weights in and out of its format: only when clearly faster
+STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "megatron", "zero3-offload")  # simplest first
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    pool: Pool
+    layout: Layout
+    memory: Memory
+    time: StepTime
+
+    @property
+    def fits(self) -> bool:
+        gpu_ok = self.memory.total <= UTILISATION * self.pool.memory_bytes
+        host_ok = self.memory.host_per_node <= HOST_UTILISATION * self.pool.host_memory_bytes
+        return gpu_ok and host_ok
+
+    @property
+    def pressure(self) -> float:
+        """How far over (>1) or under (<1) its limits the candidate is."""
+        gpu = self.memory.total / max(1, UTILISATION * self.pool.memory_bytes)
+        host = self.memory.host_per_node / max(1, HOST_UTILISATION * self.pool.host_memory_bytes)
+        return max(gpu, host)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the spec asks, resolved to plain values."""
+
+    method: str
+    seq_len: int
+    global_batch: int
+    strategy: str
+    tensor_parallel: int | None
+    pipeline_parallel: int | None
+    sequence_parallel: bool | None
+    precision: str
+    max_gpus: int | None
+    gpu_type: str
+    node_selector: tuple[tuple[str, str], ...]
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
+    epochs: float | None
+    max_steps: int | None
+    examples: int | None
+
+    @classmethod
+    def from_spec(cls, spec: FineTuneJobSpec) -> Request:
+        lora = spec.lora
+        par = spec.parallelism
+        return cls(
+            method=spec.method,
+            seq_len=spec.dataset.max_seq_length,
+            global_batch=spec.training.global_batch_size,
+            strategy=par.strategy,
+            tensor_parallel=par.tensor_parallel,
+            pipeline_parallel=par.pipeline_parallel,
+            sequence_parallel=par.sequence_parallel,
+            precision=par.precision,
+            max_gpus=spec.resources.max_gpus,
+            gpu_type=spec.resources.gpu_type,
+            node_selector=tuple(sorted(spec.resources.node_selector.items())),
+            lora_rank=lora.rank if lora else 16,
+            lora_targets=tuple(lora.target_modules) if lora else ("all-linear",),
+            lora_dropout=lora.dropout if lora else 0.05,
+            epochs=spec.training.epochs,
+            max_steps=spec.training.max_steps,
+            examples=spec.dataset.num_examples,
+        )
+
+
+def plan(spec: FineTuneJobSpec, inventory: Inventory, arch: Architecture, *, alternatives: bool = True) -> Plan:
+    return plan_request(Request.from_spec(spec), inventory, arch, alternatives=alternatives)
+
+
+def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alternatives: bool = True) -> Plan:
+    pools, pool_notes = allowed_pools(req, inventory)
+    notes = explain.inventory_notes(inventory) + pool_notes
+    if not pools:
+        reason = explain.no_pool_reason(req, inventory)
+        alts = _alternatives(req, inventory, arch) if alternatives else ()
+        return Plan(False, reason, tuple(notes), alts)
+    candidates: list[Candidate] = []
+    rejections: list[str] = []
+    for pool in pools:
+        precision, why = choose_precision(req, pool)
+        if precision is None:
+            rejections.append(why)
+            continue
+        candidates.extend(enumerate_candidates(req, pool, arch, precision, rejections))
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        reason = explain.infeasible_reason(req, arch, pools, candidates, rejections)
+        alts = _alternatives(req, inventory, arch) if alternatives else ()
+        return Plan(False, reason, tuple(notes), alts)
+    best = choose(fitting)
+    return build(req, arch, best, fitting, notes)
+
+
+def allowed_pools(req: Request, inventory: Inventory) -> tuple[list[Pool], list[str]]:
+    notes: list[str] = []
+    pools = list(inventory.pools)
+    if req.gpu_type.lower() != "auto":
+        wanted = req.gpu_type.lower().replace("nvidia-", "").replace("_", "-")
+        pools = [p for p in pools if _matches_gpu_type(p, wanted)]
+    if req.node_selector:
+        pools = [p for p in pools if p.matches(dict(req.node_selector))]
+    return pools, notes
+
+
+def _matches_gpu_type(pool: Pool, wanted: str) -> bool:
+    names = {pool.gpu.name.lower(), pool.gpu.family.lower()} | {
+        v.lower().replace("nvidia-", "") for _, v in pool.selector
+    }
+    return wanted in names or any(n.startswith(wanted) for n in names)
+
+
+def choose_precision(req: Request, pool: Pool) -> tuple[str | None, str]:
+    gpu = pool.gpu
+    cc = ".".join(map(str, gpu.compute_capability))
+    if req.precision == "fp8":
+        if gpu.supports_fp8:
+            return "fp8", ""
+        return None, f"{gpu.name}: fp8 needs compute capability >= 8.9 with fp8 tensor cores; it has {cc}"
+    if req.precision == "bf16":
+        if gpu.supports_bf16:
+            return "bf16", ""
+        return None, f"{gpu.name}: bf16 needs compute capability >= 8.0; it has {cc} (use fp16 or auto)"
+    if req.precision == "fp16":
+        return "fp16", ""
+    if gpu.supports_fp8 and req.method == "full":
+        return "fp8", ""
+    return ("bf16", "") if gpu.supports_bf16 else ("fp16", "")
+
+
+def gpu_counts(pool: Pool, max_gpus: int | None) -> Iterator[tuple[int, int]]:
+    """(nodes, GPUs per node): powers of two within a node, then powers of two of whole nodes."""
+    cap = max_gpus or pool.total_gpus
+    seen = set()
+    per_node = sorted({g for g in _powers(pool.gpus_per_node)} | {pool.gpus_per_node})
+    for g in per_node:
+        if g <= cap:
+            seen.add((1, g))
+    for n in sorted(set(_powers(pool.nodes)) | {pool.nodes}):
+        if n > 1 and n * pool.gpus_per_node <= cap:
+            seen.add((n, pool.gpus_per_node))
+    yield from sorted(seen, key=lambda ng: ng[0] * ng[1])
+
+
+def _powers(limit: int) -> list[int]:
+    return [2**k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
+
+
+def strategies(req: Request) -> tuple[str, ...]:
+    if req.strategy != "auto":
+        return (req.strategy,)
+    if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1 or req.sequence_parallel:
+        return ("megatron",)
+    return tuple(s for s in STRATEGIES if not (s == "megatron" and req.method == "qlora"))
+
+
+def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: int) -> Iterator[tuple[int, int]]:
+    tps = [req.tensor_parallel] if req.tensor_parallel else [t for t in _powers(pool.nvlink_domain)]
+    pps = [req.pipeline_parallel] if req.pipeline_parallel else [p for p in range(1, 17) if arch.num_layers % p == 0]
+    for t in tps:
+        for p in pps:
+            if t * p > world or world % (t * p):
+                continue
+            if t > pool.nvlink_domain or arch.num_key_value_heads % t or arch.num_attention_heads % t:
+                continue
+            if arch.num_layers % p:
+                continue
+            if t * p == 1 and not req.tensor_parallel and not req.pipeline_parallel:
+                continue  # megatron without model parallelism is DDP with extra steps
+            yield t, p
+
+
+def enumerate_candidates(
+    req: Request, pool: Pool, arch: Architecture, precision: str, rejections: list[str]
+) -> Iterator[Candidate]:
+    for nodes, per_node in gpu_counts(pool, req.max_gpus):
+        world = nodes * per_node
+        for strategy in strategies(req):
+            layouts = [(1, 1)] if strategy != "megatron" else list(model_parallel_options(req, pool, arch, world))
+            if strategy == "megatron" and not layouts:
+                rejections.append(explain.no_model_parallel(req, pool, arch, world))
+            for t, p in layouts:
+                d = world // (t * p)
+                sp_options = [req.sequence_parallel] if req.sequence_parallel is not None else [t > 1]
+                for sp in sp_options:
+                    if sp and t == 1:
+                        rejections.append("sequenceParallel needs tensorParallel > 1")
+                        continue
+                    for mb in MICRO_BATCHES:
+                        if req.global_batch % (mb * d):
+                            continue
+                        accumulation = req.global_batch // (mb * d)
+                        for checkpointing in (False, True):
+                            layout = Layout(
+                                method=req.method,
+                                strategy=strategy,
+                                nodes=nodes,
+                                gpus_per_node=per_node,
+                                tensor_parallel=t,
+                                pipeline_parallel=p,
+                                sequence_parallel=bool(sp),
+                                precision=precision,
+                                micro_batch=mb,
+                                seq_len=req.seq_len,
+                                gradient_checkpointing=checkpointing,
+                                gradient_accumulation=accumulation,
+                                lora_rank=req.lora_rank,
+                                lora_targets=req.lora_targets,
+                                lora_dropout=req.lora_dropout,
+                            )
+                            yield Candidate(
+                                pool, layout, estimate(arch, layout), step_time(arch, layout, pool, req.global_batch)
+                            )
+
+
+def choose(fitting: list[Candidate]) -> Candidate:
+    native = [c for c in fitting if c.layout.strategy != "megatron"]
+    if native and len(native) < len(fitting):
+        best_native = min(c.time.total for c in native)
+        best_megatron = min(c.time.total for c in fitting if c.layout.strategy == "megatron")
+        if best_megatron > best_native * (1 - MEGATRON_MARGIN):
+            fitting = native
+    by_gpus: dict[int, Candidate] = {}
+    for c in sorted(fitting, key=lambda c: (c.time.total, STRATEGIES.index(c.layout.strategy))):
+        by_gpus.setdefault(c.layout.world, c)
+    chosen: Candidate | None = None
+    for gpus in sorted(by_gpus):
+        c = by_gpus[gpus]
+        if chosen is None or (c.time.total < chosen.time.total * (1 - TIE) and scaling(chosen, c) >= MIN_SCALING):
+            chosen = c
+    assert chosen is not None
+    return chosen
+
+
+def scaling(fewer: Candidate, more: Candidate) -> float:
+    """Parallel efficiency of moving from ``fewer`` GPUs to ``more``: 1.0 is linear speed-up."""
+    return (fewer.time.total * fewer.layout.world) / (more.time.total * more.layout.world)
+
+
+def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candidate], notes: list[str]) -> Plan:
+    layout, pool = best.layout, best.pool
+    mem = best.memory
+    steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
+    reasons = tuple(notes + explain.decisions(req, arch, best, fitting))
+    return Plan(
+        feasible=True,
+        reason=explain.summary(arch, best),
+        reasons=reasons,
+        method=req.method,
+        model_parameters=arch.total_parameters,
+        trainable_parameters=trainable_parameters(arch, layout),
+        num_layers=arch.num_layers,
+        gpu_type=pool.gpu.name,
+        compute_capability=pool.gpu.compute_capability,
+        nvlink_domain=pool.nvlink_domain,
+        node_selector=pool.selector,
+        nodes=layout.nodes,
+        gpus_per_node=layout.gpus_per_node,
+        strategy=layout.strategy,
+        tensor_parallel=layout.tensor_parallel,
+        pipeline_parallel=layout.pipeline_parallel,
+        sequence_parallel=layout.sequence_parallel,
+        precision=layout.precision,
+        global_batch_size=req.global_batch,
+        micro_batch_size=layout.micro_batch,
+        gradient_accumulation_steps=layout.gradient_accumulation,
+        gradient_checkpointing=layout.gradient_checkpointing,
+        attention=attention_for(pool),
+        sequence_length=req.seq_len,
+        memory=MemoryPerGPU(
+            mem.weights,
+            mem.gradients,
+            mem.optimizer,
+            mem.activations,
+            mem.overhead,
+            int(pool.memory_bytes * UTILISATION),
+        ),
+        host_memory_per_node=mem.host_per_node,
+        host_memory_available=int(pool.host_memory_bytes * HOST_UTILISATION),
+        estimated_step_seconds=best.time.total,
+        total_steps=steps,
+    )
+
+
+def attention_for(pool: Pool) -> str:
+    return "flash_attention_2" if pool.gpu.compute_capability >= (8, 0) else "sdpa"
+
+
+def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tuple[Alternative, ...]:
+    """The nearest feasible changes: a lighter method, no GPU cap, any pool, automatic parallelism."""
+    tries: list[tuple[str, Request]] = []
+    if req.method == "full":
+        tries += [("method: lora", replace(req, method="lora")), ("method: qlora", replace(req, method="qlora"))]
+    elif req.method == "lora":
+        tries.append(("method: qlora", replace(req, method="qlora")))
+    if req.max_gpus is not None:
+        tries.append(("remove resources.maxGPUs", replace(req, max_gpus=None)))
+    if req.gpu_type.lower() != "auto" or req.node_selector:
+        tries.append(("resources.gpuType: auto, no nodeSelector", replace(req, gpu_type="auto", node_selector=())))
+    explicit = req.strategy != "auto" or req.tensor_parallel or req.pipeline_parallel or req.precision != "auto"
+    if explicit:
+        auto = replace(req, strategy="auto", tensor_parallel=None, pipeline_parallel=None, sequence_parallel=None)
+        tries.append(("parallelism: auto", replace(auto, precision="auto")))
+    out = []
+    for change, alt in tries:
+        result = plan_request(alt, inventory, arch, alternatives=False)
+        if result.feasible:
+            out.append(
+                Alternative(change, result.gpu_type, result.total_gpus, result.strategy, result.estimated_step_seconds)
+            )
+    return tuple(out)

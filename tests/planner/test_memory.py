@@ -1,0 +1,124 @@
+"""The memory model: its model states agree with DeepSpeed's own estimators, and it moves the right way."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.catalog import lookup
+from kubeforge.planner.memory import Layout, estimate, model_states
+
+deepspeed_zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+deepspeed_zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+
+MODELS = ["Qwen/Qwen3-0.6B", "meta-llama/Llama-3.1-8B", "Qwen/Qwen3-32B", "meta-llama/Llama-3.1-70B"]
+GANGS = [(1, 1), (1, 4), (1, 8), (2, 8), (4, 8)]
+
+
+def full(arch: Architecture, strategy: str, nodes: int, per_node: int) -> Layout:
+    return Layout(method="full", strategy=strategy, nodes=nodes, gpus_per_node=per_node)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("nodes", "per_node"), GANGS)
+def test_zero2_model_states_agree_with_deepspeed(model, nodes, per_node):
+    arch = lookup(model)
+    _, ds_gpu = deepspeed_zero2.estimate_zero2_model_states_mem_needs(
+        arch.total_parameters, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=False
+    )
+    ours = model_states(arch, full(arch, "zero2", nodes, per_node))
+    assert ours.weights + ours.gradients + ours.optimizer == pytest.approx(ds_gpu, rel=1e-6)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("nodes", "per_node"), GANGS)
+def test_zero3_model_states_agree_with_deepspeed(model, nodes, per_node):
+    arch = lookup(model)
+    _, ds_gpu, largest = deepspeed_zero3.estimate_zero3_model_states_mem_needs(
+        arch.total_parameters,
+        arch.largest_layer_parameters,
+        num_gpus_per_node=per_node,
+        num_nodes=nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+    )
+    ours = model_states(arch, full(arch, "zero3", nodes, per_node))
+    assert ours.weights + ours.gradients + ours.optimizer == pytest.approx(ds_gpu, rel=1e-6)
+    assert largest == 4 * arch.largest_layer_parameters
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("nodes", "per_node"), GANGS)
+def test_zero3_offload_agrees_with_deepspeed_on_gpu_and_host(model, nodes, per_node):
+    arch = lookup(model)
+    ds_cpu, ds_gpu, _ = deepspeed_zero3.estimate_zero3_model_states_mem_needs(
+        arch.total_parameters,
+        arch.largest_layer_parameters,
+        num_gpus_per_node=per_node,
+        num_nodes=nodes,
+        cpu_offload=True,
+        cpu_offload_params=True,
+        zero_init=True,
+    )
+    ours = model_states(arch, full(arch, "zero3-offload", nodes, per_node))
+    assert ours.weights + ours.gradients + ours.optimizer == pytest.approx(ds_gpu, rel=1e-6)
+    assert ours.host_per_node == pytest.approx(ds_cpu, rel=1e-6)
+
+
+def test_the_breakdown_adds_up():
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    mem = estimate(arch, Layout(method="lora", strategy="ddp", nodes=1, gpus_per_node=1, seq_len=2048))
+    assert mem.total == mem.weights + mem.gradients + mem.optimizer + mem.activations + mem.overhead
+    assert mem.model_states == mem.weights + mem.gradients + mem.optimizer
+
+
+BASE = Layout(method="full", strategy="zero2", nodes=1, gpus_per_node=8, seq_len=4096, micro_batch=2)
+
+
+@pytest.mark.parametrize(
+    ("smaller", "larger"),
+    [
+        (replace(BASE, gradient_checkpointing=True), BASE),
+        (replace(BASE, micro_batch=1), BASE),
+        (replace(BASE, seq_len=2048), BASE),
+        (replace(BASE, strategy="zero3"), BASE),
+        (replace(BASE, strategy="zero2"), replace(BASE, strategy="zero1")),
+        (replace(BASE, strategy="zero1"), replace(BASE, strategy="ddp")),
+        (replace(BASE, method="lora", lora_dropout=0.0), BASE),
+        (replace(BASE, method="lora", lora_dropout=0.0), replace(BASE, method="lora", lora_dropout=0.1)),
+        (replace(BASE, method="qlora"), replace(BASE, method="lora")),
+        (replace(BASE, strategy="megatron", tensor_parallel=4, sequence_parallel=True),
+         replace(BASE, strategy="megatron", tensor_parallel=4)),
+        (replace(BASE, strategy="megatron", tensor_parallel=4), replace(BASE, strategy="megatron", tensor_parallel=2)),
+        (replace(BASE, gpus_per_node=8, strategy="zero3"), replace(BASE, gpus_per_node=4, strategy="zero3")),
+    ],
+)  # fmt: skip
+def test_memory_moves_the_right_way(smaller, larger):
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    assert estimate(arch, smaller).total < estimate(arch, larger).total
+
+
+def test_qlora_weights_are_about_a_quarter_of_bf16():
+    arch = lookup("meta-llama/Llama-3.1-70B")
+    lora = estimate(arch, Layout(method="lora", strategy="ddp", nodes=1, gpus_per_node=1))
+    qlora = estimate(arch, Layout(method="qlora", strategy="ddp", nodes=1, gpus_per_node=1))
+    assert 0.27 < qlora.weights / lora.weights < 0.32  # NF4 on the linear layers, bf16 embeddings
+
+
+def test_lora_adapter_states_are_small_and_in_fp32():
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    mem = estimate(arch, Layout(method="lora", strategy="ddp", nodes=1, gpus_per_node=1, lora_rank=16))
+    trainable = 41_943_040
+    assert mem.gradients == 4 * trainable and mem.optimizer == 8 * trainable
+
+
+def test_activations_follow_the_formula_for_one_layer():
+    arch = Architecture(
+        num_layers=1, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, intermediate_size=4096,
+        vocab_size=1000,
+    )  # fmt: skip
+    layout = Layout(method="full", strategy="ddp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
+    per_token = 6 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
+    assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * 6

@@ -1,0 +1,203 @@
+"""The planner's decisions, table-driven, on small inventories built here and on the example clusters."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubeforge.api import parse
+from kubeforge.planner import plan, resolve
+from kubeforge.planner.plan import Plan
+from tests.builders import DELETE, finetune
+from tests.planner.nodes import cluster, example_cluster
+
+GIB = 1024**3
+
+
+def job(**changes):
+    """The example FineTuneJob (Qwen3-8B LoRA) with changes; maxGPUs lifted unless given."""
+    changes.setdefault("resources.maxGPUs", DELETE)
+    changes.setdefault("resources.queue", DELETE)
+    return parse(finetune(**changes)).spec
+
+
+def planned(spec, inventory) -> Plan:
+    return plan(spec, inventory, resolve(spec.model))
+
+
+MISTRAL_7B = {"model": {"uri": "hf://mistralai/Mistral-7B-v0.3"}, "dataset.maxSeqLength": 2048}
+
+
+def test_7b_lora_fits_one_24gb_gpu_with_gradient_checkpointing():
+    spec = job(**MISTRAL_7B, **{"training.globalBatchSize": 16, "lora.rank": 16})
+    result = planned(spec, cluster(("NVIDIA-A10G", 1, 1)))
+    assert result.feasible, result.reason
+    assert result.total_gpus == 1 and result.strategy == "ddp"
+    assert result.gradient_checkpointing is True
+    assert result.memory.total <= result.memory.available <= 24 * GIB
+
+
+def test_7b_full_fine_tune_does_not_fit_one_24gb_gpu_without_offload():
+    spec = job(**MISTRAL_7B, method="full", lora=DELETE, **{"training.globalBatchSize": 16})
+    one_a10 = cluster(("NVIDIA-A10G", 1, 1), host_gib=512)
+    for strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+        result = planned(job(**MISTRAL_7B, method="full", lora=DELETE, **{"parallelism.strategy": strategy}), one_a10)
+        assert not result.feasible, strategy
+        assert "does not fit" in result.reason and "A10G" in result.reason
+    auto = planned(spec, one_a10)
+    assert auto.feasible and auto.strategy == "zero3-offload"
+    assert auto.host_memory_per_node > 100 * GIB
+
+
+@pytest.mark.parametrize("product", ["Tesla-T4", "Tesla-V100-SXM2-16GB", "NVIDIA-A10", "NVIDIA-A100-SXM4-80GB"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fp8_is_never_chosen_below_compute_capability_8_9(product, method):
+    spec = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, method=method, **({"lora": DELETE} if method == "full" else {}))
+    result = planned(spec, cluster((product, 8, 2)))
+    assert result.feasible, result.reason
+    assert result.precision != "fp8"
+    expected = "bf16" if product in ("NVIDIA-A10", "NVIDIA-A100-SXM4-80GB") else "fp16"
+    assert result.precision == expected
+
+
+def test_fp8_for_full_fine_tuning_on_hopper():
+    spec = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, method="full", lora=DELETE)
+    assert planned(spec, cluster(("NVIDIA-H100-80GB-HBM3", 8, 1))).precision == "fp8"
+
+
+@pytest.mark.parametrize(
+    ("precision", "product", "fragment"),
+    [
+        ("fp8", "NVIDIA-A100-SXM4-80GB", "fp8 needs compute capability >= 8.9"),
+        ("bf16", "Tesla-T4", "bf16 needs compute capability >= 8.0"),
+    ],
+)
+def test_explicit_precision_is_honoured_or_refused(precision, product, fragment):
+    result = planned(job(**{"parallelism.precision": precision}), cluster((product, 8, 2)))
+    assert not result.feasible and fragment in result.reason
+    assert any(a.change == "parallelism: auto" for a in result.alternatives)
+
+
+def test_explicit_strategy_is_honoured():
+    for strategy in ("ddp", "zero2", "zero3", "fsdp"):
+        result = planned(job(**{"parallelism.strategy": strategy}), example_cluster("h100-4x8.yaml"))
+        assert result.feasible and result.strategy == strategy
+
+
+def test_explicit_tensor_parallel_over_pcie_is_refused_with_the_reason():
+    spec = job(**{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4})
+    result = planned(spec, example_cluster("a100-pcie-40gb-2x8.yaml"))
+    assert not result.feasible
+    assert "tensorParallel 4 exceeds one NVLink domain on A100-PCIE-40GB (no NVLink)" in result.reason
+
+
+def test_explicit_tensor_and_pipeline_parallel_are_honoured_on_nvlink():
+    spec = job(
+        **{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4, "parallelism.pipelineParallel": 2}
+    )
+    result = planned(spec, example_cluster("h100-4x8.yaml"))
+    assert result.feasible
+    assert (result.tensor_parallel, result.pipeline_parallel) == (4, 2)
+    assert result.total_gpus % 8 == 0
+
+
+def test_pipeline_parallel_must_divide_the_layers():
+    spec = job(**{"parallelism.strategy": "megatron", "parallelism.pipelineParallel": 5})  # Qwen3-8B: 36 layers
+    result = planned(spec, example_cluster("h100-4x8.yaml"))
+    assert not result.feasible and "does not divide the model's 36 layers" in result.reason
+
+
+def test_max_gpus_is_never_exceeded_and_its_lift_is_offered():
+    spec = job(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, method="full", lora=DELETE, **{"resources.maxGPUs": 8})
+    result = planned(spec, example_cluster("h100-4x8.yaml"))
+    if result.feasible:
+        assert result.total_gpus <= 8
+    else:
+        assert "maxGPUs 8" in result.reason
+        assert any(a.change == "remove resources.maxGPUs" and a.total_gpus > 8 for a in result.alternatives)
+
+
+def test_global_batch_is_exact():
+    for gbs in (1, 6, 96, 128, 1000):
+        result = planned(job(**{"training.globalBatchSize": gbs}), example_cluster("h100-4x8.yaml"))
+        assert result.feasible, (gbs, result.reason)
+        assert result.micro_batch_size * result.gradient_accumulation_steps * result.data_parallel == gbs
+
+
+def test_an_odd_global_batch_limits_data_parallelism():
+    result = planned(job(**{"training.globalBatchSize": 3}), example_cluster("h100-4x8.yaml"))
+    assert result.feasible and result.data_parallel in (1, 3)
+
+
+def test_infeasible_gives_the_binding_constraint_and_alternatives():
+    spec = job(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, method="full", lora=DELETE)
+    result = planned(spec, example_cluster("a10-4x1.yaml"))
+    assert not result.feasible
+    assert "full fine-tuning of a 70.55B-parameter model does not fit" in result.reason
+    assert "host memory" in result.reason or "per GPU" in result.reason
+    assert [a.change for a in result.alternatives][:1] == ["method: lora"]
+    payload = result.to_json()
+    assert payload["feasible"] is False and payload["alternatives"][0]["gpuType"] == "A10"
+
+
+def test_gpu_type_and_node_selector_pick_the_pool():
+    mixed = example_cluster("mixed.yaml")
+    small = {"model": {"uri": "hf://Qwen/Qwen3-0.6B"}}
+    assert planned(job(**small, **{"resources.gpuType": "L4"}), mixed).gpu_type == "L4"
+    assert planned(job(**small, **{"resources.gpuType": "H100"}), mixed).gpu_type == "H100-SXM-80GB"
+    pinned = job(**small, **{"resources.nodeSelector": {"cloud.google.com/gke-nodepool": "serve-l4"}})
+    assert planned(pinned, mixed).gpu_type == "L4"
+    missing = planned(job(**small, **{"resources.gpuType": "B200"}), mixed)
+    assert not missing.feasible and "no GPU pool matches gpuType 'B200'" in missing.reason
+    assert "H100-SXM-80GB (2 nodes x 8 GPUs)" in missing.reason
+
+
+def test_cordoned_nodes_are_left_out_and_said_so():
+    result = planned(job(), example_cluster("cordoned.yaml"))
+    assert result.feasible and result.total_gpus <= 16
+    assert any("dgx-a100-1 (cordoned" in r for r in result.reasons)
+
+
+def test_unknown_gpu_is_named_in_the_reasons():
+    result = planned(job(), example_cluster("unknown-gpu.yaml"))
+    assert result.feasible
+    assert any("is not in kubeforge's table" in r for r in result.reasons)
+
+
+def test_tensor_parallel_stays_inside_nvlink_and_pcie_prefers_sharding():
+    spec = job(model={"uri": "hf://Qwen/Qwen3-32B"}, method="full", lora=DELETE)
+    pcie = planned(spec, example_cluster("a100-pcie-40gb-2x8.yaml"))
+    assert pcie.feasible and pcie.tensor_parallel == 1
+
+
+def test_fewer_gpus_win_near_ties():
+    spec = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, **{"training.globalBatchSize": 1, "dataset.maxSeqLength": 512})
+    result = planned(spec, example_cluster("h100-4x8.yaml"))
+    assert result.feasible and result.total_gpus == 1
+
+
+def test_gpu_hours_need_a_step_count():
+    assert planned(job(), example_cluster("h100-4x8.yaml")).estimated_gpu_hours is None
+    with_steps = planned(
+        job(**{"training.maxSteps": 1000, "training.epochs": DELETE}), example_cluster("h100-4x8.yaml")
+    )
+    assert with_steps.total_steps == 1000
+    expected = with_steps.estimated_step_seconds * 1000 * with_steps.total_gpus / 3600
+    assert with_steps.estimated_gpu_hours == pytest.approx(expected)
+    by_examples = planned(job(**{"dataset.numExamples": 12800}), example_cluster("h100-4x8.yaml"))
+    assert by_examples.total_steps == 3 * 100  # 3 epochs x 12800 / 128
+
+
+def test_every_decision_has_a_reason():
+    result = planned(job(), example_cluster("h100-4x8.yaml"))
+    text = " ".join(result.reasons)
+    for needle in ("Model:", "Pool ", "GPU(s)", "Precision", "Global batch", "Gradient checkpointing", "Attention",
+                   "Memory per GPU", "per step"):  # fmt: skip
+        assert needle in text
+
+
+def test_strategy_reason_quotes_the_numbers():
+    spec = job(model={"uri": "hf://Qwen/Qwen3-14B"}, method="full", lora=DELETE, **{"resources.maxGPUs": 8})
+    result = planned(spec, example_cluster("a100-sxm4-80gb-2x8.yaml"))
+    assert result.feasible and result.strategy != "ddp"
+    sentence = next(r for r in result.reasons if r.startswith(("ZeRO", "FSDP", "Megatron")))
+    assert "unsharded (DDP) the model states would need" in sentence and "GiB" in sentence
