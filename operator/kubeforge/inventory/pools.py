@@ -150,6 +150,7 @@ def node_gpus(node: Mapping[str, Any]) -> NodeGPUs | None:
     instance = INSTANCE_TYPES.get(instance_type or "")
 
     product, selector, source = _product(labels, instance_type, instance)
+    selector = selector + _count_label(labels, source)
     label_count = (
         _int(labels.get(L.GPU_COUNT))
         or _int(labels.get(L.GKE_ACCELERATOR_COUNT))
@@ -204,6 +205,14 @@ def _product(labels: Mapping[str, str], instance_type: str | None, instance: Any
     if instance is not None and instance_type:
         return instance.gpu, ((L.INSTANCE_TYPE, instance_type),), "instance-type"
     return None, (), ""
+
+
+def _count_label(labels: Mapping[str, str], source: str) -> tuple[tuple[str, str], ...]:
+    """The label that tells nodes with the same GPU but different GPU counts apart, where there is one."""
+    key = {"gfd": L.GPU_COUNT, "gke": L.GKE_ACCELERATOR_COUNT, "karpenter": L.KARPENTER_GPU_COUNT}.get(source)
+    if key and labels.get(key):
+        return ((key, labels[key]),)
+    return ()
 
 
 def _mig_profile(product: str) -> str:

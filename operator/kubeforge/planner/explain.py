@@ -106,6 +106,33 @@ def infeasible_reason(
     return f"{what} does not fit{extra}: {binding}"
 
 
+def model_sentence(req: Request, arch: Architecture, trainable: int) -> str:
+    return (
+        f"Model: {params(arch.total_parameters)} parameters, {arch.num_layers} layers, hidden {arch.hidden_size} "
+        f"({arch.source}); {req.method} trains {params(trainable)} of them."
+    )
+
+
+def infeasible_details(
+    req: Request, arch: Architecture, candidates: list[Candidate], rejections: list[str]
+) -> list[str]:
+    """For each pool, the leanest layout tried and what it needed: where the search ran out."""
+    out = []
+    closest: dict[str, Candidate] = {}
+    for c in candidates:
+        if c.pool.name not in closest or c.pressure < closest[c.pool.name].pressure:
+            closest[c.pool.name] = c
+    for name, c in closest.items():
+        lay, mem = c.layout, c.memory
+        host = f", host {gib(mem.host_per_node)} per node" if mem.host_per_node else ""
+        out.append(
+            f"Leanest layout on {name}: {NAMES[lay.strategy]} over {lay.world} GPU(s), micro-batch {lay.micro_batch}, "
+            f"checkpointing {'on' if lay.gradient_checkpointing else 'off'}: {gib(mem.total)} per GPU{host}."
+        )
+    out += [f"Ruled out: {r}." for r in dict.fromkeys(rejections)]
+    return out
+
+
 def summary(arch: Architecture, best: Candidate) -> str:
     lay = best.layout
     return (
@@ -116,10 +143,7 @@ def summary(arch: Architecture, best: Candidate) -> str:
 
 def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[Candidate]) -> list[str]:
     lay, pool, mem = best.layout, best.pool, best.memory
-    out = [
-        f"Model: {params(arch.total_parameters)} parameters, {arch.num_layers} layers, hidden {arch.hidden_size} "
-        f"({arch.source}); {req.method} trains {params(_trainable(arch, lay))} of them."
-    ]
+    out = [model_sentence(req, arch, _trainable(arch, lay))]
     out.append(_pool_sentence(best, fitting))
     out.append(_gpus_sentence(best, fitting))
     out.append(_strategy_sentence(arch, best))

@@ -70,6 +70,7 @@ class Plan:
     trainable_parameters: int = 0
     num_layers: int = 0
     gpu_type: str = ""
+    pool: str = ""  # the pool's name: GPU, nodes and GPUs per node
     compute_capability: tuple[int, int] = (0, 0)
     nvlink_domain: int = 0
     node_selector: tuple[tuple[str, str], ...] = ()
@@ -155,6 +156,7 @@ class Plan:
         out.update(
             {
                 "gpuType": self.gpu_type,
+                "pool": self.pool,
                 "nodes": self.nodes,
                 "gpusPerNode": self.gpus_per_node,
                 "totalGPUs": self.total_gpus,

@@ -45,13 +45,11 @@ class Candidate:
     pool: Pool
     layout: Layout
     memory: Memory
-    time: StepTime
+    time: StepTime  # estimated only for candidates that fit (a zero StepTime otherwise)
 
     @property
     def fits(self) -> bool:
-        gpu_ok = self.memory.total <= UTILISATION * self.pool.memory_bytes
-        host_ok = self.memory.host_per_node <= HOST_UTILISATION * self.pool.host_memory_bytes
-        return gpu_ok and host_ok
+        return fits(self.pool, self.memory)
 
     @property
     def pressure(self) -> float:
@@ -114,7 +112,8 @@ def plan(spec: FineTuneJobSpec, inventory: Inventory, arch: Architecture, *, alt
 
 def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alternatives: bool = True) -> Plan:
     pools, pool_notes = allowed_pools(req, inventory)
-    notes = explain.inventory_notes(inventory) + pool_notes
+    trainable = trainable_parameters(arch, _layout_for_counting(req))
+    notes = [explain.model_sentence(req, arch, trainable), *explain.inventory_notes(inventory), *pool_notes]
     if not pools:
         reason = explain.no_pool_reason(req, inventory)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
@@ -131,7 +130,8 @@ def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alte
     if not fitting:
         reason = explain.infeasible_reason(req, arch, pools, candidates, rejections)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
-        return Plan(False, reason, tuple(notes), alts)
+        details = explain.infeasible_details(req, arch, candidates, rejections)
+        return Plan(False, reason, tuple(notes + details), alts)
     best = choose(fitting)
     return build(req, arch, best, fitting, notes)
 
@@ -221,7 +221,11 @@ def enumerate_candidates(
         world = nodes * per_node
         for strategy in strategies(req):
             layouts = [(1, 1)] if strategy != "megatron" else list(model_parallel_options(req, pool, arch, world))
-            if strategy == "megatron" and not layouts:
+            if (
+                strategy == "megatron"
+                and not layouts
+                and (req.strategy == "megatron" or req.tensor_parallel or req.pipeline_parallel)
+            ):
                 rejections.append(explain.no_model_parallel(req, pool, arch, world))
             for t, p in layouts:
                 d = world // (t * p)
@@ -252,9 +256,18 @@ def enumerate_candidates(
                                 lora_targets=req.lora_targets,
                                 lora_dropout=req.lora_dropout,
                             )
-                            yield Candidate(
-                                pool, layout, estimate(arch, layout), step_time(arch, layout, pool, req.global_batch)
-                            )
+                            memory = estimate(arch, layout)
+                            time = step_time(arch, layout, pool, req.global_batch) if fits(pool, memory) else NO_TIME
+                            yield Candidate(pool, layout, memory, time)
+
+
+NO_TIME = StepTime(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def fits(pool: Pool, memory: Memory) -> bool:
+    gpu_ok = memory.total <= UTILISATION * pool.memory_bytes
+    host_ok = memory.host_per_node <= HOST_UTILISATION * pool.host_memory_bytes
+    return gpu_ok and host_ok
 
 
 def choose(fitting: list[Candidate]) -> Candidate:
@@ -285,7 +298,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
     layout, pool = best.layout, best.pool
     mem = best.memory
     steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
-    reasons = tuple(notes + explain.decisions(req, arch, best, fitting))
+    reasons = tuple(notes + explain.decisions(req, arch, best, fitting)[1:])  # decisions()[0] repeats the model
     return Plan(
         feasible=True,
         reason=explain.summary(arch, best),
@@ -295,6 +308,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         trainable_parameters=trainable_parameters(arch, layout),
         num_layers=arch.num_layers,
         gpu_type=pool.gpu.name,
+        pool=pool.name,
         compute_capability=pool.gpu.compute_capability,
         nvlink_domain=pool.nvlink_domain,
         node_selector=pool.selector,
@@ -324,6 +338,10 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         estimated_step_seconds=best.time.total,
         total_steps=steps,
     )
+
+
+def _layout_for_counting(req: Request) -> Layout:
+    return Layout(req.method, "ddp", 1, 1, lora_rank=req.lora_rank, lora_targets=req.lora_targets)
 
 
 def attention_for(pool: Pool) -> str:
