@@ -39,6 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_plan.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
     p_plan.set_defaults(func=cmd_plan)
 
+    p_render = sub.add_parser("render", help="print the manifests the operator would apply for a FineTuneJob")
+    p_render.add_argument("job", type=Path, metavar="FINETUNE.yaml")
+    p_render.add_argument("--cluster", type=Path, required=True, metavar="NODES.yaml", help="kubectl get nodes -o yaml")
+    p_render.add_argument(
+        "--gang", choices=("job", "jobset"), default=None, help="override spec.resources.gang (auto means job here)"
+    )
+    p_render.add_argument("--uid", default=None, help="the FineTuneJob's uid, for ownerReferences")
+    p_render.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
+    p_render.set_defaults(func=cmd_render)
+
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
@@ -82,31 +92,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
-
+def _plan_for(args: argparse.Namespace):
+    """(job, plan) from the JOB and --cluster arguments, or None after printing why not."""
     from kubeforge.inventory.pools import items_of, pools_from_nodes
     from kubeforge.planner import ArchitectureUnknown, plan, resolve
-    from kubeforge.planner.report import table
 
     job = _one_finetunejob(args.job)
     if job is None:
-        return 2
+        return None
     docs, error = read_documents(args.cluster)
     if error:
         print(f"{args.cluster}: {error}", file=sys.stderr)
-        return 2
+        return None
     try:
         nodes = [n for d in docs for n in items_of(d.body)]
     except ValueError as err:
         print(f"{args.cluster}: {err}", file=sys.stderr)
-        return 2
+        return None
     try:
         arch = resolve(job.spec.model, local_root=args.job.parent, allow_network=not args.offline)
     except (ArchitectureUnknown, ValueError) as err:
         print(f"{args.job}: spec.model: {err}", file=sys.stderr)
+        return None
+    return job, plan(job.spec, pools_from_nodes(nodes), arch)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeforge.planner.report import table
+
+    planned = _plan_for(args)
+    if planned is None:
         return 2
-    result = plan(job.spec, pools_from_nodes(nodes), arch)
+    _, result = planned
     if args.output == "json":
         print(json.dumps(result.to_json(), indent=2))
     elif args.output == "yaml":
@@ -114,6 +133,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(table(result), end="")
     return 0 if result.feasible else 1
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeforge.render.finetune import render_finetune
+
+    planned = _plan_for(args)
+    if planned is None:
+        return 2
+    job, result = planned
+    if not result.feasible:
+        print(f"{args.job}: nothing to render, the plan is infeasible: {result.reason}", file=sys.stderr)
+        return 1
+    gang = args.gang or ("jobset" if job.spec.resources.gang == "jobset" else "job")
+    docs = render_finetune(job, result, gang=gang, uid=args.uid)
+    sys.stdout.write("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
+    return 0
 
 
 def _one_finetunejob(path: Path) -> FineTuneJob | None:

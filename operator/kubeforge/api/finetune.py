@@ -133,6 +133,18 @@ class Training(KubeModel):
     weight_decay: float = Field(default=0.0, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
 
+    def learning_rate_for(self, method: str) -> float:
+        """The rate to use: the spec's, else 2e-4 for lora/qlora and 1e-5 for full (as documented)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-5 if method == "full" else 2e-4
+
+    def epochs_or_default(self) -> float | None:
+        """Epochs to run: the spec's, else 1 unless maxSteps bounds the run."""
+        if self.epochs is None and self.max_steps is None:
+            return 1.0
+        return self.epochs
+
     rules = (
         Rule(
             cel="!(has(self.epochs) && has(self.maxSteps))",
@@ -148,6 +160,10 @@ class FineTuneResources(Placement):
         default=None, alias="maxGPUs", description="Most GPUs the job may use (default: no limit)."
     )
     queue: DNSLabel | None = Field(default=None, description="Kueue LocalQueue: the gang is admitted all-or-nothing.")
+    gang: Literal["auto", "job", "jobset"] = Field(
+        default="auto",
+        description="How the pods run: an Indexed Job, or a JobSet; auto uses JobSet when its CRD is installed.",
+    )
 
 
 class Parallelism(KubeModel):

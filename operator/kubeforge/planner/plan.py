@@ -90,6 +90,8 @@ class Plan:
     memory: MemoryPerGPU | None = None
     host_memory_per_node: int = 0
     host_memory_available: int = 0
+    node_cpus: float = 0.0  # allocatable on the pool's smallest node
+    node_memory_bytes: int = 0
     estimated_step_seconds: float = 0.0
     total_steps: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)

@@ -335,6 +335,8 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         ),
         host_memory_per_node=mem.host_per_node,
         host_memory_available=int(pool.host_memory_bytes * HOST_UTILISATION),
+        node_cpus=pool.cpus_per_node,
+        node_memory_bytes=pool.host_memory_bytes,
         estimated_step_seconds=best.time.total,
         total_steps=steps,
     )

@@ -1,0 +1,1 @@
+"""Pure functions: (resource, plan) -> Kubernetes manifests (dicts). No API calls, no kopf."""

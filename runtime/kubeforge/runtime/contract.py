@@ -1,0 +1,208 @@
+"""The contract between the operator and the pods it starts: the ONLY thing both sides share.
+
+The operator renders a ``Contract`` into a ConfigMap; every pod mounts it at
+``CONFIG_DIR/CONFIG_FILE`` and reads it with ``load``. Everything a pod needs to run
+without asking the API server is in it. The names of environment variables, mount paths,
+the progress endpoint, the exit codes and the termination-message format are constants
+here and nowhere else.
+
+Sub-configs are separate models so that each part of the runtime receives only what it
+uses (``train`` gets ``TrainingConfig``, the exporter gets ``OutputConfig``...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONTRACT_VERSION = "kubeforge.io/contract/v1"
+
+# ---------------------------------------------------------------- where things are in a pod
+CONFIG_DIR = "/etc/kubeforge"
+CONFIG_FILE = "contract.json"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+PVC_ROOT = "/mnt/pvc"  # each PersistentVolumeClaim a job names is mounted at PVC_ROOT/<claim>
+CACHE_DIR = "/mnt/cache"  # an emptyDir: downloads (hf://, s3://) and s3:// output staging
+SHM_DIR = "/dev/shm"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+
+# ---------------------------------------------------------------- environment variables
+ENV_CONFIG = "KUBEFORGE_CONFIG"  # path of the contract file
+ENV_HF_TOKEN = "HF_TOKEN"
+ENV_HF_HOME = "HF_HOME"
+ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # set by the Job controller on Indexed Jobs
+ENV_POD_NAME = "KUBEFORGE_POD_NAME"
+ENV_POD_IP = "KUBEFORGE_POD_IP"
+
+# ---------------------------------------------------------------- rank 0's progress endpoint
+PROGRESS_PORT = 8642
+PROGRESS_PORT_NAME = "progress"
+PROGRESS_PATH = "/progress"
+RENDEZVOUS_PORT = 29500
+
+# ---------------------------------------------------------------- exit codes
+EXIT_OK = 0
+EXIT_USER_ERROR = 3  # bad data or config: retrying cannot help, the Job fails at once
+EXIT_INFRASTRUCTURE = 1  # anything else (OOM, NCCL, node loss): the gang may restart
+
+
+class ContractError(ValueError):
+    """The contract file is missing or invalid; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(_Model):
+    """Where something is: the user's URI, and the path inside the pod when it is mounted."""
+
+    uri: str
+    local_path: str | None = None  # set when mounted (pvc://) or a local run's path
+    revision: str | None = None
+
+
+class JobIdentity(_Model):
+    name: str
+    namespace: str = "default"
+    uid: str | None = None
+    kind: Literal["FineTuneJob", "QuantizeJob", "ModelService"] = "FineTuneJob"
+
+
+class DataConfig(_Model):
+    location: Location
+    format: Literal["messages", "alpaca", "text", "preference"] = "messages"
+    max_seq_length: int = Field(default=2048, gt=0)
+    packing: bool = True
+
+
+class LoRAConfig(_Model):
+    rank: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+class TrainingConfig(_Model):
+    method: Literal["full", "lora", "qlora"]
+    objective: Literal["sft", "dpo"] = "sft"
+    lora: LoRAConfig | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    learning_rate: float = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    seed: int = 42
+    checkpoint_every: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+class ParallelConfig(_Model):
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron"]
+    nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(default=1, gt=0)
+    tensor_parallel: int = Field(default=1, gt=0)
+    pipeline_parallel: int = Field(default=1, gt=0)
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+
+class ComputeConfig(_Model):
+    device: Literal["cuda", "cpu"] = "cuda"
+    precision: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
+    gradient_checkpointing: bool = False
+    attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
+    liger_kernels: bool = False
+
+
+class OutputConfig(_Model):
+    location: Location
+    merge: bool = True
+    checkpoint_dir: str  # resumable checkpoints live here, on the output volume
+
+
+class ProgressConfig(_Model):
+    port: int = PROGRESS_PORT
+    path: str = PROGRESS_PATH
+
+
+class Contract(_Model):
+    """Everything a training pod needs, as the operator (or `kubeforge run`) decided it."""
+
+    version: Literal["kubeforge.io/contract/v1"] = CONTRACT_VERSION
+    job: JobIdentity
+    model: Location
+    dataset: DataConfig
+    training: TrainingConfig
+    parallel: ParallelConfig
+    compute: ComputeConfig
+    output: OutputConfig
+    progress: ProgressConfig = ProgressConfig()
+    plan_summary: dict[str, Any] = Field(default_factory=dict)  # the planner's choices, for the artifact manifest
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def load(path: str | Path | None = None) -> Contract:
+    """Read and validate the contract; ContractError names the file and every bad field."""
+    path = Path(path or CONFIG_PATH)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ContractError(f"{path}: no contract file (is the ConfigMap mounted at {CONFIG_DIR}?)") from err
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from err
+    return parse(raw, str(path))
+
+
+def parse(raw: Any, source: str = "contract") -> Contract:
+    if isinstance(raw, dict) and raw.get("version") not in (None, CONTRACT_VERSION):
+        raise ContractError(f"{source}: contract version {raw.get('version')!r}; this runtime reads {CONTRACT_VERSION}")
+    try:
+        return Contract.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False))
+        raise ContractError(f"{source}: invalid contract: {problems}") from err
+
+
+def termination_message(summary: dict[str, Any]) -> str:
+    """The JSON a pod writes to TERMINATION_MESSAGE_PATH: at most 4 KiB, trimmed field by field."""
+    text = json.dumps(summary, sort_keys=True, separators=(",", ":"))
+    if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
+        return text
+    trimmed = dict(summary)
+    for key in sorted(trimmed, key=lambda k: len(json.dumps(trimmed[k])), reverse=True):
+        if key in ("uri", "digest", "status"):
+            continue
+        trimmed.pop(key)
+        trimmed["truncated"] = True
+        text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"))
+        if len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES:
+            return text
+    return json.dumps({"status": summary.get("status", "unknown"), "truncated": True})
+
+
+def read_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The operator's side: the summary a pod left, or None when there is none or it is not ours."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
