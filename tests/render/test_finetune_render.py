@@ -63,7 +63,7 @@ def pod_spec(docs):
     ],
 )
 def test_single_and_multi_node_jobs_are_valid_kubernetes(cluster, changes, nodes):
-    job, result, docs = rendered(cluster, **changes)
+    _job, result, docs = rendered(cluster, **changes)
     validate_all(docs)
     kinds = by_kind(docs)
     assert list(kinds) == ["ConfigMap", "Service", "Job"]
@@ -84,7 +84,7 @@ def test_single_and_multi_node_jobs_are_valid_kubernetes(cluster, changes, nodes
 
 
 def test_the_contract_in_the_configmap_is_what_the_pods_read():
-    job, result, docs = rendered()
+    _job, result, docs = rendered()
     contract = parse_contract(json.loads(by_kind(docs)["ConfigMap"]["data"][CONFIG_FILE]))
     assert contract.parallel.nodes == result.nodes and contract.parallel.gpus_per_node == result.gpus_per_node
     assert (
@@ -103,7 +103,7 @@ def test_the_contract_in_the_configmap_is_what_the_pods_read():
 
 
 def test_pods_land_on_the_planned_pool_and_request_its_gpus():
-    job, result, docs = rendered()
+    _job, result, docs = rendered()
     pod = pod_spec(docs)
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     expressions = {e["key"]: e["values"] for e in terms[0]["matchExpressions"]}
@@ -152,7 +152,7 @@ def test_kueue_queue_label_and_suspended_gang():
 
 
 def test_jobset_gang():
-    job, result, docs = rendered(gang="jobset", **{"resources.queue": "q"})
+    _job, result, docs = rendered(gang="jobset", **{"resources.queue": "q"})
     validate_all(docs)
     kinds = by_kind(docs)
     assert list(kinds) == ["ConfigMap", "JobSet"]
@@ -204,7 +204,7 @@ def test_user_strings_never_reach_a_shell():
     _, _, docs = rendered(**{"lora.targetModules": ["q_proj; rm -rf /", "$(whoami)"]})
     container = pod_spec(docs)["containers"][0]
     assert container["command"] == ["torchrun"]
-    assert not any("sh" == part or part.startswith("-c") for part in container["command"] + container["args"])
+    assert not any(part == "sh" or part.startswith("-c") for part in container["command"] + container["args"])
     assert not any("rm -rf" in a or "whoami" in a for a in container["args"])
 
 
@@ -219,7 +219,7 @@ def test_custom_image_is_not_forced_to_a_uid():
 
 
 def test_offload_requests_host_memory():
-    job, result, docs = rendered(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, method="full", lora=DELETE)
+    _job, result, docs = rendered(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, method="full", lora=DELETE)
     assert result.offload
     memory = pod_spec(docs)["containers"][0]["resources"]["requests"]["memory"]
     assert int(memory.removesuffix("Mi")) * 1024**2 >= result.host_memory_per_node
