@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,7 +34,12 @@ async def operator(
 ) -> AsyncIterator[OperatorProcess]:
     """The real operator process (`python -m kubeforge.controller`) against the emulator."""
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
-    proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator)
+    env = {
+        "KUBEFORGE_RESYNC_SECONDS": "0.5",  # the timer pass; real clusters use 10 s
+        "KUBEFORGE_OFFLINE": "1",  # no Hub lookups from tests
+        "KUBEFORGE_METRICS_PORT": str(free_port()),
+    }
+    proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator, env=env)
     await proc.start()
     try:
         yield proc
@@ -42,6 +48,12 @@ async def operator(
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             print(f"----- operator log -----\n{proc.logs()[-20000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -135,6 +135,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     _rv: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
     url: str = attrs.field(default="", init=False)  # set by the fixture once the server listens
+    _created: dict[int, tuple] = attrs.field(factory=dict, init=False)  # request id -> stored key
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -207,7 +208,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
 
     async def _change(self, request: rendering.Request) -> None:
         if request.action == enums.action.CREATE:
-            await self._create(request.resource, request.namespace, request.data)
+            self._created[request.id] = await self._create(request.resource, request.namespace, request.data)
         elif request.action == enums.action.UPDATE and request.name is not None:
             await self._patch(request)
         elif request.method == kmock.method.PUT and request.name is not None:
@@ -356,8 +357,9 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     # ------------------------------------------------------------ responses
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
-        payload = await super()._serve_create(request)
-        return rendering.Response(status=201, payload=payload)
+        # kmock finds the new object by the name in the body; with generateName there is none
+        key = self._created.pop(request.id)
+        return rendering.Response(status=201, payload=self._objects[key].raw)
 
     async def _serve_replace(self, request: rendering.Request) -> rendering.Payload:
         return await self._serve_fetch(request)

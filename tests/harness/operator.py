@@ -32,16 +32,24 @@ def write_kubeconfig(path: Path, server: str) -> Path:
 class OperatorProcess:
     """Start, stop and restart the operator; its log is kept for failure messages."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, emulator: Any, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        emulator: Any,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.emulator = emulator
         self.args = args
+        self.env = env or {}
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
 
     async def start(self) -> None:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1", **self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "operator"), str(ROOT / "runtime"), env.get("PYTHONPATH", "")])
         log = self.log_path.open("ab")
         log.write(f"\n===== operator start #{self.starts + 1} =====\n".encode())

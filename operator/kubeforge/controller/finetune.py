@@ -1,0 +1,324 @@
+"""One level-triggered reconcile of a FineTuneJob, as a pure function.
+
+    decide(Observed) -> Decision(apply, status, events)
+
+Observed is everything the handler read (the object, the GPU inventory from the Node
+index, the children and pods from the child indexes, rank 0's progress, the model's
+architecture); Decision is everything it must do: children to apply (only those that
+differ from what exists), the status to write once, the events to post. The steps:
+
+1. the spec is valid (else Accepted=False/InvalidSpec, nothing else happens);
+2. immutable fields match what the running gang was rendered from (else refused);
+3. a plan: made against the current inventory while nothing runs (Planned=False/
+   Infeasible keeps the job Pending with no children, and is retried when nodes
+   change); once the gang exists its plan is the one in status, never changed under it;
+4. the children are rendered and applied where missing or drifted (a Job's pod
+   template is immutable, so an existing gang is never re-applied);
+5. the phase follows the gang: suspended (Kueue) -> Waiting, pods running -> Running,
+   Complete -> Succeeded with the artifact from rank 0's termination message,
+   Failed -> Failed with the Job's reason and rank 0's message. Terminal phases stay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge.api.finetune import FineTuneJob
+from kubeforge.api.validation import check
+from kubeforge.controller.conditions import condition, find, set_condition
+from kubeforge.controller.diff import is_subset
+from kubeforge.inventory.pools import Inventory
+from kubeforge.planner import Architecture
+from kubeforge.planner import plan as make_plan
+from kubeforge.render import labels as L
+from kubeforge.render.finetune import Gang, plan_digest, render_finetune
+from kubeforge.runtime.contract import CONFIG_FILE, read_termination_message
+
+ACCEPTED, PLANNED, ADMITTED, RUNNING, SUCCEEDED, FAILED = (
+    "Accepted", "Planned", "Admitted", "Running", "Succeeded", "Failed",
+)  # fmt: skip
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    body: Mapping[str, Any]
+    inventory: Inventory
+    now: str
+    children: Sequence[Mapping[str, Any]] = ()  # ConfigMaps, Services, Jobs, JobSets owned by the job
+    pods: Sequence[Mapping[str, Any]] = ()
+    architecture: Architecture | None = None
+    architecture_error: str | None = None
+    jobset_available: bool = False
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any]
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def decide(obs: Observed) -> Decision:
+    old = dict(obs.body.get("status") or {})
+    meta = obs.body.get("metadata") or {}
+    generation = meta.get("generation")
+    state = _State(old, generation, obs.now)
+
+    user_part = {k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body}
+    job, problems = check(user_part)
+    if problems or not isinstance(job, FineTuneJob):
+        state.set(ACCEPTED, "False", "InvalidSpec", "; ".join(str(p) for p in problems))
+        if old.get("phase") not in TERMINAL and not _gang(obs.children):
+            state.phase = "Failed"
+        return state.decision(old)
+    state.set(ACCEPTED, "True", "SpecValid", "the spec is valid")
+
+    gang_obj = _gang(obs.children)
+    configmap = _kind(obs.children, "ConfigMap")
+    refused = _immutable_changes(job, configmap) if gang_obj is not None else []
+    if refused:
+        state.set(ACCEPTED, "False", "ImmutableFieldChanged",
+                  "; ".join(refused) + "; the running gang keeps its spec")  # fmt: skip
+
+    if old.get("phase") in TERMINAL and find(old.get("conditions") or [], old["phase"]):
+        state.phase = old["phase"]
+        return state.decision(old)
+
+    apply: list[dict[str, Any]] = []
+    if gang_obj is None:
+        if obs.architecture is None:
+            state.set(PLANNED, "False", "ArchitectureUnknown", obs.architecture_error or "unknown architecture")
+            state.phase = "Pending"
+            return state.decision(old)
+        result = make_plan(job.spec, obs.inventory, obs.architecture)
+        if not result.feasible:
+            alternatives = "; ".join(
+                f"{a.change} ({a.strategy} on {a.total_gpus} x {a.gpu_type})" for a in result.alternatives
+            )
+            message = result.reason + (f". Nearest feasible: {alternatives}" if alternatives else "")
+            state.set(PLANNED, "False", "Infeasible", message)
+            state.status["plan"] = result.to_json()
+            state.phase = "Pending"
+            return state.decision(old)
+        state.set(PLANNED, "True", "Planned", result.reason)
+        state.status["plan"] = result.to_json()
+        desired = render_finetune(job, result, gang=_gang_kind(job, obs), uid=meta.get("uid"))
+        apply = [d for d in desired if not _exists_equal(d, obs.children)]
+        state.set(ADMITTED, "False", "Creating", "creating the pod gang")
+        state.phase = "Waiting"
+        return state.decision(old, apply)
+
+    # The gang exists: keep its plan; re-apply what drifted only when the plan is unchanged.
+    if not refused and obs.architecture is not None:
+        result = make_plan(job.spec, obs.inventory, obs.architecture)
+        running_digest = ((gang_obj.get("metadata") or {}).get("annotations") or {}).get(L.PLAN_DIGEST)
+        if result.feasible and plan_digest(result) == running_digest:
+            gang = "jobset" if gang_obj.get("kind") == "JobSet" else "job"
+            desired = render_finetune(job, result, gang=gang, uid=meta.get("uid"))
+            apply = [d for d in desired if d["kind"] in ("ConfigMap", "Service") and not _exists_equal(d, obs.children)]
+    if find(old.get("conditions") or [], PLANNED) is None:
+        state.set(PLANNED, "True", "Planned", "the gang exists")
+    _follow_gang(state, gang_obj, obs)
+    return state.decision(old, apply)
+
+
+class _State:
+    def __init__(self, old: dict[str, Any], generation: int | None, now: str):
+        self.status: dict[str, Any] = {k: v for k, v in old.items() if k not in ("conditions", "phase")}
+        self.conditions: list[dict[str, Any]] = list(old.get("conditions") or [])
+        self.phase: str | None = old.get("phase")
+        self.generation = generation
+        self.now = now
+
+    def set(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.conditions = set_condition(
+            self.conditions,
+            condition(type_, status, reason, message, self.generation, self.now),  # type: ignore[arg-type]
+        )
+
+    def decision(self, old: Mapping[str, Any], apply: list[dict[str, Any]] | None = None) -> Decision:
+        status = dict(self.status)
+        status["phase"] = self.phase or "Pending"
+        status["conditions"] = self.conditions
+        status["observedGeneration"] = self.generation
+        return Decision(status=status, apply=apply or [], events=_events(old, status))
+
+
+def _events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    out = []
+    before = {c["type"]: c for c in old.get("conditions") or []}
+    for c in new["conditions"]:
+        prior = before.get(c["type"])
+        if prior is None or prior.get("status") != c["status"] or prior.get("reason") != c["reason"]:
+            bad = (c["status"] == "False" and c["type"] in (ACCEPTED, PLANNED)) or (
+                c["type"] == FAILED and c["status"] == "True"
+            )
+            out.append(Event("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
+    if old.get("phase") != new["phase"]:
+        out.append(Event("Normal", f"Phase{new['phase']}", f"phase {old.get('phase') or 'None'} -> {new['phase']}"))
+    return out
+
+
+def _kind(children: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
+    return next((c for c in children if c.get("kind") == kind), None)
+
+
+def _gang(children: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return _kind(children, "Job") or _kind(children, "JobSet")
+
+
+def _gang_kind(job: FineTuneJob, obs: Observed) -> Gang:
+    wanted = job.spec.resources.gang
+    if wanted == "jobset" or (wanted == "auto" and obs.jobset_available):
+        return "jobset"
+    return "job"
+
+
+def _exists_equal(desired: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> bool:
+    name = desired["metadata"]["name"]
+    current = next(
+        (c for c in children if c.get("kind") == desired["kind"] and (c.get("metadata") or {}).get("name") == name),
+        None,
+    )
+    return current is not None and is_subset(desired, current)
+
+
+def _immutable_changes(job: FineTuneJob, configmap: Mapping[str, Any] | None) -> list[str]:
+    """Immutable fields whose value differs from the contract the running gang was rendered from."""
+    if configmap is None:
+        return []
+    try:
+        contract = json.loads((configmap.get("data") or {}).get(CONFIG_FILE, "{}"))
+    except json.JSONDecodeError:
+        return []
+    running = {
+        "spec.model.uri": (contract.get("model") or {}).get("uri"),
+        "spec.dataset.uri": ((contract.get("dataset") or {}).get("location") or {}).get("uri"),
+        "spec.method": (contract.get("training") or {}).get("method"),
+        "spec.output.uri": ((contract.get("output") or {}).get("location") or {}).get("uri"),
+    }
+    now = {
+        "spec.model.uri": job.spec.model.uri,
+        "spec.dataset.uri": job.spec.dataset.uri,
+        "spec.method": job.spec.method,
+        "spec.output.uri": job.spec.output.uri,
+    }
+    return [
+        f"{k} is immutable once the job runs ({running[k]!r} -> {now[k]!r})"
+        for k in now
+        if running[k] not in (None, now[k])
+    ]
+
+
+def _follow_gang(state: _State, gang: Mapping[str, Any], obs: Observed) -> None:
+    gstatus = gang.get("status") or {}
+    conditions = {c.get("type"): c for c in gstatus.get("conditions") or [] if c.get("status") == "True"}
+    plan = state.status.get("plan") or {}
+    nodes = int(plan.get("nodes") or 1)
+    if gstatus.get("startTime") and not state.status.get("startTime"):
+        state.status["startTime"] = gstatus["startTime"]
+    rank0 = _rank0(obs.pods)
+
+    done = conditions.get("Complete") or conditions.get("Completed")
+    failed = conditions.get("Failed")
+    if done:
+        summary = _termination(rank0)
+        state.status["completionTime"] = gstatus.get("completionTime") or obs.now
+        if summary and summary.get("uri"):
+            state.status["artifact"] = _artifact(summary, obs.now)
+        state.set(RUNNING, "False", "Completed", "the gang finished")
+        state.set(SUCCEEDED, "True", "Completed", _artifact_message(summary))
+        state.phase = "Succeeded"
+        return
+    if failed:
+        summary = _termination(rank0)
+        detail = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
+        if summary and summary.get("error"):
+            detail += f"; rank 0: {summary['error']}"
+        state.status["completionTime"] = obs.now
+        state.set(RUNNING, "False", "Failed", detail)
+        state.set(FAILED, "True", str(failed.get("reason") or "JobFailed"), detail)
+        state.phase = "Failed"
+        return
+    spec = gang.get("spec") or {}
+    if spec.get("suspend"):
+        state.set(ADMITTED, "False", "Queued", "the gang waits for Kueue to admit it (all pods at once)")
+        state.phase = "Waiting"
+        return
+    state.set(ADMITTED, "True", "Admitted", "the gang may start")
+    running = [p for p in obs.pods if (p.get("status") or {}).get("phase") == "Running"]
+    if len(running) >= nodes:
+        state.set(RUNNING, "True", "PodsRunning", f"{len(running)} of {nodes} pod(s) running")
+        state.phase = "Running"
+        if obs.progress:
+            state.status["progress"] = _progress(obs.progress, obs.now)
+    else:
+        state.set(RUNNING, "False", "PodsPending", f"{len(running)} of {nodes} pod(s) running")
+        state.phase = "Waiting"
+
+
+def _rank0(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        index = labels.get(L.JOB_COMPLETION_INDEX_LABEL) or annotations.get("batch.kubernetes.io/job-completion-index")
+        if str(index) == "0":
+            return pod
+    return None
+
+
+def _termination(pod: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if pod is None:
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if terminated:
+            return read_termination_message(terminated.get("message"))
+    return None
+
+
+def _artifact(summary: Mapping[str, Any], now: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"uri": str(summary["uri"])}
+    if summary.get("digest"):
+        out["digest"] = str(summary["digest"])
+    if isinstance(summary.get("sizeBytes"), int):
+        out["sizeBytes"] = summary["sizeBytes"]
+    metrics = summary.get("metrics") or {}
+    out["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    out["createdAt"] = str(summary.get("createdAt") or now)
+    return out
+
+
+def _artifact_message(summary: Mapping[str, Any] | None) -> str:
+    if summary and summary.get("uri"):
+        return f"artifact {summary['uri']}" + (f" ({summary['digest']})" if summary.get("digest") else "")
+    return "the gang finished; rank 0 left no artifact summary"
+
+
+def _progress(progress: Mapping[str, Any], now: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"updatedAt": now}
+    step, total = progress.get("step"), progress.get("totalSteps") or progress.get("total")
+    if isinstance(step, int):
+        out["step"] = step
+    if isinstance(total, int) and total > 0:
+        out["totalSteps"] = total
+        if isinstance(step, int):
+            out["percent"] = max(0, min(100, int(100 * step / total)))
+    for src, dst in (("loss", "loss"), ("tokensPerSecond", "tokensPerSecond"), ("epoch", "epoch")):
+        if isinstance(progress.get(src), int | float):
+            out[dst] = float(progress[src])
+    if isinstance(progress.get("etaSeconds"), int | float):
+        out["etaSeconds"] = int(progress["etaSeconds"])
+    return out
