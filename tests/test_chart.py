@@ -39,9 +39,20 @@ def test_lint_is_clean():
 )
 def test_every_rendered_object_is_valid_kubernetes(values):
     docs = render(values)
-    assert {d["kind"] for d in docs} >= {"Deployment", "ClusterRole", "ClusterRoleBinding"}
+    assert {d["kind"] for d in docs} >= {"Deployment", "ClusterRole", "ClusterRoleBinding", "Service"}
     for doc in docs:
         validate_manifest(doc)
+
+
+def test_metrics_service_and_optional_service_monitor():
+    docs = render({"metrics": {"port": 9200, "serviceMonitor": {"enabled": True, "interval": "15s"}}})
+    kinds = by_kind(docs)
+    assert kinds["Service"]["spec"]["ports"][0]["port"] == 9200
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "KUBEFORGE_METRICS_PORT", "value": "9200"} in container["env"]
+    monitor = kinds["ServiceMonitor"]  # a Prometheus Operator CRD: not in the official schema
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s"}]
+    assert "ServiceMonitor" not in by_kind(render())
 
 
 def test_deployment_runs_the_operator_as_non_root_with_a_liveness_probe():
