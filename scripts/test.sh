@@ -4,5 +4,5 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/venv.sh operator,test
+scripts/venv.sh operator,test,train
 exec .venv/bin/python -m pytest "$@"
