@@ -19,16 +19,25 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "==> creating $venv with $($python --version)"
     "$python" -m venv "$venv"
 fi
-stamp="$venv/.kubeforge-installed"
-want="$extras $(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "==> installing kubeforge[$extras] into $venv (pinned by requirements/constraints.txt)"
-    case ",$extras," in
-        *,test,*|*,train,*|*,quantize,*|*,serve,*)
-            pip_install torch wheel setuptools
-            DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
-            ;;
-    esac
-    pip_install -e ".[$extras]"
-    echo "$want" > "$stamp"
+stamp="$venv/.kubeforge-installed"  # "<hash of pyproject + constraints> <extras installed>"
+hash="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
+read -r have_hash have_extras < "$stamp" 2>/dev/null || true
+missing=""
+for extra in ${extras//,/ }; do
+    case ",${have_extras:-}," in *",$extra,"*) ;; *) missing="$missing $extra" ;; esac
+done
+if [ "${have_hash:-}" = "$hash" ] && [ -z "$missing" ]; then
+    exit 0  # everything asked for is installed, at the pinned versions
 fi
+if [ "${have_hash:-}" = "$hash" ]; then
+    extras="$(echo "${have_extras},${extras}" | tr ',' '\n' | sort -u | paste -sd, -)"
+fi
+echo "==> installing kubeforge[$extras] into $venv (pinned by requirements/constraints.txt)"
+case ",$extras," in
+    *,test,*|*,train,*|*,quantize,*|*,serve,*)
+        pip_install torch wheel setuptools
+        DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed
+        ;;
+esac
+pip_install -e ".[$extras]"
+echo "$hash $extras" > "$stamp"

@@ -49,6 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_render.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
     p_render.set_defaults(func=cmd_render)
 
+    p_run = sub.add_parser("run", help="run a FineTuneJob on this machine")
+    p_run.add_argument("job", type=Path, metavar="FINETUNE.yaml")
+    p_run.add_argument(
+        "--nproc", type=int, default=None, help="processes (GPUs, or CPU workers); default: all GPUs or 1"
+    )
+    p_run.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
+    p_run.set_defaults(func=cmd_run)
+
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
@@ -151,6 +159,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     docs = render_finetune(job, result, gang=gang, uid=args.uid)
     sys.stdout.write("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubeforge.localrun import RunError, run
+
+    job = _one_finetunejob(args.job)
+    if job is None:
+        return 2
+    if args.nproc is not None and args.nproc < 1:
+        print("--nproc: must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return run(job, args.job, nproc=args.nproc, offline=args.offline).code
+    except RunError as err:
+        print(f"{args.job}: {err}", file=sys.stderr)
+        return 2
 
 
 def _one_finetunejob(path: Path) -> FineTuneJob | None:

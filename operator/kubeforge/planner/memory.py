@@ -114,11 +114,11 @@ def trainable_parameters(arch: Architecture, layout: Layout) -> int:
     return arch.lora_parameters(layout.lora_rank, layout.lora_targets)[0]
 
 
-def base_weight_bytes(arch: Architecture, method: str) -> float:
+def base_weight_bytes(arch: Architecture, method: str, precision: str = "bf16") -> float:
     if method == "qlora":
         linear = arch.linear_parameters
         return NF4_BYTES * linear + 2 * (arch.total_parameters - linear)
-    return 2.0 * arch.total_parameters
+    return (4.0 if precision == "fp32" else 2.0) * arch.total_parameters
 
 
 def model_states(arch: Architecture, layout: Layout) -> States:
@@ -140,7 +140,7 @@ def model_states(arch: Architecture, layout: Layout) -> States:
         if s == "megatron":
             return States(2 * P / tp, 4 * P / tp, 12 * P / (tp * layout.data_parallel))
         raise ValueError(f"unknown strategy {s!r}")
-    base, T = base_weight_bytes(arch, layout.method), trainable_parameters(arch, layout)
+    base, T = base_weight_bytes(arch, layout.method, layout.precision), trainable_parameters(arch, layout)
     if s == "ddp":
         return States(base + 4 * T, 4 * T, 8 * T)
     if s == "zero1":
@@ -177,7 +177,8 @@ def activation_bytes(arch: Architecture, layout: Layout) -> float:
     else:
         body = tokens * layers * in_flight * per_layer
     logits = tokens * arch.vocab_size * LOGIT_BYTES / t
-    return body + logits
+    scale = 2.0 if layout.precision == "fp32" else 1.0  # the formulas count 2-byte activations
+    return (body + logits) * scale
 
 
 def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float:

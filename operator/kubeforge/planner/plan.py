@@ -141,6 +141,7 @@ class Plan:
         need(self.num_layers % self.pipeline_parallel == 0, "pipeline stages divide the layers")
         need(self.precision != "fp8" or self.compute_capability >= (8, 9), "fp8 needs compute capability >= 8.9")
         need(self.precision != "bf16" or self.compute_capability >= (8, 0), "bf16 needs compute capability >= 8.0")
+        need(self.precision != "fp32" or self.gpu_type == "cpu", "fp32 only on CPU")
         need(self.memory is not None and self.memory.total <= self.memory.available, "fits in GPU memory")
         need(not self.offload or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
         need(self.sequence_parallel is False or self.tensor_parallel > 1, "sequence parallel needs tensor parallel")

@@ -20,14 +20,21 @@ def table(plan: Plan) -> str:
             ("TP x PP x DP", f"{plan.tensor_parallel} x {plan.pipeline_parallel} x {plan.data_parallel}"),
             ("Sequence parallel", "yes" if plan.sequence_parallel else "no"),
             ("Precision", plan.precision),
-            ("Batch", f"{plan.global_batch_size} = {plan.micro_batch_size} micro x "
-             f"{plan.gradient_accumulation_steps} accumulation x {plan.data_parallel} data parallel"),
+            (
+                "Batch",
+                f"{plan.global_batch_size} = {plan.micro_batch_size} micro x "
+                f"{plan.gradient_accumulation_steps} accumulation x {plan.data_parallel} data parallel",
+            ),
             ("Gradient checkpointing", "on" if plan.gradient_checkpointing else "off"),
             ("Attention", plan.attention),
             ("Step time (est.)", f"{plan.estimated_step_seconds:.2f} s"),
-            ("GPU-hours (est.)", "-" if plan.estimated_gpu_hours is None else f"{plan.estimated_gpu_hours:.1f}"
-             f" for {plan.total_steps} steps"),
-        ]  # fmt: skip
+            (
+                "GPU-hours (est.)",
+                "-"
+                if plan.estimated_gpu_hours is None
+                else f"{plan.estimated_gpu_hours:.1f} for {plan.total_steps} steps",
+            ),
+        ]
         width = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{width}}  {v}" for k, v in rows]
         mem = plan.memory

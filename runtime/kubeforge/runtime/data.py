@@ -1,0 +1,178 @@
+"""Training data: JSON lines in the formats messages, alpaca and text, tokenized and packed.
+
+Bad data fails fast, before any GPU time, with the file and line: an empty dataset, a line
+that is not JSON or lacks the format's fields, a sequence longer than the model can take.
+Loss is computed on what the model should learn to produce: the assistant's turns
+(messages), the output (alpaca), everything (text); prompt tokens get label -100.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A user error in the dataset: the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # not learned
+    completion: str  # learned
+    line: int
+
+
+def files(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json") and p.is_file())
+        if not found:
+            raise DataError(f"{path}: no .jsonl files in the dataset folder")
+        return found
+    if not path.exists():
+        raise DataError(f"{path}: the dataset does not exist")
+    return [path]
+
+
+def read_examples(path: Path, fmt: str, tokenizer: Any = None) -> list[Example]:
+    out: list[Example] = []
+    for file in files(path):
+        for number, line in _lines(file):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file} line {number}: not JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(record, dict):
+                raise DataError(f"{file} line {number}: expected a JSON object, got {type(record).__name__}")
+            out.append(_example(record, fmt, f"{file} line {number}", number, tokenizer))
+    if not out:
+        raise DataError(f"{path}: the dataset is empty")
+    return out
+
+
+def _lines(file: Path) -> Iterator[tuple[int, str]]:
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def _need(record: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
+    missing = [k for k in keys if not isinstance(record.get(k), str)]
+    if missing:
+        raise DataError(f"{where}: format {fmt} needs string field(s) {', '.join(missing)}")
+
+
+def _example(record: dict, fmt: str, where: str, number: int, tokenizer: Any) -> Example:
+    if fmt == "text":
+        _need(record, ("text",), where, fmt)
+        return Example("", record["text"], number)
+    if fmt == "alpaca":
+        _need(record, ("instruction", "output"), where, fmt)
+        context = record.get("input") or ""
+        prompt = f"### Instruction:\n{record['instruction']}\n"
+        if context:
+            prompt += f"\n### Input:\n{context}\n"
+        prompt += "\n### Response:\n"
+        return Example(prompt, record["output"], number)
+    if fmt == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: format messages needs a non-empty list 'messages'")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise DataError(f"{where}: messages[{i}] needs role system, user or assistant")
+            if not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] needs a string 'content'")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (what the model learns)")
+        prompt = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
+        return Example(prompt, messages[-1]["content"], number)
+    if fmt == "preference":
+        raise DataError(f"{where}: format preference (objective dpo) is not supported by this runtime version")
+    raise DataError(f"{where}: unknown format {fmt!r}")
+
+
+def render_chat(messages: list[dict], tokenizer: Any, add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template where it has one, else a plain role-prefixed layout."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(examples: list[Example], tokenizer: Any, max_len: int, source: str) -> list[Tokenized]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+        completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            completion = [*completion, eos]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = bos + prompt + completion
+        if len(ids) > max_len:
+            raise DataError(
+                f"{source} line {ex.line}: {len(ids)} tokens, more than maxSeqLength {max_len} "
+                "(raise spec.dataset.maxSeqLength or shorten the example)"
+            )
+        labels = [IGNORE] * (len(bos) + len(prompt)) + completion
+        out.append(Tokenized(ids, labels))
+    return out
+
+
+def check_model_length(max_len: int, model_max: int | None) -> None:
+    if model_max and max_len > model_max:
+        raise DataError(f"maxSeqLength {max_len} is longer than the model's {model_max} positions")
+
+
+def pack(items: list[Tokenized], max_len: int, pad_id: int) -> list[Tokenized]:
+    """Greedy packing: consecutive examples share a sequence up to max_len (never split)."""
+    out: list[Tokenized] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for item in items:
+        if ids and len(ids) + len(item.input_ids) > max_len:
+            out.append(Tokenized(ids, labels))
+            ids, labels = [], []
+        ids = ids + item.input_ids
+        labels = labels + item.labels
+    if ids:
+        out.append(Tokenized(ids, labels))
+    return out
+
+
+def collate(batch: list[Tokenized], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(b.input_ids) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b.input_ids)
+        ids[i, :n] = torch.tensor(b.input_ids)
+        labels[i, :n] = torch.tensor(b.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for file in files(path):
+        h.update(file.name.encode())
+        h.update(file.read_bytes())
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,75 @@
+"""Locations to local paths: mounted or local paths as they are; hf:// and s3:// downloaded first."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kubeforge.runtime.contract import CACHE_DIR, Location
+
+
+def local_path(location: Location, cache_dir: str | None = None) -> Path:
+    if location.local_path:
+        return Path(location.local_path)
+    cache = Path(cache_dir or os.environ.get("KUBEFORGE_CACHE_DIR", CACHE_DIR))
+    uri = location.uri
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        repo = uri.removeprefix("hf://").rstrip("/")
+        return Path(snapshot_download(repo, revision=location.revision, cache_dir=str(cache / "hf")))
+    if uri.startswith("s3://"):
+        return download_s3(uri, cache / "s3")
+    raise ValueError(f"{uri}: no local path and no way to fetch it")
+
+
+def download_s3(uri: str, cache: Path) -> Path:
+    """Every object under s3://bucket/prefix, into cache/bucket/prefix (credentials from the environment)."""
+    from urllib.parse import urlparse
+
+    from minio import Minio
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    endpoint = urlparse(os.environ.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com"))
+    client = Minio(
+        endpoint.netloc,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=os.environ.get("AWS_REGION"),
+        secure=endpoint.scheme == "https",
+    )
+    target = cache / bucket / prefix
+    found = False
+    for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
+        if obj.is_dir:
+            continue
+        found = True
+        relative = obj.object_name[len(prefix) :].lstrip("/") if prefix else obj.object_name
+        dest = target / relative if relative else target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.fget_object(bucket, obj.object_name, str(dest))
+    if not found:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    return target
+
+
+def upload_s3(folder: Path, uri: str) -> None:
+    """Every file under ``folder`` to s3://bucket/prefix/<relative path>."""
+    from urllib.parse import urlparse
+
+    from minio import Minio
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    endpoint = urlparse(os.environ.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com"))
+    client = Minio(
+        endpoint.netloc,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=os.environ.get("AWS_REGION"),
+        secure=endpoint.scheme == "https",
+    )
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = "/".join(x for x in (prefix.strip("/"), str(path.relative_to(folder))) if x)
+        client.fput_object(bucket, key, str(path))

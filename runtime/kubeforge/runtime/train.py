@@ -1,0 +1,396 @@
+"""`python -m kubeforge.runtime.train --config CONTRACT`, launched by torchrun (or alone).
+
+    read the contract -> read and tokenize the data (fail fast) -> load the model (LoRA /
+    QLoRA adapters, gradient checkpointing) -> wrap it for the strategy -> train with
+    gradient accumulation, resuming from the latest checkpoint -> rank 0 exports the
+    artifact and leaves a JSON summary in the termination message.
+
+Exit codes (contract): EXIT_USER_ERROR for bad data or config (the Job fails at once),
+EXIT_INFRASTRUCTURE for anything else (the gang may be restarted and resumes).
+
+This version runs DDP (and a single process) on CPU (gloo) and GPUs (NCCL); plans with
+FSDP, DeepSpeed ZeRO or Megatron are refused with a clear message until those backends land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubeforge.runtime import checkpoint, data, export, fetch
+from kubeforge.runtime import progress as progress_mod
+from kubeforge.runtime.contract import (
+    ENV_CONFIG,
+    EXIT_INFRASTRUCTURE,
+    EXIT_OK,
+    EXIT_USER_ERROR,
+    TERMINATION_MESSAGE_PATH,
+    Contract,
+    ContractError,
+    load,
+    termination_message,
+)
+
+log = logging.getLogger("kubeforge.train")
+SUPPORTED_STRATEGIES = ("ddp",)
+
+
+class UserError(ValueError):
+    """A problem with the job's inputs: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubeforge.runtime.train")
+    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG), help="the contract JSON")
+    parser.add_argument(
+        "--termination-log", default=os.environ.get("KUBEFORGE_TERMINATION_LOG", TERMINATION_MESSAGE_PATH)
+    )
+    args = parser.parse_args(argv)
+    dist = _dist_env()
+    logging.basicConfig(
+        level=logging.INFO if dist.main else logging.WARNING,
+        format=f"%(asctime)s rank{dist.rank} %(levelname)s %(message)s",
+    )
+    try:
+        contract = load(args.config)
+    except ContractError as err:
+        return _finish(dist, args.termination_log, EXIT_USER_ERROR, {"status": "failed", "error": str(err)})
+    try:
+        summary = run(contract, dist)
+        return _finish(dist, args.termination_log, EXIT_OK, summary)
+    except (UserError, data.DataError) as err:
+        log.error("%s", err)
+        return _finish(dist, args.termination_log, EXIT_USER_ERROR, {"status": "failed", "error": str(err)})
+    except Exception as err:  # anything else is the infrastructure's (OOM, NCCL, a lost peer)
+        traceback.print_exc()
+        error = f"{type(err).__name__}: {err}"
+        return _finish(dist, args.termination_log, EXIT_INFRASTRUCTURE, {"status": "failed", "error": error[:1000]})
+    finally:
+        _destroy_process_group()
+
+
+def _dist_env() -> Dist:
+    return Dist(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def _finish(dist: Dist, path: str, code: int, summary: dict[str, Any]) -> int:
+    if dist.main:
+        message = termination_message(summary)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(message)
+        except OSError:
+            pass
+        print(f"kubeforge: {message}", flush=True)
+    return code
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+    except Exception:  # the process is ending anyway
+        pass
+
+
+def run(contract: Contract, dist: Dist) -> dict[str, Any]:
+    import torch
+
+    if contract.parallel.strategy not in SUPPORTED_STRATEGIES:
+        raise UserError(
+            f"strategy {contract.parallel.strategy} is planned, but this runtime version runs only "
+            f"{', '.join(SUPPORTED_STRATEGIES)}; set spec.parallelism.strategy: ddp"
+        )
+    if contract.training.method == "qlora" and contract.compute.device != "cuda":
+        raise UserError("qlora needs a CUDA GPU in this runtime version")
+    if dist.world != contract.parallel.world_size:
+        raise UserError(f"the contract plans {contract.parallel.world_size} processes; torchrun started {dist.world}")
+    started = time.monotonic()
+    device = _device(contract, dist)
+    seed = contract.training.seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    # 1. data, before any model or GPU time
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = fetch.local_path(contract.model)
+    data_path = fetch.local_path(contract.dataset.location)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(model_dir)
+    max_len = contract.dataset.max_seq_length
+    data.check_model_length(max_len, getattr(config, "max_position_embeddings", None))
+    examples = data.read_examples(data_path, contract.dataset.format, tokenizer)
+    items = data.tokenize(examples, tokenizer, max_len, str(data_path))
+    if contract.dataset.packing:
+        items = data.pack(items, max_len, tokenizer.pad_token_id)
+    log.info("data: %d examples -> %d sequences (packing %s)", len(examples), len(items), contract.dataset.packing)
+
+    # 2. the model
+    _init_process_group(dist, device)
+    model = _model(contract, model_dir, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info(
+        "model: %s parameters, %s trainable (%s)",
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        f"{sum(p.numel() for p in trainable):,}",
+        contract.training.method,
+    )
+    wrapped = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # 3. schedule
+    t = contract.training
+    dp = contract.parallel.data_parallel
+    steps_per_epoch = max(1, math.ceil(len(items) / t.global_batch_size))
+    total = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * steps_per_epoch))
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total
+    )
+    ckpt_root = Path(contract.output.checkpoint_dir)
+    start, losses = 0, []
+    found = checkpoint.latest(ckpt_root)
+    if found is not None:
+        state = checkpoint.load(found, model, optimizer, scheduler)
+        start, losses = int(state["step"]), list(state.get("losses", []))
+        log.info("resuming from %s at step %d", found, start)
+    every = t.checkpoint_every or steps_per_epoch
+
+    tracker = progress_mod.Progress(total, start)
+    server = (
+        progress_mod.serve(tracker, contract.progress.port, contract.progress.path)
+        if (dist.main and contract.progress.port)
+        else None
+    )
+
+    # 4. train
+    mb, accum = t.micro_batch_size, t.gradient_accumulation_steps
+    for step in range(start, total):
+        wrapped.train()
+        order = _epoch_order(len(items), seed, step // steps_per_epoch)
+        within = (step % steps_per_epoch) * t.global_batch_size
+        batch_ids = [order[(within + i) % len(order)] for i in range(t.global_batch_size)]
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(accum):
+            first = (micro * dp + dist.rank) * mb
+            chunk = [items[i] for i in batch_ids[first : first + mb]]
+            batch = {k: v.to(device) for k, v in data.collate(chunk, tokenizer.pad_token_id).items()}
+            sync = micro == accum - 1 or dist.world == 1
+            context = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _nullcontext()
+            with context, _autocast(contract, device):
+                loss = wrapped(**batch).loss / accum
+                loss.backward()
+            step_loss += float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = _mean_across(step_loss, dist, device)
+        losses.append(round(step_loss, 6))
+        tracker.update(step + 1, step_loss, step_tokens * dist.world, (step + 1) / steps_per_epoch)
+        if dist.main and ((step + 1) % max(1, total // 20) == 0 or step + 1 == total or step == start):
+            log.info("%s", tracker.line())
+        if (step + 1) % every == 0 and step + 1 < total:
+            _barrier(dist)
+            if dist.main:
+                checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, {"losses": losses})
+                checkpoint.prune(ckpt_root, keep=2)
+            _barrier(dist)
+
+    # 5. export
+    _barrier(dist)
+    summary: dict[str, Any] = {"status": "succeeded"}
+    if dist.main:
+        summary = _export(contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started)
+        checkpoint.prune(ckpt_root, keep=1)
+    if server is not None:
+        server.shutdown()
+    _barrier(dist)
+    return summary
+
+
+def _export(contract, model, tokenizer, data_path, losses, total, tracker, seconds) -> dict[str, Any]:
+    out_location = contract.output.location
+    out = Path(out_location.local_path) if out_location.local_path else Path(contract.output.checkpoint_dir).parent
+    model.eval()
+    if hasattr(model, "float") and contract.compute.device == "cpu":
+        model = model.float()
+    merged = export.save_weights(model, tokenizer, out, method=contract.training.method, merge=contract.output.merge)
+    metrics = {
+        "train_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "steps": total,
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": tracker.snapshot()["tokensPerSecond"],
+    }
+    export.write_manifest(
+        out,
+        {
+            "baseModel": contract.model.uri,
+            "method": contract.training.method,
+            "merged": merged,
+            "job": contract.job.model_dump(),
+            "plan": contract.plan_summary,
+            "dataset": {"uri": contract.dataset.location.uri, "digest": data.digest(data_path)},
+            "metrics": {k: v for k, v in metrics.items() if v is not None},
+            "losses": losses,
+        },
+    )
+    if out_location.uri.startswith("s3://"):
+        fetch.upload_s3(out, out_location.uri)
+    return {
+        "status": "succeeded",
+        "uri": out_location.uri,
+        "digest": export.digest(out),
+        "sizeBytes": export.size(out),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        "createdAt": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _device(contract: Contract, dist: Dist):
+    import torch
+
+    if contract.compute.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("the plan needs a CUDA GPU and none is visible")
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def _init_process_group(dist: Dist, device) -> None:
+    if dist.world == 1:
+        return
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+
+
+def _model(contract: Contract, model_dir: Path, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    precision = contract.compute.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16, "fp32": torch.float32}[precision]
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": contract.compute.attention}
+    if contract.training.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if contract.training.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=contract.compute.gradient_checkpointing
+        )
+    elif contract.compute.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if contract.training.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = contract.training.lora
+        assert lora is not None
+        targets: Any = "all-linear" if "all-linear" in lora.target_modules else list(lora.target_modules)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if contract.compute.gradient_checkpointing:
+            model.enable_input_require_grads()
+    if contract.training.method != "qlora":
+        model.to(device)
+    return model
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _mean_across(value: float, dist: Dist, device) -> float:
+    if dist.world == 1:
+        return value
+    import torch
+    import torch.distributed as td
+
+    tensor = torch.tensor([value], device=device)
+    td.all_reduce(tensor)
+    return float(tensor.item()) / dist.world
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def _autocast(contract: Contract, device):
+    import torch
+
+    if device.type == "cuda" and contract.compute.precision in ("bf16", "fp16", "fp8"):
+        dtype = torch.float16 if contract.compute.precision == "fp16" else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+    return _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

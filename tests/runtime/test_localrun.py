@@ -1,0 +1,65 @@
+"""`kubeforge run`: the same YAML, planner and runtime, on this machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from kubeforge.api import parse
+from kubeforge.cli import main
+from kubeforge.localrun import RunError, localize
+from kubeforge.planner.architecture import resolve
+from kubeforge.planner.local import plan_cpu
+from kubeforge.runtime import export
+from kubeforge.runtime.demo import task
+from kubeforge.runtime.demo.__main__ import job_yaml
+
+
+@pytest.fixture()
+def project(tmp_path, tiny_model, task_data):
+    (tmp_path / "model").symlink_to(tiny_model)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(task_data[0].read_text())
+    return tmp_path
+
+
+def test_run_fine_tunes_and_the_model_learns(project, task_data, capsys):
+    job = project / "job.yaml"
+    job.write_text(yaml.safe_dump(job_yaml(60, "full")))
+    assert main(["run", str(job), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: DDP over 1 CPU process(es), fp32" in out and "artifact: " in out
+    artifact = project / "out" / "fruit-colours"
+    assert export.verify(artifact) == []
+    contract = json.loads((project / ".kubeforge" / "fruit-colours" / "contract.json").read_text())
+    assert contract["compute"]["device"] == "cpu" and contract["model"]["local_path"] == str(
+        (project / "model").resolve()
+    )
+    assert task.accuracy(artifact, task_data[1]) > task.accuracy(project / "model", task_data[1])
+
+
+def test_pvc_locations_cannot_run_locally(tmp_path, capsys):
+    doc = job_yaml(10, "full")
+    doc["spec"]["dataset"]["uri"] = "pvc://data/train.jsonl"
+    with pytest.raises(RunError, match=r"spec.dataset.uri: pvc://data/train.jsonl is a PersistentVolumeClaim"):
+        localize(parse(doc), tmp_path)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(path), "--offline"]) == 2
+    assert "PersistentVolumeClaim" in capsys.readouterr().err
+
+
+def test_cpu_plans(tiny_model):
+    doc = job_yaml(10, "full")
+    doc["spec"]["model"]["uri"] = str(tiny_model)
+    spec = parse(doc).spec
+    arch = resolve(spec.model)
+    plan = plan_cpu(spec, arch, nproc=2, host_memory_bytes=8 * 1024**3)
+    assert plan.feasible and plan.precision == "fp32" and plan.total_gpus == 2
+    assert plan.micro_batch_size * plan.gradient_accumulation_steps * 2 == 16
+    assert not plan_cpu(spec, arch, nproc=3, host_memory_bytes=8 * 1024**3).feasible  # 16 does not split over 3
+    assert not plan_cpu(spec, arch, nproc=1, host_memory_bytes=1024).feasible  # no memory
+    qlora = parse({**doc, "spec": {**doc["spec"], "method": "qlora"}}).spec
+    assert "qlora needs a CUDA GPU" in plan_cpu(qlora, arch, nproc=1, host_memory_bytes=8 * 1024**3).reason

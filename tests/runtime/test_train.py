@@ -1,0 +1,132 @@
+"""The training runtime on CPU: LoRA and full fine-tuning, DDP with torchrun, resume, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubeforge.runtime import export, train
+from kubeforge.runtime.contract import EXIT_USER_ERROR
+from tests.runtime.conftest import make_contract
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORDED = ROOT / "tests" / "assets" / "losses" / "full-tiny-30.json"
+
+
+def run_inline(contract, tmp_path) -> tuple[int, dict]:
+    config, term = tmp_path / "contract.json", tmp_path / "termination.json"
+    config.write_text(contract.to_json())
+    code = train.main(["--config", str(config), "--termination-log", str(term)])
+    return code, json.loads(term.read_text())
+
+
+def run_torchrun(contract, tmp_path, nproc: int) -> tuple[int, dict]:
+    config, term = tmp_path / "contract.json", tmp_path / "termination.json"
+    config.write_text(contract.to_json())
+    env = dict(os.environ, KUBEFORGE_TERMINATION_LOG=str(term), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "kubeforge.runtime.train", "--config", str(config)]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert term.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    return result.returncode, json.loads(term.read_text())
+
+
+def losses(out: Path) -> list[float]:
+    return json.loads((out / export.MANIFEST).read_text())["losses"]
+
+
+def test_lora_trains_exports_and_verifies(tiny_model, task_data, tmp_path):
+    out = tmp_path / "out"
+    code, summary = run_inline(make_contract(tiny_model, task_data[0], out, method="lora", steps=30), tmp_path)
+    assert code == 0, summary
+    assert summary["status"] == "succeeded" and summary["uri"] == str(out)
+    curve = losses(out)
+    assert len(curve) == 30 and curve[-1] < curve[0] * 0.8
+    manifest = json.loads((out / export.MANIFEST).read_text())
+    assert manifest["method"] == "lora" and manifest["merged"] is True
+    assert manifest["dataset"]["digest"].startswith("sha256:")
+    assert {f["path"] for f in manifest["files"]} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert export.verify(out) == []
+    assert summary["digest"] == export.digest(out)
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    assert export.verify(out) == ["config.json: content differs from the manifest"]
+
+
+def test_lora_without_merge_keeps_the_adapter(tiny_model, task_data, tmp_path):
+    contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method="lora", steps=3)
+    contract = contract.model_copy(update={"output": contract.output.model_copy(update={"merge": False})})
+    code, _ = run_inline(contract, tmp_path)
+    assert code == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / export.MANIFEST).read_text())["merged"] is False
+
+
+def test_full_fine_tuning_follows_the_recorded_loss_curve(tiny_model, task_data, tmp_path):
+    out = tmp_path / "out"
+    code, _ = run_inline(make_contract(tiny_model, task_data[0], out, method="full", steps=30, lr=1e-3), tmp_path)
+    assert code == 0
+    curve = losses(out)
+    if os.environ.get("KUBEFORGE_RECORD_LOSSES"):
+        RECORDED.parent.mkdir(parents=True, exist_ok=True)
+        RECORDED.write_text(json.dumps(curve, indent=1))
+    recorded = json.loads(RECORDED.read_text())
+    assert curve == pytest.approx(recorded, rel=0.05, abs=0.02)
+    assert curve[-1] < curve[0] * 0.7
+
+
+def test_ddp_with_two_processes_matches_one_process(tiny_model, task_data, tmp_path):
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single_dir.mkdir()
+    ddp_dir.mkdir()
+    one = make_contract(
+        tiny_model, task_data[0], single_dir / "out", method="full", steps=8, lr=1e-3, micro=4, accumulation=2
+    )
+    code, _ = run_inline(one, single_dir)
+    assert code == 0
+    two = make_contract(tiny_model, task_data[0], ddp_dir / "out", method="full", steps=8, lr=1e-3, micro=4,
+                        accumulation=1, world=2)  # fmt: skip
+    code, summary = run_torchrun(two, ddp_dir, 2)
+    assert code == 0, summary
+    # the same global batch (8) split over 2 ranks instead of 2 micro-batches: the same updates
+    assert losses(ddp_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=2e-3)
+
+
+def test_resume_continues_the_step_count_and_the_loss(tiny_model, task_data, tmp_path):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+    code, _ = run_inline(make_contract(tiny_model, task_data[0], straight_dir / "out", method="full", steps=12, lr=1e-3,
+                                       every=6), straight_dir)  # fmt: skip
+    assert code == 0
+    first = make_contract(tiny_model, task_data[0], resumed_dir / "out", method="full", steps=6, lr=1e-3, every=6)
+    code, _ = run_inline(first, resumed_dir)
+    assert code == 0
+    # a "restarted gang": the same output, a longer run; the checkpoint at step 6 is picked up
+    (resumed_dir / "out" / "checkpoints").mkdir(exist_ok=True)
+    second = make_contract(tiny_model, task_data[0], resumed_dir / "out", method="full", steps=12, lr=1e-3, every=6)
+    code, _ = run_inline(second, resumed_dir)
+    assert code == 0
+    resumed = losses(resumed_dir / "out")
+    assert len(resumed) == 12
+    assert resumed == pytest.approx(losses(straight_dir / "out"), abs=1e-4)
+
+
+def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\nnot json\n'
+    )
+    code, summary = run_inline(make_contract(tiny_model, bad, tmp_path / "out"), tmp_path)
+    assert code == EXIT_USER_ERROR
+    assert f"{bad} line 2: not JSON" in summary["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_strategy_is_refused_clearly(tiny_model, task_data, tmp_path):
+    code, summary = run_inline(make_contract(tiny_model, task_data[0], tmp_path / "out", strategy="zero3"), tmp_path)
+    assert code == EXIT_USER_ERROR and "strategy zero3 is planned" in summary["error"]
