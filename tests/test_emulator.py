@@ -162,6 +162,12 @@ async def test_deleting_an_owner_collects_its_dependents(emulator):
     assert emulator.stored("batch/v1/jobs", "team-a", "stranger") is not None
 
 
+async def test_children_of_a_gone_owner_are_collected(emulator):
+    resp = await emulator.post(JOBS, json=job("orphan", owner_uid="no-such-uid"))
+    assert resp.status == 201
+    assert emulator.stored("batch/v1/jobs", "team-a", "orphan") is None
+
+
 async def test_finalizers_hold_deletion(emulator):
     body = job("held")
     body["metadata"]["finalizers"] = ["kubeforge.io/test"]

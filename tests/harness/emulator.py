@@ -13,7 +13,8 @@ shared/facts.md) lacks much of what a real API server does. This subclass adds:
   merges; see the limits below);
 - label and field selectors on list and watch;
 - garbage collection: deleting an owner deletes its dependents (ownerReferences.uid),
-  unless propagationPolicy is Orphan; finalizers hold a deletion until removed;
+  unless propagationPolicy is Orphan, and an object created for an owner that no longer
+  exists is collected at once; finalizers hold a deletion until removed;
 - discovery of the built-in kinds kubeforge creates and of our CRDs, read from crds/.
 
 What it still lacks (tests must not rely on these):
@@ -250,7 +251,13 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         else:
             self._objects[key].create(obj)
         await self._buses[resource].put({"type": "ADDED", "object": self._objects[key].raw})
+        refs = meta.get("ownerReferences") or []
+        if refs and not any(self._uid_exists(ref.get("uid")) for ref in refs):
+            await self._remove(key)  # the garbage collector deletes dependents of owners that are gone
         return key
+
+    def _uid_exists(self, uid: str | None) -> bool:
+        return any(not o.deleted and (o.raw.get("metadata") or {}).get("uid") == uid for _, o in self._objects.items())
 
     async def _patch(self, request: rendering.Request) -> None:
         key = (request.resource, request.namespace, request.name)
@@ -359,7 +366,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
         # kmock finds the new object by the name in the body; with generateName there is none
         key = self._created.pop(request.id)
-        return rendering.Response(status=201, payload=self._objects[key].raw)
+        return rendering.Response(status=201, payload=self._objects[key].last.raw)
 
     async def _serve_replace(self, request: rendering.Request) -> rendering.Payload:
         return await self._serve_fetch(request)

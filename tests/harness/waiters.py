@@ -19,7 +19,7 @@ async def wait_for(
     probe: Callable[[], T | Awaitable[T | None] | None],
     *,
     what: str,
-    timeout: float = 15.0,
+    timeout: float = 30.0,
     describe: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
@@ -44,7 +44,7 @@ async def wait_status(
     check: Callable[[dict[str, Any]], bool],
     *,
     what: str,
-    timeout: float = 15.0,
+    timeout: float = 30.0,
 ) -> dict[str, Any]:
     """Wait until the stored object's status satisfies ``check``; return the object."""
 

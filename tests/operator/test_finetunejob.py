@@ -203,15 +203,19 @@ async def test_restarts_make_no_duplicates_and_a_second_pass_changes_nothing(emu
     await create(emulator, job_doc())
     await wait_children(emulator, "team-a", "support-bot", ("ConfigMap", "Service", "Job"))
     await wait_phase(emulator, FTJ, "team-a", "support-bot", "Waiting")
+    await operator.stop()  # nothing in flight while we take the baseline
     before = {
         kind: [c["metadata"]["resourceVersion"] for c in owned(emulator, res, "team-a", "support-bot")]
         for kind, res in (("cm", "v1/configmaps"), ("svc", "v1/services"), ("job", "batch/v1/jobs"))
     }
     applies_before = sum(1 for r in emulator if "apply-patch" in r.headers.get("Content-Type", ""))
 
-    await operator.restart()
+    await operator.start()
     await wait_for(lambda: "Resuming is processed" in operator.logs().split("operator start #2")[-1], what="resume")
-    await wait_for(lambda: operator.logs().count("Timer 'finetunejob' succeeded") >= 3, what="a few timer passes")
+    await wait_for(
+        lambda: operator.logs().split("operator start #2")[-1].count("Timer 'finetunejob' succeeded") >= 3,
+        what="a few timer passes after the restart",
+    )
     after = {
         kind: [c["metadata"]["resourceVersion"] for c in owned(emulator, res, "team-a", "support-bot")]
         for kind, res in (("cm", "v1/configmaps"), ("svc", "v1/services"), ("job", "batch/v1/jobs"))
@@ -310,7 +314,10 @@ async def test_deleting_the_job_takes_its_children(emulator, operator):
     await wait_children(emulator, "team-a", "support-bot", ("ConfigMap", "Service", "Job"))
     resp = await emulator.delete(f"{FTJ_PATH}/support-bot")
     assert resp.status == 200
-    await wait_for(lambda: emulator.stored(FTJ, "team-a", "support-bot") is None, what="the FineTuneJob gone")
+    # kopf's finalizer (it stops the timer first) holds the deletion briefly
+    await wait_for(
+        lambda: emulator.stored(FTJ, "team-a", "support-bot") is None, what="the FineTuneJob gone", timeout=60
+    )
     assert owned(emulator, "batch/v1/jobs", "team-a", "support-bot") == []
     assert owned(emulator, "v1/configmaps", "team-a", "support-bot") == []
 

@@ -25,7 +25,7 @@ def run_inline(contract, tmp_path) -> tuple[int, dict]:
     return code, json.loads(term.read_text())
 
 
-def run_torchrun(contract, tmp_path, nproc: int) -> tuple[int, dict]:
+def run_torchrun(contract, tmp_path, nproc: int, logs: list | None = None) -> tuple[int, dict]:
     config, term = tmp_path / "contract.json", tmp_path / "termination.json"
     config.write_text(contract.to_json())
     env = dict(os.environ, KUBEFORGE_TERMINATION_LOG=str(term), OMP_NUM_THREADS="1")
@@ -33,6 +33,8 @@ def run_torchrun(contract, tmp_path, nproc: int) -> tuple[int, dict]:
            "-m", "kubeforge.runtime.train", "--config", str(config)]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert term.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    if logs is not None:
+        logs.append(result.stdout + result.stderr)
     return result.returncode, json.loads(term.read_text())
 
 
@@ -130,3 +132,24 @@ def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp
 def test_unsupported_strategy_is_refused_clearly(tiny_model, task_data, tmp_path):
     code, summary = run_inline(make_contract(tiny_model, task_data[0], tmp_path / "out", strategy="zero3"), tmp_path)
     assert code == EXIT_USER_ERROR and "strategy zero3 is planned" in summary["error"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp2_really_shards_and_matches_one_process(tiny_model, task_data, tmp_path, method):
+    single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"
+    single_dir.mkdir()
+    fsdp_dir.mkdir()
+    lr = 1e-3 if method == "full" else 3e-3
+    one = make_contract(
+        tiny_model, task_data[0], single_dir / "out", method=method, steps=6, lr=lr, micro=4, accumulation=2
+    )
+    assert run_inline(one, single_dir)[0] == 0
+    two = make_contract(tiny_model, task_data[0], fsdp_dir / "out", method=method, steps=6, lr=lr, micro=4,
+                        accumulation=1, world=2, strategy="fsdp", every=3)  # fmt: skip
+    logs: list[str] = []
+    code, summary = run_torchrun(two, fsdp_dir, 2, logs)
+    assert code == 0, logs[0][-3000:]
+    assert "this rank holds 5" in logs[0] or "this rank holds 4" in logs[0], logs[0][-2000:]  # about half each
+    assert losses(fsdp_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=2e-3)
+    assert export.verify(fsdp_dir / "out") == []
+    assert summary["digest"] == export.digest(fsdp_dir / "out")

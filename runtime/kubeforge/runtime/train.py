@@ -8,8 +8,9 @@
 Exit codes (contract): EXIT_USER_ERROR for bad data or config (the Job fails at once),
 EXIT_INFRASTRUCTURE for anything else (the gang may be restarted and resumes).
 
-This version runs DDP (and a single process) on CPU (gloo) and GPUs (NCCL); plans with
-FSDP, DeepSpeed ZeRO or Megatron are refused with a clear message until those backends land.
+This version runs DDP (and a single process) and FSDP2 on CPU (gloo) and GPUs (NCCL);
+plans with DeepSpeed ZeRO or Megatron are refused with a clear message until those
+backends land.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from kubeforge.runtime.contract import (
     load,
     termination_message,
 )
+from kubeforge.runtime.engines import DDPEngine, FSDPEngine
 
 log = logging.getLogger("kubeforge.train")
-SUPPORTED_STRATEGIES = ("ddp",)
+SUPPORTED_STRATEGIES = ("ddp", "fsdp")
 
 
 class UserError(ValueError):
@@ -158,18 +160,24 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     # 2. the model
     _init_process_group(dist, device)
     model = _model(contract, model_dir, device)
+    if contract.parallel.strategy == "fsdp" and dist.world > 1:
+        engine: DDPEngine | FSDPEngine = FSDPEngine(model, dist.world, device, contract.compute.precision)
+    else:
+        engine = DDPEngine(model, dist.world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
-        "model: %s parameters, %s trainable (%s)",
+        "model: %s parameters, %s trainable (%s, %s)",
         f"{sum(p.numel() for p in model.parameters()):,}",
         f"{sum(p.numel() for p in trainable):,}",
         contract.training.method,
+        type(engine).__name__,
     )
-    wrapped = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    if isinstance(engine, FSDPEngine):
+        from kubeforge.runtime.engines import sharded_parameter_share
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log.info("fsdp: %d layers sharded; this rank holds %.0f%% of the parameters",
+                 engine.sharded_layers, 100 * sharded_parameter_share(model))  # fmt: skip
+    wrapped = engine.module
 
     # 3. schedule
     t = contract.training
@@ -186,7 +194,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     start, losses = 0, []
     found = checkpoint.latest(ckpt_root)
     if found is not None:
-        state = checkpoint.load(found, model, optimizer, scheduler)
+        state = engine.load(found, optimizer, scheduler)
         start, losses = int(state["step"]), list(state.get("losses", []))
         log.info("resuming from %s at step %d", found, start)
     every = t.checkpoint_every or steps_per_epoch
@@ -210,9 +218,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             first = (micro * dp + dist.rank) * mb
             chunk = [items[i] for i in batch_ids[first : first + mb]]
             batch = {k: v.to(device) for k, v in data.collate(chunk, tokenizer.pad_token_id).items()}
-            sync = micro == accum - 1 or dist.world == 1
-            context = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else _nullcontext()
-            with context, _autocast(contract, device):
+            with engine.micro_batch(last=micro == accum - 1), _autocast(contract, device):
                 loss = wrapped(**batch).loss / accum
                 loss.backward()
             step_loss += float(loss.detach())
@@ -228,15 +234,17 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             log.info("%s", tracker.line())
         if (step + 1) % every == 0 and step + 1 < total:
             _barrier(dist)
-            if dist.main:
-                checkpoint.save(ckpt_root, step + 1, model, optimizer, scheduler, {"losses": losses})
-                checkpoint.prune(ckpt_root, keep=2)
+            engine.save(ckpt_root, step + 1, optimizer, scheduler, {"losses": losses}, dist.main)
             _barrier(dist)
 
     # 5. export
     _barrier(dist)
+    full = engine.full_state_dict()  # sharded engines gather on every rank; rank 0 keeps the result
     summary: dict[str, Any] = {"status": "succeeded"}
     if dist.main:
+        if full is not None:
+            model = _model(contract, model_dir, torch.device("cpu"))
+            model.load_state_dict(full)
         summary = _export(contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started)
         checkpoint.prune(ckpt_root, keep=1)
     if server is not None:
