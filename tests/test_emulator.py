@@ -104,6 +104,16 @@ async def test_json_patch_and_put(emulator):
     assert (await resp.json())["spec"] == {"parallelism": 7, "completions": 7}
 
 
+async def test_a_failed_json_patch_test_is_422(emulator):
+    await create(emulator, JOBS, job("a"))
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"}, {"op": "remove", "path": "/spec"}]
+    resp = await emulator.patch(
+        f"{JOBS}/a", data=json.dumps(ops), headers={"Content-Type": "application/json-patch+json"}
+    )
+    assert resp.status == 422
+    assert emulator.stored("batch/v1/jobs", "team-a", "a")["spec"] == {"parallelism": 1}
+
+
 async def test_server_side_apply_creates_then_merges(emulator):
     headers = {"Content-Type": "application/apply-patch+yaml"}
     body = job("applied")

@@ -6,7 +6,8 @@ shared/facts.md) lacks much of what a real API server does. This subclass adds:
 - metadata the server owns: uid, resourceVersion (one counter for the whole store),
   generation (bumped when anything but metadata/status changes), creationTimestamp,
   generateName; these cannot be overwritten by clients;
-- 201 Created on create and 409 AlreadyExists / Conflict (stale resourceVersion);
+- 201 Created on create and 409 AlreadyExists / Conflict (stale resourceVersion); 422 for
+  a JSON patch whose "test" fails (kopf removes its finalizer that way and retries on 422);
 - the status subresource: writes to /status change only status, writes to the main
   resource never change status, create drops status;
 - PUT (replace) and server-side apply (PATCH application/apply-patch+yaml creates or
@@ -276,9 +277,14 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             raise _error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
         old = copy.deepcopy(self._objects[key].raw)
         if isinstance(data, list) or content_type == JSON_PATCH:
+            import jsonpatch
             from kmock._internal.dicts import json_patch_dict
 
-            new = dict(json_patch_dict(old, data))
+            try:
+                new = dict(json_patch_dict(old, data))
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as err:
+                # as the API server: a failed "test" op (e.g. a stale resourceVersion) is 422, not 500
+                raise _error(422, "Invalid", f"the JSON patch could not be applied: {err}") from err
         elif isinstance(data, Mapping):
             self._check_rv(old, data)
             new = apply_merge_patch(old, data)

@@ -33,7 +33,7 @@ def task_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", steps: int = 30, world: int = 1,
                   micro: int = 8, accumulation: int = 2, lr: float = 3e-3, every: int | None = None,
-                  strategy: str = "ddp", fmt: str = "messages") -> Contract:  # fmt: skip
+                  strategy: str = "ddp", fmt: str = "messages", scheduler: str = "cosine") -> Contract:  # fmt: skip
     return Contract(
         job=JobIdentity(name="test"),
         model=Location(uri=str(model), local_path=str(model)),
@@ -48,6 +48,7 @@ def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", 
             gradient_accumulation_steps=accumulation,
             checkpoint_every=every,
             seed=7,
+            lr_scheduler=scheduler,
         ),
         parallel=ParallelConfig(strategy=strategy, nodes=1, gpus_per_node=world),
         compute=ComputeConfig(device="cpu", precision="fp32", attention="sdpa"),

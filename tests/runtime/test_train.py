@@ -102,20 +102,21 @@ def test_resume_continues_the_step_count_and_the_loss(tiny_model, task_data, tmp
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight_dir.mkdir()
     resumed_dir.mkdir()
-    code, _ = run_inline(make_contract(tiny_model, task_data[0], straight_dir / "out", method="full", steps=12, lr=1e-3,
-                                       every=6), straight_dir)  # fmt: skip
-    assert code == 0
-    first = make_contract(tiny_model, task_data[0], resumed_dir / "out", method="full", steps=6, lr=1e-3, every=6)
-    code, _ = run_inline(first, resumed_dir)
-    assert code == 0
-    # a "restarted gang": the same output, a longer run; the checkpoint at step 6 is picked up
-    (resumed_dir / "out" / "checkpoints").mkdir(exist_ok=True)
-    second = make_contract(tiny_model, task_data[0], resumed_dir / "out", method="full", steps=12, lr=1e-3, every=6)
-    code, _ = run_inline(second, resumed_dir)
+
+    def contract(folder, steps):
+        return make_contract(tiny_model, task_data[0], folder / "out", method="full", steps=steps, lr=1e-3, every=6,
+                             scheduler="constant")  # fmt: skip
+
+    assert run_inline(contract(straight_dir, 12), straight_dir)[0] == 0
+    assert run_inline(contract(resumed_dir, 6), resumed_dir)[0] == 0
+    assert (resumed_dir / "out" / "checkpoints" / "step-00000006" / "state.json").exists()
+    # the same output, a longer run: it continues from the checkpoint at step 6, not from scratch
+    code, summary = run_inline(contract(resumed_dir, 12), resumed_dir)
     assert code == 0
     resumed = losses(resumed_dir / "out")
     assert len(resumed) == 12
     assert resumed == pytest.approx(losses(straight_dir / "out"), abs=1e-4)
+    assert summary["metrics"]["resumed_from_step"] == 6
 
 
 def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp_path):
@@ -130,8 +131,8 @@ def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp
 
 
 def test_unsupported_strategy_is_refused_clearly(tiny_model, task_data, tmp_path):
-    code, summary = run_inline(make_contract(tiny_model, task_data[0], tmp_path / "out", strategy="zero3"), tmp_path)
-    assert code == EXIT_USER_ERROR and "strategy zero3 is planned" in summary["error"]
+    code, summary = run_inline(make_contract(tiny_model, task_data[0], tmp_path / "out", strategy="megatron"), tmp_path)
+    assert code == EXIT_USER_ERROR and "strategy megatron is planned" in summary["error"]
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -153,3 +154,51 @@ def test_fsdp2_really_shards_and_matches_one_process(tiny_model, task_data, tmp_
     assert losses(fsdp_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=2e-3)
     assert export.verify(fsdp_dir / "out") == []
     assert summary["digest"] == export.digest(fsdp_dir / "out")
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_zero_with_two_processes_matches_one_process(tiny_model, task_data, tmp_path, strategy):
+    single_dir, ds_dir = tmp_path / "single", tmp_path / "ds"
+    single_dir.mkdir()
+    ds_dir.mkdir()
+    one = make_contract(
+        tiny_model, task_data[0], single_dir / "out", method="full", steps=6, lr=1e-3, micro=4, accumulation=2
+    )
+    assert run_inline(one, single_dir)[0] == 0
+    two = make_contract(tiny_model, task_data[0], ds_dir / "out", method="full", steps=6, lr=1e-3, micro=4,
+                        accumulation=1, world=2, strategy=strategy, every=3)  # fmt: skip
+    logs: list[str] = []
+    code, _ = run_torchrun(two, ds_dir, 2, logs)
+    assert code == 0, logs[0][-4000:]
+    assert losses(ds_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=5e-3)
+    assert export.verify(ds_dir / "out") == []
+    assert (ds_dir / "out" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_checkpoints_resume_exactly(tiny_model, task_data, tmp_path, strategy):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+
+    def contract(folder, steps):
+        return make_contract(tiny_model, task_data[0], folder / "out", method="full", steps=steps, lr=1e-3, micro=4,
+                             accumulation=1, world=2, strategy=strategy, every=3, scheduler="constant")  # fmt: skip
+
+    assert run_torchrun(contract(straight_dir, 6), straight_dir, 2)[0] == 0
+    assert run_torchrun(contract(resumed_dir, 3), resumed_dir, 2)[0] == 0
+    logs: list[str] = []
+    code, _ = run_torchrun(contract(resumed_dir, 6), resumed_dir, 2, logs)
+    assert code == 0
+    assert "resuming from" in logs[0] and "at step 3" in logs[0]
+    assert losses(resumed_dir / "out") == pytest.approx(losses(straight_dir / "out"), abs=1e-4)
+
+
+def test_deepspeed_runs_in_one_process_with_lora(tiny_model, task_data, tmp_path):
+    """A single-GPU ZeRO plan (e.g. zero3-offload on one card) starts without torchrun's environment too."""
+    contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method="lora", steps=4, strategy="zero2")
+    code, summary = run_inline(contract, tmp_path)
+    assert code == 0, summary
+    assert export.verify(tmp_path / "out") == []
+    curve = losses(tmp_path / "out")
+    assert len(curve) == 4 and curve[-1] < curve[0]

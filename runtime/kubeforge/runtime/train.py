@@ -8,9 +8,9 @@
 Exit codes (contract): EXIT_USER_ERROR for bad data or config (the Job fails at once),
 EXIT_INFRASTRUCTURE for anything else (the gang may be restarted and resumes).
 
-This version runs DDP (and a single process) and FSDP2 on CPU (gloo) and GPUs (NCCL);
-plans with DeepSpeed ZeRO or Megatron are refused with a clear message until those
-backends land.
+This version runs DDP (and a single process), FSDP2 and DeepSpeed ZeRO-1/2/3 (with CPU
+offload) on CPU (gloo) and GPUs (NCCL); plans with Megatron are refused with a clear
+message until that backend lands.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from kubeforge.runtime.contract import (
     load,
     termination_message,
 )
-from kubeforge.runtime.engines import DDPEngine, FSDPEngine
+from kubeforge.runtime.engines import ZERO_STAGES, DDPEngine, DeepSpeedEngine, FSDPEngine
 
 log = logging.getLogger("kubeforge.train")
-SUPPORTED_STRATEGIES = ("ddp", "fsdp")
+SUPPORTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload")
 
 
 class UserError(ValueError):
@@ -160,9 +160,12 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     # 2. the model
     _init_process_group(dist, device)
     model = _model(contract, model_dir, device)
+    zero = contract.parallel.strategy in ZERO_STAGES
     if contract.parallel.strategy == "fsdp" and dist.world > 1:
-        engine: DDPEngine | FSDPEngine = FSDPEngine(model, dist.world, device, contract.compute.precision)
-    else:
+        engine: DDPEngine | FSDPEngine | DeepSpeedEngine = FSDPEngine(
+            model, dist.world, device, contract.compute.precision
+        )
+    elif not zero:
         engine = DDPEngine(model, dist.world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
@@ -170,14 +173,8 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         f"{sum(p.numel() for p in model.parameters()):,}",
         f"{sum(p.numel() for p in trainable):,}",
         contract.training.method,
-        type(engine).__name__,
+        contract.parallel.strategy,
     )
-    if isinstance(engine, FSDPEngine):
-        from kubeforge.runtime.engines import sharded_parameter_share
-
-        log.info("fsdp: %d layers sharded; this rank holds %.0f%% of the parameters",
-                 engine.sharded_layers, 100 * sharded_parameter_share(model))  # fmt: skip
-    wrapped = engine.module
 
     # 3. schedule
     t = contract.training
@@ -190,6 +187,18 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     scheduler = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total
     )
+    if zero:
+        _init_process_group(dist, device, even_alone=True)  # DeepSpeed needs a process group
+        engine = DeepSpeedEngine(model, contract, config.hidden_size, optimizer, scheduler)
+    if isinstance(engine, FSDPEngine):
+        from kubeforge.runtime.engines import sharded_parameter_share
+
+        log.info(
+            "fsdp: %d layers sharded; this rank holds %.0f%% of the parameters",
+            engine.sharded_layers,
+            100 * sharded_parameter_share(model),
+        )
+    wrapped = engine.module
     ckpt_root = Path(contract.output.checkpoint_dir)
     start, losses = 0, []
     found = checkpoint.latest(ckpt_root)
@@ -219,20 +228,26 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             chunk = [items[i] for i in batch_ids[first : first + mb]]
             batch = {k: v.to(device) for k, v in data.collate(chunk, tokenizer.pad_token_id).items()}
             with engine.micro_batch(last=micro == accum - 1), _autocast(contract, device):
-                loss = wrapped(**batch).loss / accum
-                loss.backward()
+                loss = wrapped(**batch).loss
+                if isinstance(engine, DeepSpeedEngine):
+                    engine.backward(loss)  # scales by 1/accumulation and steps at the boundary itself
+                    loss = loss / accum
+                else:
+                    loss = loss / accum
+                    loss.backward()
             step_loss += float(loss.detach())
             step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not isinstance(engine, DeepSpeedEngine):
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         step_loss = _mean_across(step_loss, dist, device)
         losses.append(round(step_loss, 6))
         tracker.update(step + 1, step_loss, step_tokens * dist.world, (step + 1) / steps_per_epoch)
         if dist.main and ((step + 1) % max(1, total // 20) == 0 or step + 1 == total or step == start):
             log.info("%s", tracker.line())
-        if (step + 1) % every == 0 and step + 1 < total:
+        if (step + 1) % every == 0 or step + 1 == total:  # the last one lets a longer run continue
             _barrier(dist)
             engine.save(ckpt_root, step + 1, optimizer, scheduler, {"losses": losses}, dist.main)
             _barrier(dist)
@@ -245,7 +260,9 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         if full is not None:
             model = _model(contract, model_dir, torch.device("cpu"))
             model.load_state_dict(full)
-        summary = _export(contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started)
+        summary = _export(
+            contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started, start
+        )
         checkpoint.prune(ckpt_root, keep=1)
     if server is not None:
         server.shutdown()
@@ -253,7 +270,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     return summary
 
 
-def _export(contract, model, tokenizer, data_path, losses, total, tracker, seconds) -> dict[str, Any]:
+def _export(contract, model, tokenizer, data_path, losses, total, tracker, seconds, resumed_from) -> dict[str, Any]:
     out_location = contract.output.location
     out = Path(out_location.local_path) if out_location.local_path else Path(contract.output.checkpoint_dir).parent
     model.eval()
@@ -264,6 +281,7 @@ def _export(contract, model, tokenizer, data_path, losses, total, tracker, secon
         "train_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "steps": total,
+        "resumed_from_step": resumed_from,
         "train_seconds": round(seconds, 2),
         "tokens_per_second": tracker.snapshot()["tokensPerSecond"],
     }
@@ -303,15 +321,29 @@ def _device(contract: Contract, dist: Dist):
     return torch.device("cpu")
 
 
-def _init_process_group(dist: Dist, device) -> None:
-    if dist.world == 1:
+def _init_process_group(dist: Dist, device, *, even_alone: bool = False) -> None:
+    if dist.world == 1 and not even_alone:
         return
     import torch.distributed as td
 
+    if dist.world == 1:  # one process without torchrun (DeepSpeed still wants a process group)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
     if not td.is_initialized():
         td.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _model(contract: Contract, model_dir: Path, device):
