@@ -98,11 +98,7 @@ class FSDPEngine:
         td.barrier()
         if main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            checkpoint.prune(root, keep=2)
+            _complete(root, tmp, final, step, extra)
         td.barrier()
 
     def load(self, path: Path, optimizer: Any, scheduler: Any) -> dict:
@@ -113,10 +109,7 @@ class FSDPEngine:
         dcp.load(state, checkpoint_id=str(path / "sharded"))
         set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        return json.loads((path / "state.json").read_text())
+        return _restore(path)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every rank takes part; rank 0 gets the whole model on CPU, the others None."""
@@ -125,6 +118,22 @@ class FSDPEngine:
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return full if td.get_rank() == 0 else None
+
+
+def _complete(root: Path, tmp: Path, final: Path, step: int, extra: dict) -> None:
+    """Rank 0 finishes a sharded checkpoint: RNG and step, then the rename that makes it count."""
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    checkpoint.prune(root, keep=2)
+
+
+def _restore(path: Path) -> dict:
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return json.loads((path / "state.json").read_text())
 
 
 def sharded_parameter_share(model: torch.nn.Module) -> float:
@@ -206,19 +215,12 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(tmp), tag="deepspeed")
         td.barrier()
         if main:
-            torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            checkpoint.prune(root, keep=2)
+            _complete(root, tmp, final, step, extra)
         td.barrier()
 
     def load(self, path: Path, optimizer: Any, scheduler: Any) -> dict:
         self.engine.load_checkpoint(str(path), tag="deepspeed")
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        return json.loads((path / "state.json").read_text())
+        return _restore(path)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """ZeRO-3 partitions parameters: gather them (every rank takes part); rank 0 keeps a CPU copy."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from kubeforge.runtime.contract import CACHE_DIR, Location
 
@@ -23,8 +24,8 @@ def local_path(location: Location, cache_dir: str | None = None) -> Path:
     raise ValueError(f"{uri}: no local path and no way to fetch it")
 
 
-def download_s3(uri: str, cache: Path) -> Path:
-    """Every object under s3://bucket/prefix, into cache/bucket/prefix (credentials from the environment)."""
+def s3_client(uri: str) -> tuple[Any, str, str]:
+    """(client, bucket, prefix) for s3://bucket/prefix; endpoint and credentials from the AWS_* variables."""
     from urllib.parse import urlparse
 
     from minio import Minio
@@ -39,6 +40,12 @@ def download_s3(uri: str, cache: Path) -> Path:
         region=os.environ.get("AWS_REGION"),
         secure=endpoint.scheme == "https",
     )
+    return client, bucket, prefix
+
+
+def download_s3(uri: str, cache: Path) -> Path:
+    """Every object under s3://bucket/prefix, into cache/bucket/prefix (credentials from the environment)."""
+    client, bucket, prefix = s3_client(uri)
     target = cache / bucket / prefix
     found = False
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
@@ -56,20 +63,7 @@ def download_s3(uri: str, cache: Path) -> Path:
 
 def upload_s3(folder: Path, uri: str) -> None:
     """Every file under ``folder`` to s3://bucket/prefix/<relative path>."""
-    from urllib.parse import urlparse
-
-    from minio import Minio
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    endpoint = urlparse(os.environ.get("AWS_ENDPOINT_URL", "https://s3.amazonaws.com"))
-    client = Minio(
-        endpoint.netloc,
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        session_token=os.environ.get("AWS_SESSION_TOKEN"),
-        region=os.environ.get("AWS_REGION"),
-        secure=endpoint.scheme == "https",
-    )
+    client, bucket, prefix = s3_client(uri)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         key = "/".join(x for x in (prefix.strip("/"), str(path.relative_to(folder))) if x)
         client.fput_object(bucket, key, str(path))
