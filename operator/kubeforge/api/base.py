@@ -96,10 +96,6 @@ class KubeModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def is_set(value: Any) -> bool:
-    return value is not None
-
-
 class LocalObjectRef(KubeModel):
     """A reference to another kubeforge object in the same namespace."""
 
@@ -195,9 +191,6 @@ class ArtifactStatus(KubeModel):
     digest: str | None = Field(default=None, max_length=128, description="sha256 of the artifact's manifest file.")
     size_bytes: int | None = Field(default=None, ge=0)
     created_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
-
-
-Metrics = dict[str, float]
 
 
 class CommonStatus(KubeModel):
