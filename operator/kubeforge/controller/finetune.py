@@ -229,7 +229,7 @@ def _follow_gang(state: _State, gang: Mapping[str, Any], obs: Observed) -> None:
     nodes = int(plan.get("nodes") or 1)
     if gstatus.get("startTime") and not state.status.get("startTime"):
         state.status["startTime"] = gstatus["startTime"]
-    rank0 = _rank0(obs.pods)
+    rank0 = rank0_pod(obs.pods)
 
     done = conditions.get("Complete") or conditions.get("Completed")
     failed = conditions.get("Failed")
@@ -269,7 +269,7 @@ def _follow_gang(state: _State, gang: Mapping[str, Any], obs: Observed) -> None:
         state.phase = "Waiting"
 
 
-def _rank0(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+def rank0_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         annotations = (pod.get("metadata") or {}).get("annotations") or {}

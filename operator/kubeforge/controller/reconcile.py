@@ -17,7 +17,7 @@ from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import now_rfc3339
 from kubeforge.controller.diff import is_subset
-from kubeforge.controller.finetune import Decision, Observed, decide
+from kubeforge.controller.finetune import Decision, Observed, decide, rank0_pod
 from kubeforge.controller.kube import Kube
 from kubeforge.controller.metrics import APPLIES
 from kubeforge.inventory.pools import Inventory, pools_from_nodes
@@ -57,25 +57,21 @@ def architecture(job: FineTuneJob) -> tuple[Architecture | None, str | None]:
 
 def fetch_progress(pods: Iterable[Mapping[str, Any]], timeout: float = 1.0) -> dict[str, Any] | None:
     """Best effort: rank 0's progress endpoint, as named in the contract."""
-    for pod in pods:
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        if str(labels.get("batch.kubernetes.io/job-completion-index")) != "0":
-            continue
-        ip = (pod.get("status") or {}).get("podIP")
-        if not ip:
-            return None
-        port = PROGRESS_PORT
-        for container in (pod.get("spec") or {}).get("containers") or []:
-            for p in container.get("ports") or []:
-                if p.get("name") == PROGRESS_PORT_NAME:
-                    port = int(p["containerPort"])
-        try:
-            with urllib.request.urlopen(f"http://{ip}:{port}{PROGRESS_PATH}", timeout=timeout) as response:
-                data = json.loads(response.read().decode())
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None
-    return None
+    pod = rank0_pod(list(pods))
+    ip = ((pod or {}).get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    port = PROGRESS_PORT
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for p in container.get("ports") or []:
+            if p.get("name") == PROGRESS_PORT_NAME:
+                port = int(p["containerPort"])
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}{PROGRESS_PATH}", timeout=timeout) as response:
+            data = json.loads(response.read().decode())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def reconcile_finetunejob(

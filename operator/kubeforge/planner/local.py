@@ -17,6 +17,7 @@ from kubeforge.inventory.pools import pools_from_nodes
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.memory import Layout, estimate, trainable_parameters
 from kubeforge.planner.plan import MemoryPerGPU, Plan
+from kubeforge.planner.search import Request
 from kubeforge.planner.search import plan as cluster_plan
 
 HOST_SHARE = 0.8  # of the machine's memory a local run may use
@@ -84,7 +85,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         return Plan(False, f"globalBatchSize {gbs} does not divide over {nproc} processes")
     per_process = gbs // nproc
     available = int(host_memory_bytes * HOST_SHARE / nproc)
-    lora = spec.lora
+    req = Request.from_spec(spec)  # the LoRA defaults, resolved once, as the cluster search sees them
     best = None
     for mb in (8, 4, 2, 1):
         if per_process % mb:
@@ -100,9 +101,9 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
                 seq_len=spec.dataset.max_seq_length,
                 gradient_checkpointing=checkpointing,
                 gradient_accumulation=per_process // mb,
-                lora_rank=lora.rank if lora else 16,
-                lora_targets=tuple(lora.target_modules) if lora else ("all-linear",),
-                lora_dropout=lora.dropout if lora else 0.05,
+                lora_rank=req.lora_rank,
+                lora_targets=req.lora_targets,
+                lora_dropout=req.lora_dropout,
             )
             mem = estimate(arch, layout)
             if mem.total - mem.overhead <= available:

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +85,15 @@ class FSDPEngine:
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self, root: Path, step: int, optimizer: Any, scheduler: Any, extra: dict, main: bool) -> None:
-        import torch.distributed as td
         import torch.distributed.checkpoint as dcp
 
-        final = root / f"{checkpoint.PREFIX}{step:08d}"
-        tmp = root / f"{checkpoint.PREFIX}{step:08d}.tmp"
-        if main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        td.barrier()
-        dcp.save(self._state(optimizer), checkpoint_id=str(tmp / "sharded"))
-        td.barrier()
-        if main:
+        def shards(tmp: Path) -> None:
+            dcp.save(self._state(optimizer), checkpoint_id=str(tmp / "sharded"))
+
+        def rank0(tmp: Path) -> None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _complete(root, tmp, final, step, extra)
-        td.barrier()
+
+        _save_sharded(root, step, extra, main, shards, rank0)
 
     def load(self, path: Path, optimizer: Any, scheduler: Any) -> dict:
         import torch.distributed.checkpoint as dcp
@@ -120,13 +114,34 @@ class FSDPEngine:
         return full if td.get_rank() == 0 else None
 
 
-def _complete(root: Path, tmp: Path, final: Path, step: int, extra: dict) -> None:
-    """Rank 0 finishes a sharded checkpoint: RNG and step, then the rename that makes it count."""
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    checkpoint.prune(root, keep=2)
+def _save_sharded(
+    root: Path,
+    step: int,
+    extra: dict,
+    main: bool,
+    shards: Callable[[Path], None],
+    rank0: Callable[[Path], None] | None = None,
+) -> None:
+    """Every rank writes its shards into step-N.tmp; rank 0 adds RNG and step, then renames it so it counts."""
+    import torch.distributed as td
+
+    final = root / f"{checkpoint.PREFIX}{step:08d}"
+    tmp = root / f"{checkpoint.PREFIX}{step:08d}.tmp"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    td.barrier()
+    shards(tmp)
+    td.barrier()
+    if main:
+        if rank0 is not None:
+            rank0(tmp)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        checkpoint.prune(root, keep=2)
+    td.barrier()
 
 
 def _restore(path: Path) -> dict:
@@ -204,19 +219,8 @@ class DeepSpeedEngine:
         self.engine.step()
 
     def save(self, root: Path, step: int, optimizer: Any, scheduler: Any, extra: dict, main: bool) -> None:
-        import torch.distributed as td
-
-        final = root / f"{checkpoint.PREFIX}{step:08d}"
-        tmp = root / f"{checkpoint.PREFIX}{step:08d}.tmp"
-        if main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        td.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="deepspeed")
-        td.barrier()
-        if main:
-            _complete(root, tmp, final, step, extra)
-        td.barrier()
+        # DeepSpeed's checkpoint holds the optimizer and the scheduler it was given
+        _save_sharded(root, step, extra, main, lambda tmp: self.engine.save_checkpoint(str(tmp), tag="deepspeed"))
 
     def load(self, path: Path, optimizer: Any, scheduler: Any) -> dict:
         self.engine.load_checkpoint(str(path), tag="deepspeed")
