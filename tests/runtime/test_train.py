@@ -202,3 +202,26 @@ def test_deepspeed_runs_in_one_process_with_lora(tiny_model, task_data, tmp_path
     assert export.verify(tmp_path / "out") == []
     curve = losses(tmp_path / "out")
     assert len(curve) == 4 and curve[-1] < curve[0]
+
+
+def test_qlora_trains_4bit_weights_on_cpu_and_exports_full_precision(tiny_model, task_data, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+
+    contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method="qlora", steps=20)
+    model = train._model(contract, tiny_model, torch.device("cpu"))
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(m.weight.quant_state.quant_type == "nf4" for m in quantized)
+    assert not any(m.weight.requires_grad for m in quantized)  # only the adapters train
+
+    code, summary = run_inline(contract, tmp_path)
+    assert code == 0, summary
+    curve = losses(tmp_path / "out")
+    assert curve[-1] < curve[0] * 0.8
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config  # the adapter merged into the full-precision base
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    out = reloaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)

@@ -77,8 +77,6 @@ def plan_local(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int | None =
 
 def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memory_bytes: int) -> Plan:
     gbs = spec.training.global_batch_size
-    if spec.method == "qlora":
-        return Plan(False, "qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method lora on CPU")
     if spec.parallelism.strategy not in ("auto", "ddp"):
         return Plan(False, f"strategy {spec.parallelism.strategy} needs GPUs; on CPU kubeforge runs ddp")
     if gbs % nproc:
@@ -119,6 +117,11 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         reason=f"DDP over {nproc} CPU process(es), fp32",
         reasons=(
             f"No GPU found (nvidia-smi): {nproc} CPU process(es) with gloo, fp32.",
+            *(
+                ["QLoRA on CPU runs bitsandbytes' CPU NF4 kernels: for experiments, far slower than a GPU."]
+                if spec.method == "qlora"
+                else []
+            ),
             f"Global batch {gbs} = micro-batch {layout.micro_batch} x gradient accumulation "
             f"{layout.gradient_accumulation} x data parallel {nproc}.",
         ),

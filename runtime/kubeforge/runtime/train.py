@@ -130,8 +130,6 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             f"strategy {contract.parallel.strategy} is planned, but this runtime version runs only "
             f"{', '.join(SUPPORTED_STRATEGIES)}; set spec.parallelism.strategy: ddp"
         )
-    if contract.training.method == "qlora" and contract.compute.device != "cuda":
-        raise UserError("qlora needs a CUDA GPU in this runtime version")
     if dist.world != contract.parallel.world_size:
         raise UserError(f"the contract plans {contract.parallel.world_size} processes; torchrun started {dist.world}")
     started = time.monotonic()
@@ -260,6 +258,8 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         if full is not None:
             model = _model(contract, model_dir, torch.device("cpu"))
             model.load_state_dict(full)
+        if contract.training.method == "qlora" and contract.output.merge:
+            model = _dequantized(contract, model_dir, model)
         summary = _export(
             contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started, start
         )
@@ -389,6 +389,18 @@ def _model(contract: Contract, model_dir: Path, device):
     if contract.training.method != "qlora":
         model.to(device)
     return model
+
+
+def _dequantized(contract: Contract, model_dir: Path, qlora_model):
+    """The trained adapter on the base model in full precision: merging into 4-bit weights would
+    round the update away (and bitsandbytes cannot save a merged 4-bit model for vLLM)."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    training = contract.training.model_copy(update={"method": "lora"})
+    plain = _model(contract.model_copy(update={"training": training}), model_dir, torch.device("cpu"))
+    set_peft_model_state_dict(plain, get_peft_model_state_dict(qlora_model))
+    return plain
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
