@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh operator,test,train
+scripts/s3-server.sh
 exec .venv/bin/python -m pytest "$@"

@@ -9,6 +9,10 @@ from typing import Any
 from kubeforge.runtime.contract import CACHE_DIR, Location
 
 
+class SourceMissing(ValueError):
+    """The URI names nothing (no such repository, revision or prefix): a user error, not a retry."""
+
+
 def local_path(location: Location, cache_dir: str | None = None) -> Path:
     if location.local_path:
         return Path(location.local_path)
@@ -16,9 +20,26 @@ def local_path(location: Location, cache_dir: str | None = None) -> Path:
     uri = location.uri
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
         repo = uri.removeprefix("hf://").rstrip("/")
-        return Path(snapshot_download(repo, revision=location.revision, cache_dir=str(cache / "hf")))
+        try:  # HF_ENDPOINT (a mirror, or a local stand-in) and HF_TOKEN are read now, not at import time
+            folder = snapshot_download(
+                repo,
+                revision=location.revision,
+                cache_dir=str(cache / "hf"),
+                endpoint=os.environ.get("HF_ENDPOINT"),
+                token=os.environ.get("HF_TOKEN"),
+            )
+        except GatedRepoError as err:
+            raise SourceMissing(f"{uri}: gated repository; set HF_TOKEN from a Secret with access to it") from err
+        except RevisionNotFoundError as err:
+            raise SourceMissing(f"{uri}: no revision {location.revision!r} on the Hub") from err
+        except RepositoryNotFoundError as err:
+            raise SourceMissing(
+                f"{uri}: no such repository on the Hub (or it is private and HF_TOKEN is unset)"
+            ) from err
+        return Path(folder)
     if uri.startswith("s3://"):
         return download_s3(uri, cache / "s3")
     raise ValueError(f"{uri}: no local path and no way to fetch it")
@@ -47,6 +68,8 @@ def download_s3(uri: str, cache: Path) -> Path:
     """Every object under s3://bucket/prefix, into cache/bucket/prefix (credentials from the environment)."""
     client, bucket, prefix = s3_client(uri)
     target = cache / bucket / prefix
+    if not client.bucket_exists(bucket):
+        raise SourceMissing(f"{uri}: no bucket {bucket!r} at this endpoint (AWS_ENDPOINT_URL)")
     found = False
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
         if obj.is_dir:
@@ -57,13 +80,13 @@ def download_s3(uri: str, cache: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         client.fget_object(bucket, obj.object_name, str(dest))
     if not found:
-        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+        raise SourceMissing(f"{uri}: no objects under this prefix")
     return target
 
 
-def upload_s3(folder: Path, uri: str) -> None:
-    """Every file under ``folder`` to s3://bucket/prefix/<relative path>."""
+def upload_s3(folder: Path, uri: str, files: list[Path] | None = None) -> None:
+    """``files`` (default: every file under ``folder``) to s3://bucket/prefix/<path relative to folder>."""
     client, bucket, prefix = s3_client(uri)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(files if files is not None else (p for p in folder.rglob("*") if p.is_file())):
         key = "/".join(x for x in (prefix.strip("/"), str(path.relative_to(folder))) if x)
         client.fput_object(bucket, key, str(path))

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(contract, dist)
         return _finish(dist, args.termination_log, EXIT_OK, summary)
-    except (UserError, data.DataError) as err:
+    except (UserError, data.DataError, fetch.SourceMissing) as err:
         log.error("%s", err)
         return _finish(dist, args.termination_log, EXIT_USER_ERROR, {"status": "failed", "error": str(err)})
     except Exception as err:  # anything else is the infrastructure's (OOM, NCCL, a lost peer)
@@ -299,7 +299,7 @@ def _export(contract, model, tokenizer, data_path, losses, total, tracker, secon
         },
     )
     if out_location.uri.startswith("s3://"):
-        fetch.upload_s3(out, out_location.uri)
+        fetch.upload_s3(out, out_location.uri, [*export.artifact_files(out), out / export.MANIFEST])
     return {
         "status": "succeeded",
         "uri": out_location.uri,
