@@ -79,7 +79,11 @@ FINETUNE_CASES = [
     ),
     (
         {"method": "qlora", "parallelism.strategy": "megatron"},
-        ["spec.parallelism.strategy: qlora is not supported with strategy megatron"],
+        ["spec.parallelism.strategy: Megatron (strategy megatron, tensorParallel or pipelineParallel above 1) trains"],
+    ),
+    (
+        {"method": "lora", "parallelism.tensorParallel": 2},
+        ["spec.parallelism.strategy: Megatron (strategy megatron, tensorParallel or pipelineParallel above 1) trains"],
     ),
     ({"parallelism.precision": "int8"}, ["spec.parallelism.precision: must be one of 'auto', 'bf16', 'fp16' or 'fp8'"]),
     ({"output.uri": "hf://me/out"}, ["spec.output.uri: 'hf://me/out': hf:// is read-only here"]),

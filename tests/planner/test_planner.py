@@ -84,7 +84,7 @@ def test_explicit_strategy_is_honoured():
 
 
 def test_explicit_tensor_parallel_over_pcie_is_refused_with_the_reason():
-    spec = job(**{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4})
+    spec = job(method="full", lora=DELETE, **{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4})
     result = planned(spec, example_cluster("a100-pcie-40gb-2x8.yaml"))
     assert not result.feasible
     assert "tensorParallel 4 exceeds one NVLink domain on A100-PCIE-40GB (no NVLink)" in result.reason
@@ -92,7 +92,9 @@ def test_explicit_tensor_parallel_over_pcie_is_refused_with_the_reason():
 
 def test_explicit_tensor_and_pipeline_parallel_are_honoured_on_nvlink():
     spec = job(
-        **{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4, "parallelism.pipelineParallel": 2}
+        method="full",
+        lora=DELETE,
+        **{"parallelism.strategy": "megatron", "parallelism.tensorParallel": 4, "parallelism.pipelineParallel": 2},
     )
     result = planned(spec, example_cluster("h100-4x8.yaml"))
     assert result.feasible
@@ -101,7 +103,9 @@ def test_explicit_tensor_and_pipeline_parallel_are_honoured_on_nvlink():
 
 
 def test_pipeline_parallel_must_divide_the_layers():
-    spec = job(**{"parallelism.strategy": "megatron", "parallelism.pipelineParallel": 5})  # Qwen3-8B: 36 layers
+    spec = job(
+        method="full", lora=DELETE, **{"parallelism.strategy": "megatron", "parallelism.pipelineParallel": 5}
+    )  # Qwen3-8B: 36 layers
     result = planned(spec, example_cluster("h100-4x8.yaml"))
     assert not result.feasible and "does not divide the model's 36 layers" in result.reason
 

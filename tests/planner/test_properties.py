@@ -37,7 +37,7 @@ def inventories(draw):
 def specs(draw):
     method = draw(st.sampled_from(["full", "lora", "qlora"]))
     strategy = draw(st.sampled_from(["auto", "auto", "ddp", "zero2", "zero3", "zero3-offload", "fsdp", "megatron"]))
-    if method == "qlora" and strategy == "megatron":
+    if method != "full" and strategy == "megatron":  # Megatron trains method full only (an API rule)
         strategy = "auto"
     changes = {
         "model": {"uri": f"hf://{draw(st.sampled_from(MODELS))}"},
@@ -50,7 +50,7 @@ def specs(draw):
         "resources.maxGPUs": draw(st.sampled_from([DELETE, 1, 4, 8, 16])),
         "resources.queue": DELETE,
     }
-    if strategy in ("megatron", "auto") and draw(st.booleans()):
+    if (strategy == "megatron" or (strategy == "auto" and method == "full")) and draw(st.booleans()):
         changes["parallelism.tensorParallel"] = draw(st.sampled_from([1, 2, 4, 8]))
         changes["parallelism.pipelineParallel"] = draw(st.sampled_from([1, 2, 4]))
     return parse(finetune(**changes)).spec

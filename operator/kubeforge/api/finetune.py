@@ -221,10 +221,20 @@ class FineTuneJobSpec(KubeModel):
             field=".lora",
         ),
         Rule(
-            cel="!has(self.parallelism) || !has(self.parallelism.strategy) || "
-            "!(self.method == 'qlora' && self.parallelism.strategy == 'megatron')",
-            message="qlora is not supported with strategy megatron",
-            check=lambda s: not (s.method == "qlora" and s.parallelism.strategy == "megatron"),
+            cel="self.method == 'full' || !has(self.parallelism) || ("
+            "(!has(self.parallelism.strategy) || self.parallelism.strategy != 'megatron') "
+            "&& (!has(self.parallelism.tensorParallel) || self.parallelism.tensorParallel == 1) "
+            "&& (!has(self.parallelism.pipelineParallel) || self.parallelism.pipelineParallel == 1))",
+            message="Megatron (strategy megatron, tensorParallel or pipelineParallel above 1) trains method full "
+            "only; lora and qlora run with fsdp or a zero stage",
+            check=lambda s: (
+                s.method == "full"
+                or (
+                    s.parallelism.strategy != "megatron"
+                    and (s.parallelism.tensor_parallel or 1) == 1
+                    and (s.parallelism.pipeline_parallel or 1) == 1
+                )
+            ),
             field=".parallelism.strategy",
         ),
         Rule(

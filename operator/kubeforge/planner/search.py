@@ -195,7 +195,7 @@ def strategies(req: Request) -> tuple[str, ...]:
         return (req.strategy,)
     if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1 or req.sequence_parallel:
         return ("megatron",)
-    return tuple(s for s in STRATEGIES if not (s == "megatron" and req.method == "qlora"))
+    return tuple(s for s in STRATEGIES if not (s == "megatron" and req.method != "full"))  # megatron: full only
 
 
 def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: int) -> Iterator[tuple[int, int]]:
@@ -353,10 +353,14 @@ def attention_for(pool: Pool) -> str:
 def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tuple[Alternative, ...]:
     """The nearest feasible changes: a lighter method, no GPU cap, any pool, automatic parallelism."""
     tries: list[tuple[str, Request]] = []
-    if req.method == "full":
-        tries += [("method: lora", replace(req, method="lora")), ("method: qlora", replace(req, method="qlora"))]
-    elif req.method == "lora":
-        tries.append(("method: qlora", replace(req, method="qlora")))
+    lighter = ("lora", "qlora") if req.method == "full" else ("qlora",) if req.method == "lora" else ()
+    for method in lighter:  # Megatron trains method full only: a lighter method leaves it
+        if req.strategy == "megatron" or req.tensor_parallel or req.pipeline_parallel:
+            alt = replace(req, method=method, strategy="auto", tensor_parallel=None, pipeline_parallel=None,
+                          sequence_parallel=None)  # fmt: skip
+            tries.append((f"method: {method}, parallelism: auto", alt))
+        else:
+            tries.append((f"method: {method}", replace(req, method=method)))
     if req.max_gpus is not None:
         tries.append(("remove resources.maxGPUs", replace(req, max_gpus=None)))
     if req.gpu_type.lower() != "auto" or req.node_selector:

@@ -8,9 +8,8 @@
 Exit codes (contract): EXIT_USER_ERROR for bad data or config (the Job fails at once),
 EXIT_INFRASTRUCTURE for anything else (the gang may be restarted and resumes).
 
-This version runs DDP (and a single process), FSDP2 and DeepSpeed ZeRO-1/2/3 (with CPU
-offload) on CPU (gloo) and GPUs (NCCL); plans with Megatron are refused with a clear
-message until that backend lands.
+DDP (and a single process), FSDP2 and DeepSpeed ZeRO-1/2/3 (with CPU offload) run on CPU
+(gloo) and GPUs (NCCL); Megatron tensor/pipeline parallelism (mcore/) only on GPUs.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubeforge.runtime import checkpoint, data, export, fetch
 from kubeforge.runtime import progress as progress_mod
@@ -43,8 +42,11 @@ from kubeforge.runtime.contract import (
 )
 from kubeforge.runtime.engines import ZERO_STAGES, DDPEngine, DeepSpeedEngine, FSDPEngine
 
+if TYPE_CHECKING:
+    from kubeforge.runtime.mcore.engine import MegatronEngine
+
 log = logging.getLogger("kubeforge.train")
-SUPPORTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload")
+SUPPORTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron")
 
 
 class UserError(ValueError):
@@ -130,6 +132,14 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             f"strategy {contract.parallel.strategy} is planned, but this runtime version runs only "
             f"{', '.join(SUPPORTED_STRATEGIES)}; set spec.parallelism.strategy: ddp"
         )
+    megatron = contract.parallel.strategy == "megatron"
+    if megatron and contract.compute.device != "cuda":
+        raise UserError(
+            "strategy megatron needs CUDA GPUs (megatron-core's forward pass calls CUDA); "
+            "on CPU use ddp, fsdp or a zero stage"
+        )
+    if megatron and contract.training.method != "full":
+        raise UserError(f"strategy megatron trains method full only, not {contract.training.method}")
     if dist.world != contract.parallel.world_size:
         raise UserError(f"the contract plans {contract.parallel.world_size} processes; torchrun started {dist.world}")
     started = time.monotonic()
@@ -156,18 +166,23 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     log.info("data: %d examples -> %d sequences (packing %s)", len(examples), len(items), contract.dataset.packing)
 
     # 2. the model
-    _init_process_group(dist, device)
-    model = _model(contract, model_dir, device)
+    _init_process_group(dist, device, even_alone=megatron)
     zero = contract.parallel.strategy in ZERO_STAGES
+    engine: DDPEngine | FSDPEngine | DeepSpeedEngine | MegatronEngine
+    if megatron:
+        from kubeforge.runtime.mcore.engine import MegatronEngine
+
+        engine = MegatronEngine(contract, config.to_dict(), model_dir, device)
+        model = engine.model
+    else:
+        model = _model(contract, model_dir, device)
     if contract.parallel.strategy == "fsdp" and dist.world > 1:
-        engine: DDPEngine | FSDPEngine | DeepSpeedEngine = FSDPEngine(
-            model, dist.world, device, contract.compute.precision
-        )
-    elif not zero:
+        engine = FSDPEngine(model, dist.world, device, contract.compute.precision)
+    elif not zero and not megatron:
         engine = DDPEngine(model, dist.world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
-        "model: %s parameters, %s trainable (%s, %s)",
+        "model: %s parameters on this rank, %s trainable (%s, %s)",
         f"{sum(p.numel() for p in model.parameters()):,}",
         f"{sum(p.numel() for p in trainable):,}",
         contract.training.method,
@@ -177,6 +192,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     # 3. schedule
     t = contract.training
     dp = contract.parallel.data_parallel
+    dp_rank = engine.dp_rank if megatron else dist.rank  # tensor/pipeline peers read the same samples
     steps_per_epoch = max(1, math.ceil(len(items) / t.global_batch_size))
     total = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * steps_per_epoch))
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -221,9 +237,16 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         within = (step % steps_per_epoch) * t.global_batch_size
         batch_ids = [order[(within + i) % len(order)] for i in range(t.global_batch_size)]
         step_loss, step_tokens = 0.0, 0
-        for micro in range(accum):
-            first = (micro * dp + dist.rank) * mb
-            chunk = [items[i] for i in batch_ids[first : first + mb]]
+        chunks = [
+            [items[i] for i in batch_ids[(micro * dp + dp_rank) * mb : (micro * dp + dp_rank + 1) * mb]]
+            for micro in range(accum)
+        ]
+        if megatron:
+            micro_batches = [data.collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
+            step_loss = engine.train_step(micro_batches, max_len)
+            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            engine.clip_and_prepare(1.0)
+        for micro, chunk in enumerate(chunks if not megatron else []):
             batch = {k: v.to(device) for k, v in data.collate(chunk, tokenizer.pad_token_id).items()}
             with engine.micro_batch(last=micro == accum - 1), _autocast(contract, device):
                 loss = wrapped(**batch).loss
@@ -236,13 +259,14 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             step_loss += float(loss.detach())
             step_tokens += int(batch["attention_mask"].sum())
         if not isinstance(engine, DeepSpeedEngine):
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            if not megatron:  # the Megatron engine clipped over its model-parallel group
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        step_loss = _mean_across(step_loss, dist, device)
+        step_loss = _mean_across(step_loss, dist, device) * (contract.parallel.pipeline_parallel if megatron else 1)
         losses.append(round(step_loss, 6))
-        tracker.update(step + 1, step_loss, step_tokens * dist.world, (step + 1) / steps_per_epoch)
+        tracker.update(step + 1, step_loss, step_tokens * dp, (step + 1) / steps_per_epoch)
         if dist.main and ((step + 1) % max(1, total // 20) == 0 or step + 1 == total or step == start):
             log.info("%s", tracker.line())
         if (step + 1) % every == 0 or step + 1 == total:  # the last one lets a longer run continue
@@ -252,12 +276,13 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
 
     # 5. export
     _barrier(dist)
-    full = engine.full_state_dict()  # sharded engines gather on every rank; rank 0 keeps the result
+    # sharded engines gather on every rank; rank 0 keeps the result
+    full = engine.full_state_dict(ckpt_root / "export-staging") if megatron else engine.full_state_dict()
     summary: dict[str, Any] = {"status": "succeeded"}
     if dist.main:
         if full is not None:
             model = _model(contract, model_dir, torch.device("cpu"))
-            model.load_state_dict(full)
+            model.load_state_dict(full, strict=not megatron or not model.config.tie_word_embeddings)
         if contract.training.method == "qlora" and contract.output.merge:
             model = _dequantized(contract, model_dir, model)
         summary = _export(
