@@ -385,6 +385,8 @@ def _model(contract: Contract, model_dir: Path, device):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if contract.compute.liger_kernels:
+        apply_liger(model, device.type)
     if contract.training.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -414,6 +416,22 @@ def _model(contract: Contract, model_dir: Path, device):
     if contract.training.method != "qlora":
         model.to(device)
     return model
+
+
+def apply_liger(model, device_type: str) -> bool:
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) as the plan
+    asks: only on CUDA and only where liger-kernel is installed; otherwise say so and go on."""
+    if device_type != "cuda":
+        log.info("liger kernels: skipped (Triton kernels need a CUDA GPU)")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("liger kernels: the plan asks for them but liger-kernel is not installed; training without")
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("liger kernels: applied to %s", type(model).__name__)
+    return True
 
 
 def _dequantized(contract: Contract, model_dir: Path, qlora_model):
