@@ -4,6 +4,6 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/venv.sh operator,test,train
+scripts/venv.sh operator,test,train,quantize,serve
 scripts/s3-server.sh
 exec .venv/bin/python -m pytest "$@"

@@ -27,6 +27,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_128(tmp_path_factory) -> Path:
+    """Hidden size 128: int4 methods quantize in groups of 128."""
+    return tiny.make_model(tmp_path_factory.mktemp("model128") / "tiny", task.words(), hidden=128)
+
+
+@pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> tuple[Path, Path]:
     return task.write(tmp_path_factory.mktemp("data"))
 

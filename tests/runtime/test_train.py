@@ -130,11 +130,6 @@ def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_strategy_is_refused_clearly(tiny_model, task_data, tmp_path):
-    code, summary = run_inline(make_contract(tiny_model, task_data[0], tmp_path / "out", strategy="megatron"), tmp_path)
-    assert code == EXIT_USER_ERROR and "strategy megatron is planned" in summary["error"]
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fsdp2_really_shards_and_matches_one_process(tiny_model, task_data, tmp_path, method):
     single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"

@@ -158,7 +158,51 @@ class Contract(_Model):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
 
-def load(path: str | Path | None = None) -> Contract:
+DataFormat = Literal["messages", "alpaca", "text"]
+QuantizeMethod = Literal["fp8", "w4a16-gptq", "w4a16-awq", "w8a8-int8"]
+
+
+class CalibrationConfig(_Model):
+    location: Location
+    format: DataFormat = "messages"
+    samples: int = Field(default=256, gt=0)
+    max_seq_length: int = Field(default=2048, gt=0)
+
+
+class EvaluationConfig(_Model):
+    metric: Literal["perplexity", "exact-match"] = "perplexity"
+    location: Location
+    format: DataFormat = "messages"
+    samples: int = Field(default=128, gt=0)
+    max_seq_length: int = Field(default=2048, gt=0)
+    max_degradation: float = Field(ge=0, le=1)
+
+
+class QuantizeOutputConfig(_Model):
+    location: Location
+
+
+class QuantizeContract(_Model):
+    """Everything a quantization pod needs: the source artifact, the method, the data, the gate."""
+
+    version: Literal["kubeforge.io/contract/v1"] = CONTRACT_VERSION
+    job: JobIdentity
+    source: Location
+    method: QuantizeMethod
+    calibration: CalibrationConfig | None = None
+    evaluation: EvaluationConfig | None = None
+    output: QuantizeOutputConfig
+    compute: ComputeConfig = ComputeConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def load_quantize(path: str | Path | None = None) -> QuantizeContract:
+    return load(path, QuantizeContract)
+
+
+def load(path: str | Path | None = None, kind: type[Any] = Contract) -> Any:
     """Read and validate the contract; ContractError names the file and every bad field."""
     path = Path(path or CONFIG_PATH)
     try:
@@ -167,14 +211,14 @@ def load(path: str | Path | None = None) -> Contract:
         raise ContractError(f"{path}: no contract file (is the ConfigMap mounted at {CONFIG_DIR}?)") from err
     except json.JSONDecodeError as err:
         raise ContractError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from err
-    return parse(raw, str(path))
+    return parse(raw, str(path), kind)
 
 
-def parse(raw: Any, source: str = "contract") -> Contract:
+def parse(raw: Any, source: str = "contract", kind: type[Any] = Contract) -> Any:
     if isinstance(raw, dict) and raw.get("version") not in (None, CONTRACT_VERSION):
         raise ContractError(f"{source}: contract version {raw.get('version')!r}; this runtime reads {CONTRACT_VERSION}")
     try:
-        return Contract.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False))
         raise ContractError(f"{source}: invalid contract: {problems}") from err

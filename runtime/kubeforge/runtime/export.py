@@ -82,3 +82,8 @@ def verify(out: Path) -> list[str]:
 
 def size(out: Path) -> int:
     return sum(p.stat().st_size for p in artifact_files(out)) + (out / MANIFEST).stat().st_size
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None

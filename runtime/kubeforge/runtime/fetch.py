@@ -45,6 +45,12 @@ def local_path(location: Location, cache_dir: str | None = None) -> Path:
     raise ValueError(f"{uri}: no local path and no way to fetch it")
 
 
+def staging_dir(uri: str, cache_dir: str | None = None) -> Path:
+    """Where an artifact bound for a remote URI (s3://) is written before the upload."""
+    cache = Path(cache_dir or os.environ.get("KUBEFORGE_CACHE_DIR", CACHE_DIR))
+    return cache / "output" / uri.split("://", 1)[-1].strip("/")
+
+
 def s3_client(uri: str) -> tuple[Any, str, str]:
     """(client, bucket, prefix) for s3://bucket/prefix; endpoint and credentials from the AWS_* variables."""
     from urllib.parse import urlparse

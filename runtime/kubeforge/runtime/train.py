@@ -14,7 +14,6 @@ DDP (and a single process), FSDP2 and DeepSpeed ZeRO-1/2/3 (with CPU offload) ru
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import math
@@ -22,35 +21,24 @@ import os
 import random
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubeforge.runtime import checkpoint, data, export, fetch
+from kubeforge.runtime import checkpoint, data, entry, export, fetch
 from kubeforge.runtime import progress as progress_mod
 from kubeforge.runtime.contract import (
-    ENV_CONFIG,
-    EXIT_INFRASTRUCTURE,
-    EXIT_OK,
-    EXIT_USER_ERROR,
-    TERMINATION_MESSAGE_PATH,
     Contract,
-    ContractError,
     load,
-    termination_message,
 )
 from kubeforge.runtime.engines import ZERO_STAGES, DDPEngine, DeepSpeedEngine, FSDPEngine
+from kubeforge.runtime.entry import UserError
 
 if TYPE_CHECKING:
     from kubeforge.runtime.mcore.engine import MegatronEngine
 
 log = logging.getLogger("kubeforge.train")
 SUPPORTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron")
-
-
-class UserError(ValueError):
-    """A problem with the job's inputs: retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -65,33 +53,15 @@ class Dist:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubeforge.runtime.train")
-    parser.add_argument("--config", default=os.environ.get(ENV_CONFIG), help="the contract JSON")
-    parser.add_argument(
-        "--termination-log", default=os.environ.get("KUBEFORGE_TERMINATION_LOG", TERMINATION_MESSAGE_PATH)
-    )
-    args = parser.parse_args(argv)
     dist = _dist_env()
-    logging.basicConfig(
-        level=logging.INFO if dist.main else logging.WARNING,
-        format=f"%(asctime)s rank{dist.rank} %(levelname)s %(message)s",
+    return entry.main(
+        "python -m kubeforge.runtime.train",
+        argv,
+        load,
+        lambda contract: run(contract, dist),
+        rank=dist.rank,
+        cleanup=_destroy_process_group,
     )
-    try:
-        contract = load(args.config)
-    except ContractError as err:
-        return _finish(dist, args.termination_log, EXIT_USER_ERROR, {"status": "failed", "error": str(err)})
-    try:
-        summary = run(contract, dist)
-        return _finish(dist, args.termination_log, EXIT_OK, summary)
-    except (UserError, data.DataError, fetch.SourceMissing) as err:
-        log.error("%s", err)
-        return _finish(dist, args.termination_log, EXIT_USER_ERROR, {"status": "failed", "error": str(err)})
-    except Exception as err:  # anything else is the infrastructure's (OOM, NCCL, a lost peer)
-        traceback.print_exc()
-        error = f"{type(err).__name__}: {err}"
-        return _finish(dist, args.termination_log, EXIT_INFRASTRUCTURE, {"status": "failed", "error": error[:1000]})
-    finally:
-        _destroy_process_group()
 
 
 def _dist_env() -> Dist:
@@ -100,18 +70,6 @@ def _dist_env() -> Dist:
         world=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
-
-
-def _finish(dist: Dist, path: str, code: int, summary: dict[str, Any]) -> int:
-    if dist.main:
-        message = termination_message(summary)
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(message)
-        except OSError:
-            pass
-        print(f"kubeforge: {message}", flush=True)
-    return code
 
 
 def _destroy_process_group() -> None:

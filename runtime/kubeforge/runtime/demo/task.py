@@ -54,17 +54,10 @@ def accuracy(model_dir: Path, examples_path: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kubeforge.runtime import data, evaluate
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    rows = [json.loads(line) for line in examples_path.read_text().splitlines() if line.strip()]
-    right = 0
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split()
-        right += bool(answer) and answer[0] == row["messages"][-1]["content"]
-    return right / len(rows)
+    return evaluate.exact_match(
+        model, tokenizer, data.read_examples(examples_path, "messages", tokenizer), first_word=True
+    )
