@@ -106,6 +106,12 @@ def render_chat(messages: list[dict], tokenizer: Any, add_generation_prompt: boo
     return text + ("assistant: " if add_generation_prompt else "")
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt's token ids exactly as ``tokenize`` lays them out in training: BOS, then the prompt."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+
+
 @dataclass(frozen=True)
 class Tokenized:
     input_ids: list[int]

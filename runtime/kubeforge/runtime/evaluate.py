@@ -42,9 +42,7 @@ def exact_match(model: Any, tokenizer: Any, examples: list[data.Example], *, fir
     model.eval()
     right = 0
     for ex in examples:
-        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = torch.tensor([bos + prompt], device=device)
+        ids = torch.tensor([data.prompt_ids(tokenizer, ex.prompt)], device=device)
         want = ex.completion.split()
         budget = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + 1
         with torch.no_grad():

@@ -1,0 +1,313 @@
+"""`python -m kubeforge.runtime.serve`: a small OpenAI-compatible server on transformers' generate.
+
+For CPU, small models and local runs (vLLM and SGLang serve GPUs from their own images).
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions,
+both with ``stream: true`` (server-sent events ending in ``data: [DONE]``). Requests are
+validated; a bad one gets an OpenAI-style error body with status 400 (404 for an unknown
+model), never a 500. One generation runs at a time; prompts are tokenized the way the
+training runtime tokenized them (the chat template, then the BOS token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kubeforge.runtime import data
+
+log = logging.getLogger("kubeforge.serve")
+DEFAULT_PORT = 8000
+HEALTH_PATH = "/health"
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    def response(self) -> web.Response:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadRequest(f"'{key}' must be a number between {low} and {high} (got {value!r})", key)
+    return float(value)
+
+
+def sampling(body: dict, room: int) -> Sampling:
+    """The generation settings of a request, validated; ``room`` is how many tokens the context leaves."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = min(256, room)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadRequest(f"'max_tokens' must be a positive integer (got {max_tokens!r})", "max_tokens")
+    if max_tokens > room:
+        raise BadRequest(
+            f"this model's context leaves {room} tokens after the prompt; 'max_tokens' asked for {max_tokens}",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise BadRequest("only 'n': 1 is supported by this server", "n")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("'seed' must be an integer", "seed")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        stop=tuple(stop),
+        seed=seed,
+    )
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise BadRequest(f"messages[{i}].role must be system, developer, user or assistant", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class ModelServer:
+    def __init__(self, model_dir: Path, served_name: str, max_model_len: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32 if not torch.cuda.is_available() else "auto"
+        )
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.model.eval()
+        self.name = served_name
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_len = min(max_model_len or limit, limit)
+        self.created = int(time.time())
+        self.lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ HTTP
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=8 * 1024 * 1024)
+        app.router.add_get(HEALTH_PATH, self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as err:
+            return err.response()
+        except web.HTTPException as err:
+            return BadRequest(f"{request.method} {request.path}: {err.reason}", status=err.status).response()
+        except Exception as err:  # a bug of ours, still answered in the API's shape
+            log.exception("request failed")
+            return BadRequest(f"internal error: {type(err).__name__}", status=500).response()
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, _: web.Request) -> web.Response:
+        model = {"id": self.name, "object": "model", "created": self.created, "owned_by": "kubeforge",
+                 "max_model_len": self.max_len}  # fmt: skip
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRequest(f"the request body is not JSON: {err}") from err
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model != self.name:
+            raise BadRequest(f"The model `{model}` does not exist; this server has `{self.name}`", "model", 404,
+                             "model_not_found")  # fmt: skip
+        return body
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = data.render_chat(_messages(body), self.tokenizer, add_generation_prompt=True)
+        return await self._complete(request, body, prompt, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string", "prompt")
+        return await self._complete(request, body, prompt, chat=False)
+
+    # ------------------------------------------------------------------ generation
+    async def _complete(self, request: web.Request, body: dict, prompt: str, *, chat: bool) -> web.StreamResponse:
+        ids = data.prompt_ids(self.tokenizer, prompt)
+        if len(ids) >= self.max_len:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; this model's context is {self.max_len}", "messages"
+                             if chat else "prompt", code="context_length_exceeded")  # fmt: skip
+        settings = sampling(body, self.max_len - len(ids))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false", "stream")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        kind = "chat.completion" if chat else "text_completion"
+        async with self.lock:
+            if not stream:
+                text, tokens, stopped = await asyncio.get_running_loop().run_in_executor(
+                    None, self._generate, ids, settings
+                )
+                finish = "stop" if stopped or tokens < settings.max_tokens else "length"
+                choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                usage = {"prompt_tokens": len(ids), "completion_tokens": tokens, "total_tokens": len(ids) + tokens}
+                return web.json_response({"id": rid, "object": kind, "created": int(time.time()),
+                                          "model": self.name, "choices": [choice], "usage": usage})  # fmt: skip
+            return await self._stream(request, ids, settings, rid, chat)
+
+    def _generate_kwargs(self, ids: list[int], settings: Sampling) -> dict[str, Any]:
+        import torch
+
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        tensor = torch.tensor([ids], device=self.model.device)
+        kwargs: dict[str, Any] = {
+            "input_ids": tensor,
+            "attention_mask": torch.ones_like(tensor),
+            "max_new_tokens": settings.max_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def _generate(self, ids: list[int], settings: Sampling) -> tuple[str, int, bool]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(**self._generate_kwargs(ids, settings))
+        new = out[0, len(ids) :]
+        text, stopped = _cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), settings.stop)
+        return text, len(new), stopped
+
+    async def _stream(self, request: web.Request, ids: list[int], settings: Sampling, rid: str,
+                      chat: bool) -> web.StreamResponse:  # fmt: skip
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**self._generate_kwargs(ids, settings), "streamer": streamer}
+        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(delta: str | None, finish: str | None, first: bool = False) -> None:
+            if chat:
+                content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        if chat:
+            await send(None, None, first=True)
+        loop = asyncio.get_running_loop()
+        text, sent, stopped = "", 0, False
+        while True:
+            piece = await loop.run_in_executor(None, next, streamer, None)
+            if piece is None:
+                break
+            text += piece
+            visible, stopped = _cut_at_stop(text, settings.stop)
+            if len(visible) > sent:
+                await send(visible[sent:], None)
+                sent = len(visible)
+            if stopped:
+                break
+        if stopped:  # let generate finish before the next request (the streamer's end marker is still queued)
+            for _ in streamer:
+                pass
+        worker.join()
+        produced = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        await send(None, "stop" if stopped or produced < settings.max_tokens else "length")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubeforge.runtime.serve")
+    parser.add_argument("--model", required=True, help="the model folder")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        print(f"kubeforge serve: {model_dir}: no config.json (is this a model folder?)", file=sys.stderr)
+        return 2
+    server = ModelServer(model_dir, args.served_model_name or model_dir.name, args.max_model_len)
+    log.info("serving %s as %r on %s:%d (OpenAI API under /v1)", model_dir, server.name, args.host, args.port)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
