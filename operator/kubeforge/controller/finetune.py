@@ -23,19 +23,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.validation import check
-from kubeforge.controller.conditions import condition, find, set_condition
-from kubeforge.controller.diff import is_subset
+from kubeforge.controller.conditions import find
+from kubeforge.controller.state import (
+    Decision,
+    State,
+    artifact,
+    artifact_message,
+    exists_equal,
+    of_kind,
+    termination,
+)
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner import Architecture
 from kubeforge.planner import plan as make_plan
 from kubeforge.render import labels as L
 from kubeforge.render.finetune import Gang, plan_digest, render_finetune
-from kubeforge.runtime.contract import CONFIG_FILE, read_termination_message
+from kubeforge.runtime.contract import CONFIG_FILE
 
 ACCEPTED, PLANNED, ADMITTED, RUNNING, SUCCEEDED, FAILED = (
     "Accepted", "Planned", "Admitted", "Running", "Succeeded", "Failed",
@@ -56,25 +64,11 @@ class Observed:
     progress: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    status: dict[str, Any]
-    apply: list[dict[str, Any]] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-
 def decide(obs: Observed) -> Decision:
     old = dict(obs.body.get("status") or {})
     meta = obs.body.get("metadata") or {}
     generation = meta.get("generation")
-    state = _State(old, generation, obs.now)
+    state = State(old, generation, obs.now)
 
     user_part = {k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body}
     job, problems = check(user_part)
@@ -86,7 +80,7 @@ def decide(obs: Observed) -> Decision:
     state.set(ACCEPTED, "True", "SpecValid", "the spec is valid")
 
     gang_obj = _gang(obs.children)
-    configmap = _kind(obs.children, "ConfigMap")
+    configmap = of_kind(obs.children, "ConfigMap")
     refused = _immutable_changes(job, configmap) if gang_obj is not None else []
     if refused:
         state.set(ACCEPTED, "False", "ImmutableFieldChanged",
@@ -114,8 +108,8 @@ def decide(obs: Observed) -> Decision:
             return state.decision(old)
         state.set(PLANNED, "True", "Planned", result.reason)
         state.status["plan"] = result.to_json()
-        desired = render_finetune(job, result, gang=_gang_kind(job, obs), uid=meta.get("uid"))
-        apply = [d for d in desired if not _exists_equal(d, obs.children)]
+        desired = render_finetune(job, result, gang=_gangof_kind(job, obs), uid=meta.get("uid"))
+        apply = [d for d in desired if not exists_equal(d, obs.children)]
         state.set(ADMITTED, "False", "Creating", "creating the pod gang")
         state.phase = "Waiting"
         return state.decision(old, apply)
@@ -127,72 +121,22 @@ def decide(obs: Observed) -> Decision:
         if result.feasible and plan_digest(result) == running_digest:
             gang = "jobset" if gang_obj.get("kind") == "JobSet" else "job"
             desired = render_finetune(job, result, gang=gang, uid=meta.get("uid"))
-            apply = [d for d in desired if d["kind"] in ("ConfigMap", "Service") and not _exists_equal(d, obs.children)]
+            apply = [d for d in desired if d["kind"] in ("ConfigMap", "Service") and not exists_equal(d, obs.children)]
     if find(old.get("conditions") or [], PLANNED) is None:
         state.set(PLANNED, "True", "Planned", "the gang exists")
     _follow_gang(state, gang_obj, obs)
     return state.decision(old, apply)
 
 
-class _State:
-    def __init__(self, old: dict[str, Any], generation: int | None, now: str):
-        self.status: dict[str, Any] = {k: v for k, v in old.items() if k not in ("conditions", "phase")}
-        self.conditions: list[dict[str, Any]] = list(old.get("conditions") or [])
-        self.phase: str | None = old.get("phase")
-        self.generation = generation
-        self.now = now
-
-    def set(self, type_: str, status: str, reason: str, message: str) -> None:
-        self.conditions = set_condition(
-            self.conditions,
-            condition(type_, status, reason, message, self.generation, self.now),  # type: ignore[arg-type]
-        )
-
-    def decision(self, old: Mapping[str, Any], apply: list[dict[str, Any]] | None = None) -> Decision:
-        status = dict(self.status)
-        status["phase"] = self.phase or "Pending"
-        status["conditions"] = self.conditions
-        status["observedGeneration"] = self.generation
-        return Decision(status=status, apply=apply or [], events=_events(old, status))
-
-
-def _events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
-    out = []
-    before = {c["type"]: c for c in old.get("conditions") or []}
-    for c in new["conditions"]:
-        prior = before.get(c["type"])
-        if prior is None or prior.get("status") != c["status"] or prior.get("reason") != c["reason"]:
-            bad = (c["status"] == "False" and c["type"] in (ACCEPTED, PLANNED)) or (
-                c["type"] == FAILED and c["status"] == "True"
-            )
-            out.append(Event("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
-    if old.get("phase") != new["phase"]:
-        out.append(Event("Normal", f"Phase{new['phase']}", f"phase {old.get('phase') or 'None'} -> {new['phase']}"))
-    return out
-
-
-def _kind(children: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
-    return next((c for c in children if c.get("kind") == kind), None)
-
-
 def _gang(children: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    return _kind(children, "Job") or _kind(children, "JobSet")
+    return of_kind(children, "Job") or of_kind(children, "JobSet")
 
 
-def _gang_kind(job: FineTuneJob, obs: Observed) -> Gang:
+def _gangof_kind(job: FineTuneJob, obs: Observed) -> Gang:
     wanted = job.spec.resources.gang
     if wanted == "jobset" or (wanted == "auto" and obs.jobset_available):
         return "jobset"
     return "job"
-
-
-def _exists_equal(desired: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> bool:
-    name = desired["metadata"]["name"]
-    current = next(
-        (c for c in children if c.get("kind") == desired["kind"] and (c.get("metadata") or {}).get("name") == name),
-        None,
-    )
-    return current is not None and is_subset(desired, current)
 
 
 def _immutable_changes(job: FineTuneJob, configmap: Mapping[str, Any] | None) -> list[str]:
@@ -222,7 +166,7 @@ def _immutable_changes(job: FineTuneJob, configmap: Mapping[str, Any] | None) ->
     ]
 
 
-def _follow_gang(state: _State, gang: Mapping[str, Any], obs: Observed) -> None:
+def _follow_gang(state: State, gang: Mapping[str, Any], obs: Observed) -> None:
     gstatus = gang.get("status") or {}
     conditions = {c.get("type"): c for c in gstatus.get("conditions") or [] if c.get("status") == "True"}
     plan = state.status.get("plan") or {}
@@ -234,16 +178,16 @@ def _follow_gang(state: _State, gang: Mapping[str, Any], obs: Observed) -> None:
     done = conditions.get("Complete") or conditions.get("Completed")
     failed = conditions.get("Failed")
     if done:
-        summary = _termination(rank0)
+        summary = termination(rank0)
         state.status["completionTime"] = gstatus.get("completionTime") or obs.now
         if summary and summary.get("uri"):
-            state.status["artifact"] = _artifact(summary, obs.now)
+            state.status["artifact"] = artifact(summary, obs.now)
         state.set(RUNNING, "False", "Completed", "the gang finished")
-        state.set(SUCCEEDED, "True", "Completed", _artifact_message(summary))
+        state.set(SUCCEEDED, "True", "Completed", artifact_message(summary))
         state.phase = "Succeeded"
         return
     if failed:
-        summary = _termination(rank0)
+        summary = termination(rank0)
         detail = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
         if summary and summary.get("error"):
             detail += f"; rank 0: {summary['error']}"
@@ -277,34 +221,6 @@ def rank0_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
         if str(index) == "0":
             return pod
     return None
-
-
-def _termination(pod: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if pod is None:
-        return None
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-        if terminated:
-            return read_termination_message(terminated.get("message"))
-    return None
-
-
-def _artifact(summary: Mapping[str, Any], now: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"uri": str(summary["uri"])}
-    if summary.get("digest"):
-        out["digest"] = str(summary["digest"])
-    if isinstance(summary.get("sizeBytes"), int):
-        out["sizeBytes"] = summary["sizeBytes"]
-    metrics = summary.get("metrics") or {}
-    out["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    out["createdAt"] = str(summary.get("createdAt") or now)
-    return out
-
-
-def _artifact_message(summary: Mapping[str, Any] | None) -> str:
-    if summary and summary.get("uri"):
-        return f"artifact {summary['uri']}" + (f" ({summary['digest']})" if summary.get("digest") else "")
-    return "the gang finished; rank 0 left no artifact summary"
 
 
 def _progress(progress: Mapping[str, Any], now: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import json
 from typing import Any, Literal
 
 from kubeforge.api.finetune import FineTuneJob
-from kubeforge.api.kinds import API_VERSION
 from kubeforge.api.uris import parse_uri
 from kubeforge.planner.plan import Plan
 from kubeforge.render import labels as L
@@ -25,6 +24,7 @@ from kubeforge.render.contract import finetune_contract
 from kubeforge.render.images import TRAINER_IMAGE, TRAINER_UID
 from kubeforge.render.mounts import claim_mounts
 from kubeforge.render.names import JOB_NAME_MAX, child_name
+from kubeforge.render.objects import meta, owner_refs, tolerations
 from kubeforge.runtime.contract import (
     CACHE_DIR,
     CONFIG_DIR,
@@ -83,15 +83,15 @@ def render_finetune(
     uid = uid or (job.metadata.model_extra or {}).get("uid")
     n = names(name)
     common = L.owner_labels("FineTuneJob", name, uid)
-    owner = _owner(name, uid)
+    owner = owner_refs("FineTuneJob", name, uid)
     contract = finetune_contract(job, plan)
     digest = plan_digest(plan)
 
-    configmap = _meta("v1", "ConfigMap", n["configmap"], namespace, common, "contract", owner)
+    configmap = meta("v1", "ConfigMap", n["configmap"], namespace, common, "contract", owner)
     configmap["data"] = {CONFIG_FILE: contract.to_json()}
 
     pod_labels = {**common, L.COMPONENT: "trainer"}
-    service = _meta("v1", "Service", n["service"], namespace, common, "rendezvous", owner)
+    service = meta("v1", "Service", n["service"], namespace, common, "rendezvous", owner)
     service["spec"] = {
         "clusterIP": "None",
         "publishNotReadyAddresses": True,  # rendezvous happens before any pod is ready
@@ -121,7 +121,7 @@ def render_finetune(
     }
     queue = job.spec.resources.queue
     if gang == "jobset":
-        gang_obj = _meta(JOBSET_API, "JobSet", n["jobset"], namespace, common, "trainer", owner)
+        gang_obj = meta(JOBSET_API, "JobSet", n["jobset"], namespace, common, "trainer", owner)
         gang_obj["metadata"]["annotations"] = {L.PLAN_DIGEST: digest}
         if queue:
             gang_obj["metadata"]["labels"][L.KUEUE_QUEUE] = queue
@@ -137,34 +137,12 @@ def render_finetune(
         }
         # JobSet makes the headless Service for its pods (network.subdomain); ours would clash
         return [configmap, gang_obj]
-    gang_obj = _meta("batch/v1", "Job", n["job"], namespace, common, "trainer", owner)
+    gang_obj = meta("batch/v1", "Job", n["job"], namespace, common, "trainer", owner)
     gang_obj["metadata"]["annotations"] = {L.PLAN_DIGEST: digest}
     if queue:
         gang_obj["metadata"]["labels"][L.KUEUE_QUEUE] = queue
     gang_obj["spec"] = {**job_spec, "suspend": bool(queue)}  # Kueue unsuspends once it admits the whole gang
     return [configmap, service, gang_obj]
-
-
-def _owner(name: str, uid: str | None) -> list[dict[str, Any]]:
-    if not uid:
-        return []
-    return [
-        {
-            "apiVersion": API_VERSION,
-            "kind": "FineTuneJob",
-            "name": name,
-            "uid": uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-    ]
-
-
-def _meta(api: str, kind: str, name: str, ns: str, labels: dict, component: str, owner: list) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": {**labels, L.COMPONENT: component}}
-    if owner:
-        meta["ownerReferences"] = owner
-    return {"apiVersion": api, "kind": kind, "metadata": meta}
 
 
 def _pod_template(
@@ -234,7 +212,7 @@ def _pod_template(
                 }
             }
         },
-        "tolerations": _tolerations(job),
+        "tolerations": tolerations(job.spec.resources.tolerations),
         "containers": [container],
         "volumes": volumes,
     }
@@ -254,16 +232,6 @@ def _pod_template(
     if not plan.node_selector:
         del pod["affinity"]
     return {"metadata": {"labels": labels, "annotations": {L.PLAN_DIGEST: digest}}, "spec": pod}
-
-
-def _tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
-    """The GPU taint the NVIDIA device plugin's nodes usually carry, then the spec's, without duplicates."""
-    out: list[dict[str, Any]] = [{"key": L.GPU_TAINT, "operator": "Exists", "effect": "NoSchedule"}]
-    for t in job.spec.resources.tolerations:
-        item = t.dump()
-        if item not in out:
-            out.append(item)
-    return out
 
 
 def _env(job: FineTuneJob, plan: Plan) -> list[dict[str, Any]]:

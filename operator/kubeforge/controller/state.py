@@ -1,0 +1,107 @@
+"""What every reconcile shares: the decision it returns, the status it builds, its events,
+and reading children and pods (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeforge.controller.conditions import condition, set_condition
+from kubeforge.controller.diff import is_subset
+from kubeforge.runtime.contract import read_termination_message
+
+ACCEPTED, PLANNED, FAILED = "Accepted", "Planned", "Failed"
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any]
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class State:
+    def __init__(self, old: dict[str, Any], generation: int | None, now: str):
+        self.status: dict[str, Any] = {k: v for k, v in old.items() if k not in ("conditions", "phase")}
+        self.conditions: list[dict[str, Any]] = list(old.get("conditions") or [])
+        self.phase: str | None = old.get("phase")
+        self.generation = generation
+        self.now = now
+
+    def set(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.conditions = set_condition(
+            self.conditions,
+            condition(type_, status, reason, message, self.generation, self.now),  # type: ignore[arg-type]
+        )
+
+    def decision(self, old: Mapping[str, Any], apply: list[dict[str, Any]] | None = None) -> Decision:
+        status = dict(self.status)
+        status["phase"] = self.phase or "Pending"
+        status["conditions"] = self.conditions
+        status["observedGeneration"] = self.generation
+        return Decision(status=status, apply=apply or [], events=events(old, status))
+
+
+def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    out = []
+    before = {c["type"]: c for c in old.get("conditions") or []}
+    for c in new["conditions"]:
+        prior = before.get(c["type"])
+        if prior is None or prior.get("status") != c["status"] or prior.get("reason") != c["reason"]:
+            bad = (c["status"] == "False" and c["type"] in (ACCEPTED, PLANNED, "SourceReady")) or (
+                c["type"] == FAILED and c["status"] == "True"
+            )
+            out.append(Event("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
+    if old.get("phase") != new["phase"]:
+        out.append(Event("Normal", f"Phase{new['phase']}", f"phase {old.get('phase') or 'None'} -> {new['phase']}"))
+    return out
+
+
+def of_kind(children: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
+    return next((c for c in children if c.get("kind") == kind), None)
+
+
+def exists_equal(desired: Mapping[str, Any], children: Sequence[Mapping[str, Any]]) -> bool:
+    name = desired["metadata"]["name"]
+    current = next(
+        (c for c in children if c.get("kind") == desired["kind"] and (c.get("metadata") or {}).get("name") == name),
+        None,
+    )
+    return current is not None and is_subset(desired, current)
+
+
+def termination(pod: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if pod is None:
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if terminated:
+            return read_termination_message(terminated.get("message"))
+    return None
+
+
+def artifact(summary: Mapping[str, Any], now: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"uri": str(summary["uri"])}
+    if summary.get("digest"):
+        out["digest"] = str(summary["digest"])
+    if isinstance(summary.get("sizeBytes"), int):
+        out["sizeBytes"] = summary["sizeBytes"]
+    metrics = summary.get("metrics") or {}
+    out["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    out["createdAt"] = str(summary.get("createdAt") or now)
+    return out
+
+
+def artifact_message(summary: Mapping[str, Any] | None) -> str:
+    if summary and summary.get("uri"):
+        return f"artifact {summary['uri']}" + (f" ({summary['digest']})" if summary.get("digest") else "")
+    return "the gang finished; rank 0 left no artifact summary"

@@ -1,0 +1,115 @@
+"""How a ModelService replica is laid out: engine, GPU pool and tensor parallel size (pure).
+
+Tensor parallel is the smallest power of two whose GPUs hold the weights plus the KV cache
+for ``maxModelLen`` tokens (one full-length sequence) within the utilisation target, after
+a fixed activation/CUDA-graph reserve; it must stay inside one NVLink domain (PCIe GPUs:
+one GPU, unless asked explicitly) and one node - a replica that needs more than one node
+is refused with the size it would need (multi-node replicas, a LeaderWorkerSet, are not
+rendered yet). engine auto: vLLM where the cluster has GPUs, transformers on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kubeforge.inventory.pools import Inventory, Pool
+from kubeforge.planner.architecture import Architecture
+
+GIB = 1024**3
+RESERVE_BYTES = 2 * GIB  # activations, CUDA graphs, the engine's own buffers, per GPU
+WEIGHT_BITS = {"fp8": 8, "w8a8-int8": 8, "w4a16-gptq": 4, "w4a16-awq": 4}  # by QuantizeJob method; else 16
+GPU_ENGINES = ("vllm", "sglang")
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    feasible: bool
+    reason: str
+    engine: str
+    tensor_parallel: int = 1
+    gpu_type: str = "cpu"
+    node_selector: tuple[tuple[str, str], ...] = ()
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    gpu_memory_bytes: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor_parallel if self.engine in GPU_ENGINES else 0
+
+
+def weights_bytes(arch: Architecture, bits: int) -> int:
+    """Quantized methods leave embeddings and lm_head in 16 bits."""
+    embeddings = arch.embedding_params * (1 if arch.tie_word_embeddings else 2)  # + lm_head
+    return int((arch.total_parameters - embeddings) * bits / 8 + embeddings * 2)
+
+
+def kv_cache_bytes(arch: Architecture, tokens: int, dtype_bytes: int = 2) -> int:
+    return 2 * arch.num_layers * arch.kv_dim * dtype_bytes * tokens
+
+
+def plan_serving(
+    *,
+    engine: str,
+    inventory: Inventory,
+    arch: Architecture | None,
+    weight_bits: int = 16,
+    max_model_len: int | None = None,
+    utilization: float = 0.9,
+    tensor_parallel: int | str = "auto",
+    gpu_type: str = "auto",
+) -> ServingPlan:
+    pools = [p for p in inventory.pools if _matches(p, gpu_type)]
+    if engine == "auto":
+        engine = "vllm" if pools else "transformers"
+    if engine == "transformers":
+        return ServingPlan(True, "transformers on CPU: the small OpenAI-compatible server", "transformers")
+    if not pools:
+        return ServingPlan(False, f"engine {engine} needs GPUs and the cluster has none matching gpuType {gpu_type}",
+                           engine)  # fmt: skip
+    if arch is None:
+        tp = 1 if tensor_parallel == "auto" else int(tensor_parallel)
+        pool = next((p for p in sorted(pools, key=_cost) if p.gpus_per_node >= tp), None)
+        if pool is None:
+            return ServingPlan(False, f"no node has {tp} GPUs for tensorParallel {tp}", engine)
+        return ServingPlan(True, f"{tp} x {pool.gpu.name} (model size unknown: set tensorParallel to size it)",
+                           engine, tp, pool.gpu.name, pool.selector)  # fmt: skip
+    length = max_model_len or arch.max_position_embeddings or 4096
+    weights, kv = weights_bytes(arch, weight_bits), kv_cache_bytes(arch, length)
+    tried = []
+    for pool in sorted(pools, key=_cost):
+        usable = pool.memory_bytes * utilization - RESERVE_BYTES
+        limit = pool.gpus_per_node if tensor_parallel != "auto" else min(pool.gpus_per_node, pool.nvlink_domain)
+        candidates = [int(tensor_parallel)] if tensor_parallel != "auto" else [2**k for k in range(8)]
+        for tp in candidates:
+            if tp > limit:
+                break
+            if arch.num_attention_heads % tp or usable <= 0:
+                continue
+            if (weights + kv) / tp <= usable:
+                return ServingPlan(
+                    True,
+                    f"{tp} x {pool.gpu.name}: weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB "
+                    f"({length} tokens) within {utilization:.0%} of {pool.memory_bytes / GIB:.0f} GiB per GPU",
+                    engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes,
+                )  # fmt: skip
+        need = math.ceil((weights + kv) / max(usable, 1))
+        tried.append(f"{pool.gpu.name} would need {2 ** math.ceil(math.log2(max(need, 1)))} GPUs (has {limit} "
+                     "in one node/NVLink domain)")  # fmt: skip
+    return ServingPlan(
+        False,
+        f"weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB do not fit one node: " + "; ".join(tried)
+        + ". Lower maxModelLen, quantize, or use bigger GPUs (multi-node replicas are not supported yet)",
+        engine, weights_bytes=weights, kv_cache_bytes=kv,
+    )  # fmt: skip
+
+
+def _cost(pool: Pool) -> tuple[float, str]:
+    """Cheapest first: less memory per GPU is usually the cheaper pool."""
+    return (pool.memory_bytes, pool.gpu.name)
+
+
+def _matches(pool: Pool, gpu_type: str) -> bool:
+    wanted = gpu_type.lower()
+    return wanted == "auto" or wanted in (pool.gpu.name.lower(), pool.gpu.family.lower())

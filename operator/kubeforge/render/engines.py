@@ -1,0 +1,80 @@
+"""How each serving engine is started: image, command line, port and health endpoint (pure).
+
+vLLM (`vllm serve`) and SGLang (`python -m sglang.launch_server`) serve GPUs from their own
+images; the transformers engine is kubeforge's small OpenAI-compatible server for CPU and
+small models. All three answer the OpenAI API under /v1 on SERVING_PORT and GET /health.
+compressed-tensors checkpoints (what QuantizeJob writes) are detected from config.json by
+both vLLM and SGLang, so no --quantization flag is passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubeforge.render.images import SERVER_IMAGE, SGLANG_IMAGE, VLLM_IMAGE
+
+SERVING_PORT = 8000
+SERVING_PORT_NAME = "openai"
+HEALTH_PATH = "/health"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    image: str
+    command: list[str]
+    args: list[str]
+
+
+def launch(
+    engine: str,
+    *,
+    model_path: str,
+    served_name: str,
+    tensor_parallel: int,
+    max_model_len: int | None,
+    gpu_memory_utilization: float,
+    prefix_caching: bool,
+    adapters: list[tuple[str, str]],  # (name, path)
+    max_lora_rank: int = 64,
+    image: str | None = None,
+) -> EngineLaunch:
+    if engine == "vllm":
+        args = [
+            model_path,
+            "--served-model-name", served_name,
+            "--host", "0.0.0.0",
+            "--port", str(SERVING_PORT),
+            "--tensor-parallel-size", str(tensor_parallel),
+            "--gpu-memory-utilization", str(gpu_memory_utilization),
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+        ]  # fmt: skip
+        if max_model_len:
+            args += ["--max-model-len", str(max_model_len)]
+        if adapters:
+            args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
+                     "--lora-modules", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
+        return EngineLaunch(image or VLLM_IMAGE, ["vllm", "serve"], args)
+    if engine == "sglang":
+        args = [
+            "--model-path", model_path,
+            "--served-model-name", served_name,
+            "--host", "0.0.0.0",
+            "--port", str(SERVING_PORT),
+            "--tp-size", str(tensor_parallel),
+            "--mem-fraction-static", str(gpu_memory_utilization),
+        ]  # fmt: skip
+        if max_model_len:
+            args += ["--context-length", str(max_model_len)]
+        if not prefix_caching:
+            args.append("--disable-radix-cache")
+        if adapters:
+            args += ["--max-loras-per-batch", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
+                     "--lora-paths", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
+        return EngineLaunch(image or SGLANG_IMAGE, ["python3", "-m", "sglang.launch_server"], args)
+    if engine == "transformers":
+        args = ["--model", model_path, "--served-model-name", served_name, "--host", "0.0.0.0",
+                "--port", str(SERVING_PORT)]  # fmt: skip
+        if max_model_len:
+            args += ["--max-model-len", str(max_model_len)]
+        return EngineLaunch(image or SERVER_IMAGE, ["python", "-m", "kubeforge.runtime.serve"], args)
+    raise ValueError(f"unknown engine {engine!r}")
