@@ -10,10 +10,14 @@ import kopf
 
 from kubeforge.api.kinds import GROUP, VERSION
 from kubeforge.controller import metrics
-from kubeforge.controller.admission import admission_status
-from kubeforge.controller.conditions import now_rfc3339
 from kubeforge.controller.kube import Kube
-from kubeforge.controller.reconcile import reconcile_finetunejob, status_changed
+from kubeforge.controller.reconcile import (
+    lookup_in,
+    reconcile_finetunejob,
+    reconcile_modelservice,
+    reconcile_quantizejob,
+    status_changed,
+)
 from kubeforge.render import labels as L
 
 FINETUNEJOBS = (GROUP, VERSION, "finetunejobs")
@@ -117,19 +121,75 @@ def finetunejob_deleted(body: kopf.Body, **_: Any) -> None:
     metrics.record_phase("FineTuneJob", body.metadata.namespace or "", body.metadata.name or "", None)
 
 
+@kopf.index(*FINETUNEJOBS)
+@kopf.index(*QUANTIZEJOBS)
+def kubeforge_objects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    """FineTuneJobs and QuantizeJobs by (namespace, kind, name): the sources others wait for."""
+    return {(body.metadata.namespace, body.get("kind"), body.metadata.name): dict(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OURS)
+def owned_deployments(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
 @kopf.on.resume(*QUANTIZEJOBS)
 @kopf.on.create(*QUANTIZEJOBS)
 @kopf.on.update(*QUANTIZEJOBS)
-def quantizejob(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Validate and record what the operator saw."""
+@kopf.timer(*QUANTIZEJOBS, interval=RESYNC)
+def quantizejob(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    kubeforge_objects: kopf.Index,
+    owned_configmaps: kopf.Index,
+    owned_jobs: kopf.Index,
+    owned_pods: kopf.Index,
+    **_: Any,
+) -> None:
+    """Wait for the source, run the quantizer, follow it (controller/quantize.py decides)."""
+    key = (body.metadata.namespace, "QuantizeJob", body.metadata.name)
     with metrics.measured("QuantizeJob"):
-        patch.status.update(admission_status(body, now_rfc3339()))
+        decision = reconcile_quantizejob(
+            body,
+            lookup=lookup_in(kubeforge_objects, body.metadata.namespace),
+            children=[c for index in (owned_configmaps, owned_jobs) for c in index.get(key, [])],
+            pods=owned_pods.get(key, []),
+            kube=memo.kube,
+        )
+    _report("QuantizeJob", body, patch, decision)
 
 
 @kopf.on.resume(*MODELSERVICES)
 @kopf.on.create(*MODELSERVICES)
 @kopf.on.update(*MODELSERVICES)
-def modelservice(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Validate and record what the operator saw."""
+@kopf.timer(*MODELSERVICES, interval=RESYNC)
+def modelservice(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    gpu_nodes: kopf.Index,
+    kubeforge_objects: kopf.Index,
+    owned_services: kopf.Index,
+    owned_deployments: kopf.Index,
+    **_: Any,
+) -> None:
+    """Wait for the artifact, plan, deploy, roll over to new artifacts (controller/service.py decides)."""
+    key = (body.metadata.namespace, "ModelService", body.metadata.name)
     with metrics.measured("ModelService"):
-        patch.status.update(admission_status(body, now_rfc3339()))
+        decision = reconcile_modelservice(
+            body,
+            lookup=lookup_in(kubeforge_objects, body.metadata.namespace),
+            nodes=gpu_nodes.get(None, []),
+            children=[c for index in (owned_services, owned_deployments) for c in index.get(key, [])],
+            kube=memo.kube,
+        )
+    _report("ModelService", body, patch, decision)
+
+
+def _report(kind: str, body: kopf.Body, patch: kopf.Patch, decision: Any) -> None:
+    if status_changed(decision, body):
+        patch.status.update(decision.status)
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    metrics.record_phase(kind, body.metadata.namespace or "", body.metadata.name or "", decision.status["phase"])

@@ -13,13 +13,17 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kubeforge.api.finetune import FineTuneJob
+from kubeforge.api.finetune import FineTuneJob, ModelSource
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import now_rfc3339
 from kubeforge.controller.diff import is_subset
-from kubeforge.controller.finetune import Decision, Observed, decide, rank0_pod
+from kubeforge.controller.finetune import Observed, decide, rank0_pod
 from kubeforge.controller.kube import Kube
 from kubeforge.controller.metrics import APPLIES
+from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
+from kubeforge.controller.service import ServiceObserved, decide_service, lineage
+from kubeforge.controller.sources import Lookup
+from kubeforge.controller.state import Decision
 from kubeforge.inventory.pools import Inventory, pools_from_nodes
 from kubeforge.planner import ArchitectureUnknown, resolve
 from kubeforge.planner.architecture import Architecture
@@ -45,7 +49,10 @@ def inventory(nodes: Iterable[Mapping[str, Any]]) -> Inventory:
 
 
 def architecture(job: FineTuneJob) -> tuple[Architecture | None, str | None]:
-    model = job.spec.model
+    return architecture_of(job.spec.model)
+
+
+def architecture_of(model: ModelSource) -> tuple[Architecture | None, str | None]:
     key = json.dumps(model.dump(), sort_keys=True)
     if key not in _architectures:
         try:
@@ -98,13 +105,62 @@ def reconcile_finetunejob(
         progress=fetch_progress(pods) if running else None,
     )
     decision = decide(observed)
-    for obj in decision.apply:
-        kube.apply(obj)
-        APPLIES.labels(obj["kind"]).inc()
-        log.info("applied %s %s/%s", obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+    _apply(decision, kube)
     return decision
 
 
 def status_changed(decision: Decision, body: Mapping[str, Any]) -> bool:
     old = body.get("status") or {}
     return not is_subset(decision.status, old)
+
+
+def lookup_in(index: Mapping[Any, Iterable[Mapping[str, Any]]], namespace: str | None) -> Lookup:
+    """Lookup (kind, name) -> object from the index of kubeforge objects, within one namespace."""
+
+    def lookup(kind: str, name: str) -> Mapping[str, Any] | None:
+        return next(iter(index.get((namespace, kind, name), [])), None)
+
+    return lookup
+
+
+def reconcile_quantizejob(
+    body: Mapping[str, Any], *, lookup: Lookup, children: Iterable[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]], kube: Kube,
+) -> Decision:  # fmt: skip
+    decision = decide_quantize(
+        QuantizeObserved(body=body, now=now_rfc3339(), lookup=lookup, children=list(children), pods=list(pods))
+    )
+    _apply(decision, kube)
+    return decision
+
+
+def reconcile_modelservice(
+    body: Mapping[str, Any], *, lookup: Lookup, nodes: Iterable[Mapping[str, Any]],
+    children: Iterable[Mapping[str, Any]], kube: Kube,
+) -> Decision:  # fmt: skip
+    base, _ = lineage(body.get("spec") or {}, lookup)
+    arch = None
+    if base:
+        try:
+            arch, _ = architecture_of(ModelSource(uri=base))
+        except ValueError:
+            arch = None
+    decision = decide_service(
+        ServiceObserved(
+            body=body,
+            now=now_rfc3339(),
+            lookup=lookup,
+            inventory=inventory(nodes),
+            architecture=arch,
+            children=list(children),
+        )
+    )
+    _apply(decision, kube)
+    return decision
+
+
+def _apply(decision: Decision, kube: Kube) -> None:
+    for obj in decision.apply:
+        kube.apply(obj)
+        APPLIES.labels(obj["kind"]).inc()
+        log.info("applied %s %s/%s", obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from kubeforge.api.finetune import FineTuneJob
+from kubeforge.api.quantize import QuantizeJob
 from kubeforge.planner.plan import Plan
 from kubeforge.render.mounts import location
 from kubeforge.runtime.contract import (
+    CalibrationConfig,
     ComputeConfig,
     Contract,
     DataConfig,
+    EvaluationConfig,
     JobIdentity,
     LoRAConfig,
     OutputConfig,
     ParallelConfig,
+    QuantizeContract,
+    QuantizeOutputConfig,
     TrainingConfig,
 )
 
@@ -82,7 +87,44 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
     )
 
 
-def _uid(job: FineTuneJob) -> str | None:
+def _uid(job: FineTuneJob | QuantizeJob) -> str | None:
     extra = job.metadata.model_extra or {}
     uid = extra.get("uid")
     return str(uid) if uid else None
+
+
+def quantize_contract(
+    job: QuantizeJob, source_uri: str, default_data_uri: str | None, *, device: str
+) -> QuantizeContract:
+    """The quantizer's contract: the resolved source, calibration data (default: the training data), the gate."""
+    spec, meta = job.spec, job.metadata
+    cal = spec.calibration
+    cal_uri = (cal.dataset_uri if cal else None) or default_data_uri
+    calibration = None
+    if spec.method != "fp8" and cal_uri:
+        calibration = CalibrationConfig(
+            location=location(cal_uri),
+            samples=cal.samples if cal else 256,
+            max_seq_length=cal.max_seq_length if cal else 2048,
+        )
+    evaluation = None
+    if spec.evaluation is not None:
+        ev = spec.evaluation
+        eval_uri = ev.dataset_uri or cal_uri
+        if eval_uri:
+            evaluation = EvaluationConfig(
+                metric=ev.metric,
+                location=location(eval_uri),
+                samples=ev.samples,
+                max_degradation=ev.max_degradation,
+                max_seq_length=cal.max_seq_length if cal else 2048,
+            )
+    return QuantizeContract(
+        job=JobIdentity(name=meta.name or "", namespace=meta.namespace or "default", uid=_uid(job), kind="QuantizeJob"),
+        source=location(source_uri),
+        method=spec.method,
+        calibration=calibration,
+        evaluation=evaluation,
+        output=QuantizeOutputConfig(location=location(spec.output.uri)),
+        compute=ComputeConfig(device=device, precision="bf16" if device == "cuda" else "fp32"),
+    )

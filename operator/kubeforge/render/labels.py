@@ -16,6 +16,8 @@ OWNER_NAME = f"{GROUP}/owner-name"
 OWNER_UID = f"{GROUP}/owner-uid"
 
 PLAN_DIGEST = f"{GROUP}/plan-digest"  # annotation: which plan a child was rendered from
+ARTIFACT_DIGEST = f"{GROUP}/artifact-digest"  # annotation: which artifact a serving pod template serves
+ARTIFACT_URI = f"{GROUP}/artifact-uri"
 
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue admits the whole gang at once
 JOB_COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # set by the Job controller on pods

@@ -96,3 +96,29 @@ def upload_s3(folder: Path, uri: str, files: list[Path] | None = None) -> None:
     for path in sorted(files if files is not None else (p for p in folder.rglob("*") if p.is_file())):
         key = "/".join(x for x in (prefix.strip("/"), str(path.relative_to(folder))) if x)
         client.fput_object(bucket, key, str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kubeforge.runtime.fetch URI DEST`: an init container's download of an artifact."""
+    import argparse
+    import shutil
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m kubeforge.runtime.fetch")
+    parser.add_argument("uri")
+    parser.add_argument("dest")
+    parser.add_argument("--revision", default=None)
+    args = parser.parse_args(argv)
+    try:
+        found = local_path(Location(uri=args.uri, revision=args.revision))
+    except (SourceMissing, ValueError) as err:
+        print(f"kubeforge fetch: {err}", file=sys.stderr)
+        return 3
+    dest = Path(args.dest)
+    shutil.copytree(found, dest, dirs_exist_ok=True, symlinks=False)
+    print(f"kubeforge fetch: {args.uri} -> {dest}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

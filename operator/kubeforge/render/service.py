@@ -1,0 +1,156 @@
+"""ModelService + ServingPlan + artifact -> a Deployment running the engine and a Service for the OpenAI API.
+
+The artifact is mounted read-only from its PVC, or downloaded by an init container
+(s3:// or hf://, credentials from Secrets) into an emptyDir the engine reads. The pod
+template carries the artifact's digest: a new artifact changes the template, and the
+Deployment rolls the replicas over to it (maxUnavailable 0: the old ones serve until the
+new ones are ready).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubeforge.api.service import ModelService
+from kubeforge.api.uris import parse_uri
+from kubeforge.planner.serving import ServingPlan
+from kubeforge.render import labels as L
+from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch
+from kubeforge.render.images import FETCHER_IMAGE, TRAINER_UID
+from kubeforge.render.mounts import claim_mounts, location
+from kubeforge.render.names import child_name
+from kubeforge.render.objects import meta, node_affinity, owner_refs, tolerations
+from kubeforge.runtime.contract import CACHE_DIR, ENV_HF_HOME, ENV_HF_TOKEN, SHM_DIR
+
+MODEL_DIR = "/mnt/model"
+CONTAINER = "engine"
+
+
+def service_names(name: str) -> dict[str, str]:
+    return {"deployment": child_name(name, "engine"), "service": child_name(name)}
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{service_names(name)['service']}.{namespace}.svc:{SERVING_PORT}/v1"
+
+
+def render_service(
+    svc: ModelService, plan: ServingPlan, *, artifact_uri: str, artifact_digest: str | None, uid: str | None = None
+) -> list[dict[str, Any]]:
+    if not plan.feasible:
+        raise ValueError("an infeasible serving plan has no children")
+    name, namespace = svc.metadata.name or "", svc.metadata.namespace or "default"
+    uid = uid or (svc.metadata.model_extra or {}).get("uid")
+    n = service_names(name)
+    common = L.owner_labels("ModelService", name, uid)
+    owner = owner_refs("ModelService", name, uid)
+    spec = svc.spec
+    selector = {L.OWNER_KIND: "ModelService", L.OWNER_NAME: common[L.OWNER_NAME], L.COMPONENT: "engine"}
+
+    loc = location(artifact_uri)
+    scheme = parse_uri(artifact_uri).scheme
+    mounts = claim_mounts(read=[artifact_uri, *(a.uri for a in spec.adapters)], write=[])
+    volumes: list[dict[str, Any]] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{max(2, 2 * max(plan.gpus, 1))}Gi"}},
+        {"name": "cache", "emptyDir": {}},
+        *({"name": m.volume_name, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": True}} for m in mounts),
+    ]
+    mounted = [{"name": m.volume_name, "mountPath": m.mount_path, "readOnly": True} for m in mounts]
+    init: list[dict[str, Any]] = []
+    model_path = loc.local_path or MODEL_DIR
+    creds = spec.credentials
+    secret_env: list[dict[str, Any]] = []
+    if creds and creds.hugging_face:
+        ref = creds.hugging_face
+        secret_env.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if loc.local_path is None:  # s3:// or hf://: an init container downloads it
+        volumes.append({"name": "model", "emptyDir": {}})
+        fetcher: dict[str, Any] = {
+            "name": "fetch-model",
+            "image": FETCHER_IMAGE,
+            "command": ["python", "-m", "kubeforge.runtime.fetch"],
+            "args": [artifact_uri, MODEL_DIR],
+            "env": [{"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"}, *secret_env],
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "cache", "mountPath": CACHE_DIR}],
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "runAsNonRoot": True, "runAsUser": TRAINER_UID},
+        }  # fmt: skip
+        if scheme == "s3" and creds and creds.s3:
+            fetcher["envFrom"] = [{"secretRef": {"name": creds.s3.name}}]
+        init.append(fetcher)
+        mounted.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+
+    adapters = [(a.name, location(a.uri).local_path or a.uri) for a in spec.adapters]
+    opts = spec.engine_options
+    engine = launch(
+        plan.engine,
+        model_path=model_path,
+        served_name=spec.served_model_name or name,
+        tensor_parallel=plan.tensor_parallel,
+        max_model_len=opts.max_model_len,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+        prefix_caching=opts.enable_prefix_caching,
+        adapters=adapters,
+        image=spec.image,
+    )
+    probe = {"httpGet": {"path": HEALTH_PATH, "port": SERVING_PORT_NAME}}
+    resources: dict[str, Any]
+    if plan.gpus:
+        resources = {
+            "requests": {"cpu": f"{4 * plan.gpus}", "memory": f"{16 * plan.gpus}Gi", L.GPU_RESOURCE: str(plan.gpus)},
+            "limits": {"memory": f"{16 * plan.gpus}Gi", L.GPU_RESOURCE: str(plan.gpus)},
+        }
+    else:
+        resources = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": engine.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": engine.command,
+        "args": engine.args,
+        "env": [{"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "resources": resources,
+        # big models take minutes to load: up to 30 min to start, then readiness and liveness
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3, "timeoutSeconds": 5},
+        "volumeMounts": [{"name": "shm", "mountPath": SHM_DIR}, {"name": "cache", "mountPath": CACHE_DIR}, *mounted],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    pod: dict[str, Any] = {
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init:
+        pod["initContainers"] = init
+    if plan.gpus:
+        pod["tolerations"] = tolerations(spec.resources.tolerations)
+        affinity = node_affinity(plan.node_selector)
+        if affinity:
+            pod["affinity"] = affinity
+    if spec.resources.node_selector:
+        pod["nodeSelector"] = dict(spec.resources.node_selector)
+    annotations = {L.ARTIFACT_URI: artifact_uri}
+    if artifact_digest:
+        annotations[L.ARTIFACT_DIGEST] = artifact_digest
+
+    deployment = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
+    deployment["metadata"]["annotations"] = dict(annotations)
+    deployment["spec"] = {
+        "replicas": spec.replicas,
+        "selector": {"matchLabels": selector},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {"metadata": {"labels": {**common, L.COMPONENT: "engine"}, "annotations": annotations},
+                     "spec": pod},
+    }  # fmt: skip
+    service = meta("v1", "Service", n["service"], namespace, common, "engine", owner)
+    service["spec"] = {
+        "type": "ClusterIP",
+        "selector": selector,
+        "ports": [{"name": SERVING_PORT_NAME, "port": SERVING_PORT, "targetPort": SERVING_PORT_NAME,
+                   "protocol": "TCP", "appProtocol": "http"}],
+    }  # fmt: skip
+    return [deployment, service]
