@@ -39,6 +39,7 @@ async def wait_children(api: Any, namespace: str, owner: str, kinds: tuple[str, 
         "Service": "v1/services",
         "Job": "batch/v1/jobs",
         "JobSet": "jobset.x-k8s.io/v1alpha2/jobsets",
+        "Deployment": "apps/v1/deployments",
     }
 
     def probe() -> dict | None:
@@ -72,7 +73,7 @@ async def start_pods(
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
     template = copy.deepcopy(job["spec"]["template"])
     pods = []
-    for index in range(job["spec"]["completions"]):
+    for index in range(job["spec"].get("completions") or 1):
         labels = dict(template["metadata"].get("labels") or {})
         labels["batch.kubernetes.io/job-completion-index"] = str(index)
         labels["job-name"] = name
@@ -121,7 +122,7 @@ async def finish_pods(api: Any, job: dict[str, Any], *, exit_code: int, message:
 
 
 async def complete_job(api: Any, job: dict[str, Any]) -> None:
-    n = job["spec"]["completions"]
+    n = job["spec"].get("completions") or 1
     await patch_job_status(
         api,
         job,
@@ -171,3 +172,17 @@ async def kueue_admits(api: Any, job: dict[str, Any]) -> None:
 
 def events_for(api: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     return [e for e in api.stored_all("v1/events", namespace) if (e.get("involvedObject") or {}).get("name") == name]
+
+
+async def roll_out(api: Any, deployment: dict[str, Any], *, ready: int | None = None) -> dict[str, Any]:
+    """The Deployment controller and kubelets: every replica runs the current template (``ready`` of them ready)."""
+    ns, name = deployment["metadata"]["namespace"], deployment["metadata"]["name"]
+    current = next(d for d in api.stored_all("apps/v1/deployments", ns) if d["metadata"]["name"] == name)
+    n = current["spec"].get("replicas", 1)
+    ready = n if ready is None else ready
+    status = {"observedGeneration": current["metadata"].get("generation", 1), "replicas": n, "updatedReplicas": n,
+              "availableReplicas": ready, "readyReplicas": ready}  # fmt: skip
+    resp = await api.patch(f"/apis/apps/v1/namespaces/{ns}/deployments/{name}/status", json={"status": status},
+                           headers=STATUS)  # fmt: skip
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
