@@ -6,5 +6,5 @@
 # (--steps N, --method full|lora, --nproc N, --workdir DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/venv.sh operator,train
+scripts/venv.sh operator,train,quantize,serve
 exec .venv/bin/python -m kubeforge.runtime.demo "$@"

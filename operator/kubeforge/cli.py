@@ -16,6 +16,8 @@ from kubeforge.api.crd import all_crds, file_name, to_yaml
 from kubeforge.api.documents import read_documents
 from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.kinds import KINDS
+from kubeforge.api.quantize import QuantizeJob
+from kubeforge.api.service import ModelService
 from kubeforge.api.validation import check
 
 
@@ -49,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_render.add_argument("--offline", action="store_true", help="never fetch config.json from the Hub")
     p_render.set_defaults(func=cmd_render)
 
-    p_run = sub.add_parser("run", help="run a FineTuneJob on this machine")
-    p_run.add_argument("job", type=Path, metavar="FINETUNE.yaml")
+    p_run = sub.add_parser("run", help="run FineTuneJobs, QuantizeJobs and a ModelService on this machine")
+    p_run.add_argument("job", type=Path, metavar="FILE.yaml", help="one or more of the three kinds, run in chain order")
+    p_run.add_argument("--port", type=int, default=None, help="local port of a ModelService (default: a free one)")
     p_run.add_argument(
         "--nproc", type=int, default=None, help="processes (GPUs, or CPU workers); default: all GPUs or 1"
     )
@@ -161,22 +164,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from kubeforge.localrun import RunError, run
-
-    job = _one_finetunejob(args.job)
-    if job is None:
-        return 2
-    if args.nproc is not None and args.nproc < 1:
-        print("--nproc: must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        return run(job, args.job, nproc=args.nproc, offline=args.offline).code
-    except RunError as err:
-        print(f"{args.job}: {err}", file=sys.stderr)
-        return 2
-
-
 def _one_finetunejob(path: Path) -> FineTuneJob | None:
     docs, error = read_documents(path)
     if error:
@@ -190,6 +177,66 @@ def _one_finetunejob(path: Path) -> FineTuneJob | None:
     for problem in problems:
         print(f"{path}{jobs[0].where}{jobs[0].label}: {problem}", file=sys.stderr)
     return obj if isinstance(obj, FineTuneJob) and not problems else None
+
+
+RUN_ORDER = {"FineTuneJob": 0, "QuantizeJob": 1, "ModelService": 2}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run every FineTuneJob, QuantizeJob and ModelService in the file, in chain order; serve the last."""
+    from kubeforge.localrun import RunError, run, run_quantize, start_service
+
+    objects = _valid_objects(args.job)
+    if objects is None:
+        return 2
+    if args.nproc is not None and args.nproc < 1:
+        print("--nproc: must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        for obj in sorted(objects, key=lambda o: RUN_ORDER[o.kind]):
+            print(f"==> {obj.kind} {obj.metadata.name}", flush=True)
+            if isinstance(obj, FineTuneJob):
+                code = run(obj, args.job, nproc=args.nproc, offline=args.offline).code
+            elif isinstance(obj, QuantizeJob):
+                code = run_quantize(obj, args.job).code
+            else:
+                server = start_service(obj, args.job, port=args.port)
+                print("Ctrl-C stops it. Try: curl " + server.url + "/models", flush=True)
+                try:
+                    server.process.wait()
+                finally:
+                    server.stop()
+                code = 0
+            if code:
+                return code
+        return 0
+    except RunError as err:
+        print(f"{args.job}: {err}", file=sys.stderr)
+        return 2
+
+
+def _valid_objects(path: Path) -> list[FineTuneJob | QuantizeJob | ModelService] | None:
+    docs, error = read_documents(path)
+    if error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return None
+    found, bad = [], False
+    for doc in docs:
+        if not isinstance(doc.body, dict) or doc.body.get("kind") not in RUN_ORDER:
+            continue
+        obj, problems = check(doc.body)
+        for problem in problems:
+            print(f"{path}{doc.where}{doc.label}: {problem}", file=sys.stderr)
+        bad = bad or bool(problems)
+        found.append(obj)
+    if not found:
+        print(f"{path}: no FineTuneJob, QuantizeJob or ModelService in it", file=sys.stderr)
+        return None
+    services = [o for o in found if isinstance(o, ModelService)]
+    if len(services) > 1:
+        print(f"{path}: one ModelService per local run (found {len(services)})", file=sys.stderr)
+        return None
+    return None if bad else found
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeforge.api.finetune import FineTuneJob
+from kubeforge.api.quantize import QuantizeJob
+from kubeforge.api.service import ModelService
 from kubeforge.api.uris import parse_uri
 from kubeforge.planner import ArchitectureUnknown, resolve
-from kubeforge.planner.local import plan_local
-from kubeforge.render.contract import finetune_contract
+from kubeforge.planner.local import local_gpus, plan_local
+from kubeforge.render.contract import finetune_contract, quantize_contract
 from kubeforge.runtime.contract import EXIT_USER_ERROR, PROGRESS_PATH, ProgressConfig, read_termination_message
 
 
@@ -74,7 +76,7 @@ def run(job: FineTuneJob, yaml_path: Path, *, nproc: int | None, offline: bool, 
         f"{plan.gradient_accumulation_steps} x {plan.data_parallel}",
         file=out,
     )
-    workdir = base / ".kubeforge" / (job.metadata.name or "job")
+    workdir = base / STATE / (job.metadata.name or "job")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     contract = finetune_contract(job, plan, device=device).model_copy(update={"progress": ProgressConfig(port=port)})
@@ -148,3 +150,150 @@ def _report(summary: dict, out) -> None:
         file=out,
     )
     print("  use it: transformers.AutoModelForCausalLM.from_pretrained(" + repr(uri) + ")", file=out)
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+STATE = ".kubeforge"  # per-job working folders next to the YAML; each keeps the job's termination summary
+
+
+def local_artifact(base: Path, kind: str, name: str) -> dict | None:
+    """The artifact summary a previous local run of ``kind``/``name`` left (None if it has not succeeded)."""
+    path = base / STATE / name / "termination.json"
+    if not path.exists():
+        return None
+    summary = read_termination_message(path.read_text())
+    return summary if summary and summary.get("status") == "succeeded" else None
+
+
+def _absolute(uri: str, base: Path) -> str:
+    loc = parse_uri(uri)
+    if loc.scheme == "pvc":
+        raise RunError(f"{uri} is a PersistentVolumeClaim; a local run needs a local path, hf:// or s3://")
+    return str((base / loc.path).resolve()) if loc.scheme == "local" else uri
+
+
+def source_uri(kind: str, name: str | None, uri: str | None, base: Path, where: str) -> str:
+    if uri:
+        return _absolute(uri, base)
+    summary = local_artifact(base, kind, name or "")
+    if summary is None:
+        raise RunError(f"{where}: {kind} {name} has not succeeded locally yet: `kubeforge run` it first "
+                       "(or put it in the same file)")  # fmt: skip
+    return str(summary["uri"])
+
+
+def _launch(module: str, config: Path, workdir: Path, out, err) -> tuple[int, dict | None]:
+    termination = workdir / "termination.json"
+    termination.unlink(missing_ok=True)
+    log_path = workdir / f"{module.rsplit('.', 1)[-1]}.log"
+    print(f"running: python -m {module} (log: {log_path})", file=out, flush=True)
+    env = dict(os.environ, KUBEFORGE_TERMINATION_LOG=str(termination), PYTHONUNBUFFERED="1")
+    with log_path.open("w") as log:
+        code = subprocess.run([sys.executable, "-m", module, "--config", str(config)], stdout=log,
+                              stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
+    summary = read_termination_message(termination.read_text()) if termination.exists() else None
+    if code != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-10:])
+        print(f"FAILED: {(summary or {}).get('error') or f'exit code {code}'}\n--- {log_path} ---\n{tail}", file=err)
+    return code, summary
+
+
+def run_quantize(job: QuantizeJob, yaml_path: Path, *, out=None, err=None) -> RunResult:
+    out, err = out or sys.stdout, err or sys.stderr
+    base = yaml_path.resolve().parent
+    src = job.spec.source
+    ref = src.fine_tune_job_ref.name if src.fine_tune_job_ref else None
+    uri = source_uri("FineTuneJob", ref, src.uri, base, "spec.source")
+    training_data = None
+    if ref:  # the FineTuneJob's contract says which data it trained on: the default calibration set
+        contract_file = base / STATE / ref / "contract.json"
+        if contract_file.exists():
+            training_data = json.loads(contract_file.read_text())["dataset"]["location"]["uri"]
+    doc = job.model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["output"]["uri"] = _absolute(doc["spec"]["output"]["uri"], base)
+    for section in ("calibration", "evaluation"):
+        if (doc["spec"].get(section) or {}).get("datasetUri"):
+            doc["spec"][section]["datasetUri"] = _absolute(doc["spec"][section]["datasetUri"], base)
+    job = QuantizeJob.model_validate(doc)
+    device = "cuda" if local_gpus() else "cpu"
+    contract = quantize_contract(job, uri, training_data, device=device)
+    workdir = base / STATE / (job.metadata.name or "quantize")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "contract.json"
+    config.write_text(contract.to_json())
+    print(f"quantize: {uri} with {job.spec.method} on {device}", file=out)
+    code, summary = _launch("kubeforge.runtime.quantize", config, workdir, out, err)
+    if code != 0:
+        return RunResult(2 if code == EXIT_USER_ERROR else 1, summary, workdir)
+    metrics = (summary or {}).get("metrics") or {}
+    print(f"artifact: {summary.get('uri')}\n  digest {summary.get('digest')}; metrics {metrics}", file=out)
+    return RunResult(0, summary, workdir)
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen
+    url: str  # the OpenAI base URL
+    name: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_service(svc: ModelService, yaml_path: Path, *, port: int | None = None, out=None,
+                  timeout: float = 300) -> LocalServer:  # fmt: skip
+    """Start the engine for ``svc`` on this machine and wait until it is healthy."""
+    import shutil
+
+    from kubeforge.render.engines import HEALTH_PATH, launch
+
+    out = out or sys.stdout
+    base = yaml_path.resolve().parent
+    src = svc.spec.source
+    if src.quantize_job_ref:
+        uri = source_uri("QuantizeJob", src.quantize_job_ref.name, None, base, "spec.source")
+    else:
+        uri = source_uri("FineTuneJob", src.fine_tune_job_ref.name if src.fine_tune_job_ref else None, src.uri,
+                         base, "spec.source")  # fmt: skip
+    if parse_uri(uri).scheme in ("s3", "hf"):
+        raise RunError(f"spec.source: {uri}: a local ModelService serves a local folder; fetch it first")
+    engine = svc.spec.engine
+    if engine == "auto":
+        engine = "vllm" if (local_gpus() and shutil.which("vllm")) else "transformers"
+    if engine in ("vllm", "sglang") and not local_gpus():
+        raise RunError(f"spec.engine: {engine} needs a GPU; this machine has none (use engine auto or transformers)")
+    if engine == "vllm" and not shutil.which("vllm"):
+        raise RunError("spec.engine: vllm is not installed here (pip install vllm), or use engine auto")
+    port = port or free_port()
+    name = svc.spec.served_model_name or svc.metadata.name or "model"
+    opts = svc.spec.engine_options
+    spec = launch(engine, model_path=uri, served_name=name, tensor_parallel=1, max_model_len=opts.max_model_len,
+                  gpu_memory_utilization=opts.gpu_memory_utilization, prefix_caching=opts.enable_prefix_caching,
+                  adapters=[(a.name, _absolute(a.uri, base)) for a in svc.spec.adapters])  # fmt: skip
+    args = [a if a != "0.0.0.0" else "127.0.0.1" for a in spec.args]
+    args[args.index("--port") + 1] = str(port)
+    command = [sys.executable, *spec.command[1:]] if spec.command[0] in ("python", "python3") else spec.command
+    workdir = base / STATE / (svc.metadata.name or "service")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = (workdir / "serve.log").open("w")
+    process = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT)
+    server = LocalServer(process, f"http://127.0.0.1:{port}/v1", name)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RunError(f"the {engine} server exited ({process.returncode}); see {workdir / 'serve.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RunError(f"the {engine} server did not become healthy in {timeout:.0f} s") from None
+            time.sleep(0.5)
+    print(f"serving {uri} with {engine} as {name!r} at {server.url} (OpenAI API; log {workdir / 'serve.log'})",
+          file=out, flush=True)  # fmt: skip
+    return server

@@ -64,3 +64,41 @@ def test_cpu_plans(tiny_model):
     qlora = parse({**doc, "spec": {**doc["spec"], "method": "qlora"}}).spec
     qplan = plan_cpu(qlora, arch, nproc=1, host_memory_bytes=8 * 1024**3)
     assert qplan.feasible and qplan.method == "qlora" and any("NF4" in r for r in qplan.reasons)
+
+
+def test_the_chain_runs_locally_from_one_file(project, capsys):
+    pytest.importorskip("llmcompressor")
+    openai = pytest.importorskip("openai")
+    from kubeforge.localrun import start_service
+    from kubeforge.runtime.demo.__main__ import quantize_yaml, service_yaml
+
+    chain = project / "chain.yaml"
+    docs = [service_yaml("fruit-colours"), quantize_yaml("fruit-colours"), job_yaml(10, "full")]  # any order
+    docs[1]["spec"]["evaluation"]["datasetUri"] = "./data/train.jsonl"
+    chain.write_text(yaml.safe_dump_all(docs[1:]))
+    assert main(["run", str(chain), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("==> FineTuneJob fruit-colours") < out.index("==> QuantizeJob fruit-colours-fp8")
+    quantized = project / "out" / "fruit-colours-fp8"
+    assert export.verify(quantized) == []
+    manifest = json.loads((quantized / export.MANIFEST).read_text())
+    assert manifest["source"]["uri"] == str(project / "out" / "fruit-colours")
+    assert manifest["baseModel"] == str((project / "model").resolve())  # traced through the tuned artifact
+
+    server = start_service(parse(docs[0]), chain)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="local", max_retries=0)
+        reply = client.chat.completions.create(model="fruit-colours", messages=[{"role": "user", "content": "kiwi"}],
+                                               max_tokens=2)  # fmt: skip
+        assert reply.choices[0].message.role == "assistant"
+    finally:
+        server.stop()
+
+
+def test_a_quantizejob_whose_finetunejob_never_ran_locally_is_refused(project, capsys):
+    from kubeforge.runtime.demo.__main__ import quantize_yaml
+
+    path = project / "qj.yaml"
+    path.write_text(yaml.safe_dump(quantize_yaml("never-ran")))
+    assert main(["run", str(path)]) == 2
+    assert "FineTuneJob never-ran has not succeeded locally yet" in capsys.readouterr().err

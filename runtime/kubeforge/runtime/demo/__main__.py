@@ -4,7 +4,11 @@
 2. write a synthetic task (which colour is each fruit?) with held-out phrasings;
 3. measure held-out accuracy, fine-tune with `kubeforge run` (the same path a cluster
    job takes: planner -> contract -> runtime), measure again;
-4. show the plan the same YAML would get on each example cluster (`kubeforge plan`).
+4. quantize the tuned model to FP8 with `kubeforge run quantizejob.yaml` (llm-compressor,
+   evaluation gate on held-out perplexity) and measure the task accuracy again;
+5. serve it with `kubeforge run modelservice.yaml` (the transformers engine on CPU) and
+   ask one question through the official `openai` client;
+6. show the plan the same YAML would get on each example cluster (`kubeforge plan`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,65 @@ def job_yaml(steps: int, method: str) -> dict:
         "metadata": {"name": "fruit-colours"},
         "spec": spec,
     }
+
+
+def quantize_yaml(source: str) -> dict:
+    return {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "QuantizeJob",
+        "metadata": {"name": f"{source}-fp8"},
+        "spec": {
+            "source": {"fineTuneJobRef": {"name": source}},
+            "method": "fp8",
+            "evaluation": {"metric": "perplexity", "datasetUri": "./data/held-out.jsonl", "maxDegradation": 0.1},
+            "output": {"uri": f"./out/{source}-fp8"},
+        },
+    }
+
+
+def service_yaml(source: str) -> dict:
+    return {
+        "apiVersion": "kubeforge.io/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {"name": source},
+        "spec": {"source": {"quantizeJobRef": {"name": f"{source}-fp8"}}, "engine": "auto",
+                 "servedModelName": source, "engineOptions": {"maxModelLen": 64}},
+    }  # fmt: skip
+
+
+def ask(work: Path, service_path: Path, question: str) -> str:
+    """Start `kubeforge run modelservice.yaml`, ask through the openai client, stop it."""
+    import socket
+    import time
+    import urllib.request
+
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (work / "serve-cli.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "kubeforge.cli", "run", str(service_path), "--port", str(port)],
+                              cwd=work, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start; see {work / 'serve-cli.log'}") from None
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local")
+        print(f"    serving at http://127.0.0.1:{port}/v1; models: {[m.id for m in client.models.list().data]}")
+        reply = client.chat.completions.create(
+            model="fruit-colours", messages=[{"role": "user", "content": question}], max_tokens=3, temperature=0
+        )
+        return reply.choices[0].message.content or ""
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def kubeforge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -78,7 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    held-out accuracy after fine-tuning: {after:.0%} (before: {before:.0%})")
     manifest = json.loads((work / "out" / "fruit-colours" / "kubeforge-artifact.json").read_text())
     print(f"    artifact manifest lists {len(manifest['files'])} files; base model {manifest['baseModel']}")
-    print("==> 4. the plan the same kind of job gets on real clusters (Qwen3-8B LoRA example, `kubeforge plan`)")
+    print("==> 4. kubeforge run quantizejob.yaml   (FP8 with llm-compressor; gate: held-out perplexity +10% at most)")
+    (work / "quantizejob.yaml").write_text(yaml.safe_dump(quantize_yaml("fruit-colours"), sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "kubeforge.cli", "run", "quantizejob.yaml"], cwd=work)
+    if result.returncode != 0:
+        print("the quantization failed; see the log above", file=sys.stderr)
+        return result.returncode
+    quantized = work / "out" / "fruit-colours-fp8"
+    config = json.loads((quantized / "config.json").read_text())["quantization_config"]
+    after_fp8 = task.accuracy(quantized, held_out)
+    print(f"    {config['quant_method']} ({config['format']}); held-out accuracy after FP8: {after_fp8:.0%} "
+          f"(bf16/fp32 tuned: {after:.0%})")  # fmt: skip
+    print("==> 5. kubeforge run modelservice.yaml   (transformers engine on CPU), one request via the openai client")
+    (work / "modelservice.yaml").write_text(yaml.safe_dump(service_yaml("fruit-colours"), sort_keys=False))
+    fruit = "banana"
+    question = task.HELD_OUT_PHRASES[0].format(f=fruit)
+    answer = ask(work, work / "modelservice.yaml", question)
+    print(f"    Q: {question}\n    A: {answer.strip()}   (expected: {task.FACTS[fruit]})")
+    print("==> 6. the plan the same kind of job gets on real clusters (Qwen3-8B LoRA example, `kubeforge plan`)")
     example = ROOT / "examples" / "finetunejob-qwen3-8b-lora.yaml"
     for cluster in sorted((ROOT / "examples" / "clusters").glob("*.yaml")):
         out = kubeforge("plan", str(example), "--cluster", str(cluster), "--offline", "-o", "json", cwd=work)
@@ -92,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(f"    {cluster.stem:<22} {what}")
-    return 0 if after > before else 1
+    return 0 if after > before and after_fp8 > before else 1
 
 
 if __name__ == "__main__":
