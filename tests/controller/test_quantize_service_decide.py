@@ -179,3 +179,14 @@ def test_modelservice_downloads_s3_artifacts_in_an_init_container():
     ]
     assert pod["containers"][0]["args"][0] == "/mnt/model"
     assert_valid(d.apply[0])
+
+
+def test_fp8_on_gpus_without_fp8_tensor_cores_is_flagged():
+    cluster = example_cluster("a100-sxm4-80gb-2x8.yaml")
+    a100 = ServiceObserved(live(service()), NOW, lookup_of(FTJ_DONE, QJ_DONE), cluster, QWEN)
+    planned = cond(decide_service(a100).status, "Planned")
+    assert planned["status"] == "True" and "has no FP8 tensor cores" in planned["message"]
+    assert (
+        "FP8 tensor cores"
+        not in cond(decide_service(observe_service(live(service()), QJ_DONE)).status, "Planned")["message"]
+    )

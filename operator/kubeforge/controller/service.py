@@ -93,6 +93,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
         utilization=svc.spec.engine_options.gpu_memory_utilization,
         tensor_parallel=svc.spec.tensor_parallel,
         gpu_type=svc.spec.resources.gpu_type,
+        method=method,
     )
     if not plan.feasible:
         state.set(PLANNED, "False", "Infeasible", plan.reason)

@@ -59,6 +59,7 @@ def plan_serving(
     utilization: float = 0.9,
     tensor_parallel: int | str = "auto",
     gpu_type: str = "auto",
+    method: str | None = None,
 ) -> ServingPlan:
     pools = [p for p in inventory.pools if _matches(p, gpu_type)]
     if engine == "auto":
@@ -91,7 +92,8 @@ def plan_serving(
                 return ServingPlan(
                     True,
                     f"{tp} x {pool.gpu.name}: weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB "
-                    f"({length} tokens) within {utilization:.0%} of {pool.memory_bytes / GIB:.0f} GiB per GPU",
+                    f"({length} tokens) within {utilization:.0%} of {pool.memory_bytes / GIB:.0f} GiB per GPU"
+                    + fp8_note(method, pool),
                     engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes,
                 )  # fmt: skip
         need = math.ceil((weights + kv) / max(usable, 1))
@@ -103,6 +105,20 @@ def plan_serving(
         + ". Lower maxModelLen, quantize, or use bigger GPUs (multi-node replicas are not supported yet)",
         engine, weights_bytes=weights, kv_cache_bytes=kv,
     )  # fmt: skip
+
+
+FP8_NATIVE = (8, 9)  # Ada (L4, L40S) and Hopper/Blackwell have FP8 tensor cores
+
+
+def fp8_note(method: str | None, pool: Pool) -> str:
+    """FP8 artifacts run everywhere vLLM runs, but only fast where the GPU has FP8 tensor cores."""
+    if method not in ("fp8",) or pool.gpu.compute_capability >= FP8_NATIVE:
+        return ""
+    cc = ".".join(map(str, pool.gpu.compute_capability))
+    return (
+        f". Note: {pool.gpu.name} (compute capability {cc}) has no FP8 tensor cores: vLLM runs this FP8 "
+        "artifact weight-only (Marlin), slower than on L4/L40S/H100/H200/B200; w4a16 or w8a8-int8 suit it better"
+    )
 
 
 def _cost(pool: Pool) -> tuple[float, str]:
