@@ -200,6 +200,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif isinstance(obj, QuantizeJob):
                 code = run_quantize(obj, args.job).code
             else:
+                import signal
+
+                # a SIGTERM (kill, a supervisor) must stop the engine too, not leave it orphaned
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
                 server = start_service(obj, args.job, port=args.port)
                 print("Ctrl-C stops it. Try: curl " + server.url + "/models", flush=True)
                 try:

@@ -190,3 +190,37 @@ def test_fp8_on_gpus_without_fp8_tensor_cores_is_flagged():
         "FP8 tensor cores"
         not in cond(decide_service(observe_service(live(service()), QJ_DONE)).status, "Planned")["message"]
     )
+
+
+def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed():
+    doc = live(service(source={"fineTuneJobRef": {"name": "support-bot"}}, **{"engineOptions.maxModelLen": 32768}))
+    a10 = example_cluster("a10-4x1.yaml")  # one 24 GB GPU per node: bf16 Qwen3-8B + 32k of KV cache needs two
+    without = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN))
+    assert without.apply == [] and "need LeaderWorkerSet installed" in cond(without.status, "Planned")["message"]
+    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
+    lws, svc = d.apply
+    assert lws["kind"] == "LeaderWorkerSet" and lws["spec"]["leaderWorkerTemplate"]["size"] == 2
+    leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    worker = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    assert leader["command"] == ["/bin/sh", "-c"] and "--pipeline-parallel-size 2" in leader["args"][0]
+    assert "ray start --address=$(LWS_LEADER_ADDRESS)" in worker["args"][0] and "readinessProbe" not in worker
+    assert svc["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    assert d.status["gpus"] == 2
+    assert_valid(svc)
+    ready = copy.deepcopy(lws)
+    ready["metadata"]["generation"] = 1
+    ready["status"] = {"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}
+    after = decide_service(ServiceObserved(live(doc, status=d.status), NOW, lookup_of(FTJ_DONE), a10, QWEN,
+                                           children=[ready, svc], leaderworkerset_available=True))  # fmt: skip
+    assert after.status["phase"] == "Ready" and after.status["servedArtifact"]["digest"] == "sha256:aaa"
+
+
+def test_model_paths_reach_the_shell_quoted():
+    doc = live(service(source={"uri": "pvc://models/it's; rm -rf"}, **{"engineOptions.maxModelLen": 32768}))
+    a10 = example_cluster("a10-4x1.yaml")
+    d = decide_service(ServiceObserved(doc, NOW, lookup_of(), a10, QWEN, leaderworkerset_available=True))
+    if d.apply:  # the URI may be refused by validation; if it is accepted it must be quoted
+        script = d.apply[0]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["args"][0]
+        assert "'/mnt/pvc/models/it'\"'\"'s; rm -rf'" in script
+    else:
+        assert cond(d.status, "Accepted")["status"] == "False"

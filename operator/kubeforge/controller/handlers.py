@@ -133,6 +133,11 @@ def owned_deployments(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
+@kopf.index("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=OURS)
+def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
 @kopf.on.resume(*QUANTIZEJOBS)
 @kopf.on.create(*QUANTIZEJOBS)
 @kopf.on.update(*QUANTIZEJOBS)
@@ -172,6 +177,7 @@ def modelservice(
     kubeforge_objects: kopf.Index,
     owned_services: kopf.Index,
     owned_deployments: kopf.Index,
+    owned_leaderworkersets: kopf.Index,
     **_: Any,
 ) -> None:
     """Wait for the artifact, plan, deploy, roll over to new artifacts (controller/service.py decides)."""
@@ -181,7 +187,9 @@ def modelservice(
             body,
             lookup=lookup_in(kubeforge_objects, body.metadata.namespace),
             nodes=gpu_nodes.get(None, []),
-            children=[c for index in (owned_services, owned_deployments) for c in index.get(key, [])],
+            children=[
+                c for index in (owned_services, owned_deployments, owned_leaderworkersets) for c in index.get(key, [])
+            ],
             kube=memo.kube,
         )
     _report("ModelService", body, patch, decision)

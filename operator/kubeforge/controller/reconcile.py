@@ -147,6 +147,7 @@ def reconcile_modelservice(
             arch = None
     decision = decide_service(
         ServiceObserved(
+            leaderworkerset_available=kube.serves("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
             body=body,
             now=now_rfc3339(),
             lookup=lookup,

@@ -38,6 +38,7 @@ class ServiceObserved:
     inventory: Inventory
     architecture: Architecture | None = None  # of the base model the artifact came from, when known
     children: Sequence[Mapping[str, Any]] = ()
+    leaderworkerset_available: bool = False
 
 
 def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[str | None, str | None]:
@@ -59,7 +60,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
     meta = obs.body.get("metadata") or {}
     state = State(old, meta.get("generation"), obs.now)
     svc, problems = check({k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body})
-    deployment = of_kind(obs.children, "Deployment")
+    deployment = of_kind(obs.children, "Deployment") or of_kind(obs.children, "LeaderWorkerSet")
     if problems or not isinstance(svc, ModelService):
         state.set(ACCEPTED, "False", "InvalidSpec", "; ".join(str(p) for p in problems))
         if deployment is None:
@@ -94,6 +95,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
         tensor_parallel=svc.spec.tensor_parallel,
         gpu_type=svc.spec.resources.gpu_type,
         method=method,
+        multi_node=obs.leaderworkerset_available,
     )
     if not plan.feasible:
         state.set(PLANNED, "False", "Infeasible", plan.reason)
@@ -106,7 +108,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
     desired = render_service(svc, plan, artifact_uri=source.uri or "", artifact_digest=source.digest,
                              uid=meta.get("uid"))  # fmt: skip
     apply = [d for d in desired if not exists_equal(d, obs.children)]
-    state.status.update(engine=plan.engine, gpus=plan.gpus, endpoint=endpoint(name, namespace))
+    state.status.update(engine=plan.engine, gpus=plan.gpus_per_replica, endpoint=endpoint(name, namespace))
     if deployment is None:
         state.set(AVAILABLE, "False", "Deploying", "creating the Deployment")
         state.phase = "Deploying"
@@ -123,14 +125,16 @@ def _follow(state: State, deployment: Mapping[str, Any], svc: ModelService) -> N
     state.status["replicas"] = want
     state.status["readyReplicas"] = ready
     generation = (deployment.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration", generation)  # a LeaderWorkerSet reports none
     rolled = (
         generation is not None
-        and int(status.get("observedGeneration") or 0) >= int(generation)
+        and int(observed or 0) >= int(generation)
         and int(status.get("updatedReplicas") or 0) >= want
         and int(status.get("availableReplicas") or 0) >= want
         and int(status.get("replicas") or 0) <= want  # no old replica left
     )
-    annotations = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    template = spec.get("template") or (spec.get("leaderWorkerTemplate") or {}).get("leaderTemplate") or {}
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
     if rolled:
         served = {"uri": annotations.get(L.ARTIFACT_URI)}
         if annotations.get(L.ARTIFACT_DIGEST):

@@ -3,9 +3,9 @@
 Tensor parallel is the smallest power of two whose GPUs hold the weights plus the KV cache
 for ``maxModelLen`` tokens (one full-length sequence) within the utilisation target, after
 a fixed activation/CUDA-graph reserve; it must stay inside one NVLink domain (PCIe GPUs:
-one GPU, unless asked explicitly) and one node - a replica that needs more than one node
-is refused with the size it would need (multi-node replicas, a LeaderWorkerSet, are not
-rendered yet). engine auto: vLLM where the cluster has GPUs, transformers on CPU.
+one GPU, unless asked explicitly) and one node. A vLLM replica that needs more than one
+node runs as a LeaderWorkerSet (where its CRD is installed): tensor parallel within each
+node, pipeline parallel across the nodes. engine auto: vLLM where the cluster has GPUs, transformers on CPU.
 """
 
 from __future__ import annotations
@@ -33,10 +33,16 @@ class ServingPlan:
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     gpu_memory_bytes: int = 0
+    nodes: int = 1  # per replica: more than one runs as a LeaderWorkerSet (pipeline parallel over nodes)
 
     @property
     def gpus(self) -> int:
+        """GPUs per pod."""
         return self.tensor_parallel if self.engine in GPU_ENGINES else 0
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.gpus * self.nodes
 
 
 def weights_bytes(arch: Architecture, bits: int) -> int:
@@ -60,6 +66,7 @@ def plan_serving(
     tensor_parallel: int | str = "auto",
     gpu_type: str = "auto",
     method: str | None = None,
+    multi_node: bool = False,  # LeaderWorkerSet is installed: a replica may span nodes
 ) -> ServingPlan:
     pools = [p for p in inventory.pools if _matches(p, gpu_type)]
     if engine == "auto":
@@ -97,12 +104,24 @@ def plan_serving(
                     engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes,
                 )  # fmt: skip
         need = math.ceil((weights + kv) / max(usable, 1))
+        if engine == "vllm" and tensor_parallel == "auto" and usable > 0:
+            tp = max((2**k for k in range(8) if 2**k <= limit and arch.num_attention_heads % 2**k == 0), default=1)
+            nodes = math.ceil(need / tp)
+            if multi_node and 1 < nodes <= pool.nodes and nodes <= arch.num_layers:
+                return ServingPlan(
+                    True,
+                    f"{nodes} nodes x {tp} x {pool.gpu.name} per replica (LeaderWorkerSet: tensor parallel {tp} "
+                    f"in a node, pipeline parallel {nodes} across nodes): weights {weights / GIB:.1f} GiB + KV "
+                    f"cache {kv / GIB:.1f} GiB ({length} tokens)" + fp8_note(method, pool),
+                    engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes, nodes,
+                )  # fmt: skip
         tried.append(f"{pool.gpu.name} would need {2 ** math.ceil(math.log2(max(need, 1)))} GPUs (has {limit} "
                      "in one node/NVLink domain)")  # fmt: skip
     return ServingPlan(
         False,
         f"weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB do not fit one node: " + "; ".join(tried)
-        + ". Lower maxModelLen, quantize, or use bigger GPUs (multi-node replicas are not supported yet)",
+        + ". Lower maxModelLen, quantize, or use bigger GPUs"
+        + ("" if multi_node else "; replicas across nodes need LeaderWorkerSet installed (engine vllm)"),
         engine, weights_bytes=weights, kv_cache_bytes=kv,
     )  # fmt: skip
 

@@ -9,6 +9,7 @@ new ones are ready).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from kubeforge.api.service import ModelService
@@ -137,6 +138,10 @@ def render_service(
     if artifact_digest:
         annotations[L.ARTIFACT_DIGEST] = artifact_digest
 
+    if plan.nodes > 1:
+        lws = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations, engine.args)
+        selector = {**selector, LWS_WORKER_INDEX: "0"}  # the OpenAI API is on the leaders
+        return [lws, _service(n["service"], namespace, common, owner, selector)]
     deployment = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
     deployment["metadata"]["annotations"] = dict(annotations)
     deployment["spec"] = {
@@ -146,11 +151,57 @@ def render_service(
         "template": {"metadata": {"labels": {**common, L.COMPONENT: "engine"}, "annotations": annotations},
                      "spec": pod},
     }  # fmt: skip
-    service = meta("v1", "Service", n["service"], namespace, common, "engine", owner)
+    return [deployment, _service(n["service"], namespace, common, owner, selector)]
+
+
+def _service(name: str, namespace: str, common: dict, owner: list, selector: dict) -> dict[str, Any]:
+    service = meta("v1", "Service", name, namespace, common, "engine", owner)
     service["spec"] = {
         "type": "ClusterIP",
         "selector": selector,
         "ports": [{"name": SERVING_PORT_NAME, "port": SERVING_PORT, "targetPort": SERVING_PORT_NAME,
                    "protocol": "TCP", "appProtocol": "http"}],
     }  # fmt: skip
-    return [deployment, service]
+    return service
+
+
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+RAY_PORT = 6379
+
+
+def _leader_worker_set(svc: ModelService, plan: ServingPlan, name: str, namespace: str, common: dict, owner: list,
+                       pod: dict[str, Any], annotations: dict, vllm_args: list[str]) -> dict[str, Any]:  # fmt: skip
+    """One replica = a leader and nodes-1 workers: a Ray cluster, vLLM on the leader with pipeline
+    parallel across the nodes. The commands run under a shell (Ray must start first); every
+    argument is quoted with shlex, so no user string is interpreted by it."""
+    import shlex
+
+    args = [*vllm_args, "--pipeline-parallel-size", str(plan.nodes), "--distributed-executor-backend", "ray"]
+    leader_script = (f"ray start --head --port={RAY_PORT} && exec vllm serve "
+                     + " ".join(shlex.quote(a) for a in args))  # fmt: skip
+    worker_script = f"exec ray start --address=$(LWS_LEADER_ADDRESS):{RAY_PORT} --block"
+    leader = copy.deepcopy(pod)
+    leader["containers"][0].update(command=["/bin/sh", "-c"], args=[leader_script])
+    worker = copy.deepcopy(pod)
+    engine = worker["containers"][0]
+    engine.update(command=["/bin/sh", "-c"], args=[worker_script])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        engine.pop(probe, None)  # workers run no HTTP server
+    engine["ports"] = []
+    labels = {**common, L.COMPONENT: "engine"}
+    lws = meta(LWS_API, "LeaderWorkerSet", name, namespace, common, "engine", owner)
+    lws["metadata"]["annotations"] = dict(annotations)
+    lws["spec"] = {
+        "replicas": svc.spec.replicas,
+        "startupPolicy": "LeaderCreated",
+        "rolloutStrategy": {"type": "RollingUpdate",
+                            "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}},
+        "leaderWorkerTemplate": {
+            "size": plan.nodes,
+            "restartPolicy": "RecreateGroupOnPodRestart",
+            "leaderTemplate": {"metadata": {"labels": labels, "annotations": annotations}, "spec": leader},
+            "workerTemplate": {"metadata": {"labels": labels, "annotations": annotations}, "spec": worker},
+        },
+    }  # fmt: skip
+    return lws
