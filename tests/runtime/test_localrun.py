@@ -94,6 +94,34 @@ def test_the_chain_runs_locally_from_one_file(project, capsys):
     finally:
         server.stop()
 
+    # the CLI serves in the foreground; stopping it (SIGTERM) stops the engine with it
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from kubeforge.localrun import free_port
+
+    (project / "svc.yaml").write_text(yaml.safe_dump(docs[0]))
+    port = free_port()
+    cli = subprocess.Popen([sys.executable, "-m", "kubeforge.cli", "run", str(project / "svc.yaml"), "--port",
+                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not healthy():
+        assert cli.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    cli.terminate()
+    assert cli.wait(timeout=60) == 143
+    assert not healthy()
+
 
 def test_a_quantizejob_whose_finetunejob_never_ran_locally_is_refused(project, capsys):
     from kubeforge.runtime.demo.__main__ import quantize_yaml
