@@ -4,7 +4,10 @@ vLLM (`vllm serve`) and SGLang (`python -m sglang.launch_server`) serve GPUs fro
 images; the transformers engine is kubeforge's small OpenAI-compatible server for CPU and
 small models. All three answer the OpenAI API under /v1 on SERVING_PORT and GET /health.
 compressed-tensors checkpoints (what QuantizeJob writes) are detected from config.json by
-both vLLM and SGLang, so no --quantization flag is passed.
+both vLLM and SGLang, so no --quantization flag is passed. The flags were checked against
+vLLM's EngineArgs (arg_utils.py: --enable-prefix-caching is a BooleanOptionalAction, hence
+--no-enable-prefix-caching) and SGLang's ServerArgs (--lora-paths NAME=PATH,
+--max-loras-per-batch, --disable-radix-cache) as documented for the pinned versions.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def launch(
         if not prefix_caching:
             args.append("--disable-radix-cache")
         if adapters:
-            args += ["--max-loras-per-batch", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
+            args += ["--enable-lora", "--max-loras-per-batch", str(len(adapters)),
+                     "--max-lora-rank", str(max_lora_rank),
                      "--lora-paths", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
         return EngineLaunch(image or SGLANG_IMAGE, ["python3", "-m", "sglang.launch_server"], args)
     if engine == "transformers":
