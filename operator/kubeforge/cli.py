@@ -204,9 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
                 # a SIGTERM (kill, a supervisor) must stop the engine too, not leave it orphaned
                 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-                server = start_service(obj, args.job, port=args.port)
-                print("Ctrl-C stops it. Try: curl " + server.url + "/models", flush=True)
+                server = start_service(obj, args.job, port=args.port)  # stops what it started if interrupted
                 try:
+                    print("Ctrl-C stops it. Try: curl " + server.url + "/models", flush=True)
                     server.process.wait()
                 finally:
                     server.stop()

@@ -249,7 +249,7 @@ def start_service(svc: ModelService, yaml_path: Path, *, port: int | None = None
     """Start the engine for ``svc`` on this machine and wait until it is healthy."""
     import shutil
 
-    from kubeforge.render.engines import HEALTH_PATH, launch
+    from kubeforge.render.engines import launch
 
     out = out or sys.stdout
     base = yaml_path.resolve().parent
@@ -282,18 +282,27 @@ def start_service(svc: ModelService, yaml_path: Path, *, port: int | None = None
     log = (workdir / "serve.log").open("w")
     process = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT)
     server = LocalServer(process, f"http://127.0.0.1:{port}/v1", name)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RunError(f"the {engine} server exited ({process.returncode}); see {workdir / 'serve.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RunError(f"the {engine} server did not become healthy in {timeout:.0f} s") from None
-            time.sleep(0.5)
+    try:
+        _wait_healthy(server, port, engine, workdir, timeout)
+    except BaseException:  # a failed start, Ctrl-C or SIGTERM while waiting: never leave the engine behind
+        server.stop()
+        raise
     print(f"serving {uri} with {engine} as {name!r} at {server.url} (OpenAI API; log {workdir / 'serve.log'})",
           file=out, flush=True)  # fmt: skip
     return server
+
+
+def _wait_healthy(server: LocalServer, port: int, engine: str, workdir: Path, timeout: float) -> None:
+    from kubeforge.render.engines import HEALTH_PATH
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise RunError(f"the {engine} server exited ({server.process.returncode}); see {workdir / 'serve.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{HEALTH_PATH}", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RunError(f"the {engine} server did not become healthy in {timeout:.0f} s") from None
+            time.sleep(0.5)

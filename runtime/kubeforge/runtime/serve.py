@@ -247,7 +247,7 @@ class ModelServer:
                       chat: bool) -> web.StreamResponse:  # fmt: skip
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs = {**self._generate_kwargs(ids, settings), "streamer": streamer}
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
         worker.start()
