@@ -35,6 +35,7 @@ from kubeforge.controller.state import (
     artifact,
     artifact_message,
     exists_equal,
+    job_failed,
     of_kind,
     termination,
 )
@@ -187,14 +188,7 @@ def _follow_gang(state: State, gang: Mapping[str, Any], obs: Observed) -> None:
         state.phase = "Succeeded"
         return
     if failed:
-        summary = termination(rank0)
-        detail = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
-        if summary and summary.get("error"):
-            detail += f"; rank 0: {summary['error']}"
-        state.status["completionTime"] = obs.now
-        state.set(RUNNING, "False", "Failed", detail)
-        state.set(FAILED, "True", str(failed.get("reason") or "JobFailed"), detail)
-        state.phase = "Failed"
+        job_failed(state, failed, termination(rank0), "rank 0", obs.now)
         return
     spec = gang.get("spec") or {}
     if spec.get("suspend"):

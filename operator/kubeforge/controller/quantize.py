@@ -29,6 +29,7 @@ from kubeforge.controller.state import (
     artifact,
     artifact_message,
     exists_equal,
+    job_failed,
     of_kind,
     termination,
 )
@@ -110,14 +111,7 @@ def _follow(state: State, batch: Mapping[str, Any], obs: QuantizeObserved) -> No
         return
     failed = true.get("Failed")
     if failed:
-        summary = termination(pod)
-        detail = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
-        if summary and summary.get("error"):
-            detail += f"; quantizer: {summary['error']}"
-        state.status["completionTime"] = obs.now
-        state.set(RUNNING, "False", "Failed", detail)
-        state.set(FAILED, "True", str(failed.get("reason") or "JobFailed"), detail)
-        state.phase = "Failed"
+        job_failed(state, failed, termination(pod), "quantizer", obs.now)
         return
     running = any((p.get("status") or {}).get("phase") == "Running" for p in obs.pods)
     state.set(RUNNING, "True" if running else "False", "PodRunning" if running else "PodPending",

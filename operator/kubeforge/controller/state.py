@@ -105,3 +105,14 @@ def artifact_message(summary: Mapping[str, Any] | None) -> str:
     if summary and summary.get("uri"):
         return f"artifact {summary['uri']}" + (f" ({summary['digest']})" if summary.get("digest") else "")
     return "the gang finished; rank 0 left no artifact summary"
+
+
+def job_failed(state: State, failed: Mapping[str, Any], summary: Mapping[str, Any] | None, who: str, now: str) -> None:
+    """A failed Job: its reason, with the error the pod left in its termination message."""
+    detail = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
+    if summary and summary.get("error"):
+        detail += f"; {who}: {summary['error']}"
+    state.status["completionTime"] = now
+    state.set("Running", "False", "Failed", detail)
+    state.set(FAILED, "True", str(failed.get("reason") or "JobFailed"), detail)
+    state.phase = "Failed"

@@ -14,7 +14,6 @@ Methods (llm-compressor schemes):
 
 from __future__ import annotations
 
-import datetime
 import logging
 import sys
 import time
@@ -190,16 +189,7 @@ def run(contract: QuantizeContract) -> dict[str, Any]:
             "metrics": metrics,
         },
     )
-    if out_location.uri.startswith("s3://"):
-        fetch.upload_s3(out, out_location.uri, [*export.artifact_files(out), out / export.MANIFEST])
-    return {
-        "status": "succeeded",
-        "uri": out_location.uri,
-        "digest": export.digest(out),
-        "sizeBytes": export.size(out),
-        "metrics": metrics,
-        "createdAt": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return export.publish(out, out_location.uri, metrics)
 
 
 if __name__ == "__main__":

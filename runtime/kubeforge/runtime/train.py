@@ -281,16 +281,7 @@ def _export(contract, model, tokenizer, data_path, losses, total, tracker, secon
             "losses": losses,
         },
     )
-    if out_location.uri.startswith("s3://"):
-        fetch.upload_s3(out, out_location.uri, [*export.artifact_files(out), out / export.MANIFEST])
-    return {
-        "status": "succeeded",
-        "uri": out_location.uri,
-        "digest": export.digest(out),
-        "sizeBytes": export.size(out),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        "createdAt": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return export.publish(out, out_location.uri, metrics)
 
 
 def _device(contract: Contract, dist: Dist):
