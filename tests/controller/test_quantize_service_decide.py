@@ -224,3 +224,26 @@ def test_model_paths_reach_the_shell_quoted():
         assert "'/mnt/pvc/models/it'\"'\"'s; rm -rf'" in script
     else:
         assert cond(d.status, "Accepted")["status"] == "False"
+
+
+def test_every_status_written_fits_the_crd_status_schema():
+    """A real API server prunes what its structural schema lacks: what we write must fit the models."""
+    from kubeforge.api.quantize import QuantizeJobStatus
+    from kubeforge.api.service import ModelServiceStatus
+
+    first = decide_quantize(QuantizeObserved(live(quantize()), NOW, lookup_of(FTJ_DONE)))
+    job = copy.deepcopy(first.apply[1])
+    job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": NOW}
+    summary = {"status": "succeeded", "uri": "pvc://m/q", "digest": "sha256:b", "sizeBytes": 10, "metrics": {"x": 1}}
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
+        {"state": {"terminated": {"exitCode": 0, "message": termination_message(summary)}}}]}}  # fmt: skip
+    done = decide_quantize(QuantizeObserved(live(quantize(), status=first.status), NOW, lookup_of(FTJ_DONE),
+                                            children=[first.apply[0], job], pods=[pod]))  # fmt: skip
+    for status in (first.status, done.status):
+        assert QuantizeJobStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+    d = decide_service(observe_service(live(service()), QJ_DONE))
+    deployment, svc = d.apply
+    ready = decide_service(observe_service(live(service(), status=d.status), QJ_DONE,
+                                           children=[rolled(deployment, 1, 2), svc]))  # fmt: skip
+    for status in (d.status, ready.status):
+        ModelServiceStatus.model_validate(status)
