@@ -17,26 +17,29 @@ import json
 from typing import Any, Literal
 
 from kubeforge.api.finetune import FineTuneJob
-from kubeforge.api.uris import parse_uri
 from kubeforge.planner.plan import Plan
 from kubeforge.render import labels as L
 from kubeforge.render.contract import finetune_contract
 from kubeforge.render.images import TRAINER_IMAGE, TRAINER_UID
-from kubeforge.render.mounts import claim_mounts
+from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
-from kubeforge.render.objects import meta, owner_refs, tolerations
+from kubeforge.render.objects import (
+    meta,
+    node_affinity,
+    non_root,
+    owner_refs,
+    pod_failure_policy,
+    runtime_env,
+    tolerations,
+)
 from kubeforge.runtime.contract import (
     CACHE_DIR,
     CONFIG_DIR,
     CONFIG_FILE,
     CONFIG_PATH,
-    ENV_CONFIG,
-    ENV_HF_HOME,
-    ENV_HF_TOKEN,
     ENV_NODE_RANK,
     ENV_POD_IP,
     ENV_POD_NAME,
-    EXIT_USER_ERROR,
     PROGRESS_PORT,
     PROGRESS_PORT_NAME,
     RENDEZVOUS_PORT,
@@ -108,15 +111,7 @@ def render_finetune(
         "completions": plan.nodes,
         "parallelism": plan.nodes,
         "backoffLimit": GANG_RESTARTS * plan.nodes,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]},
-                },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(CONTAINER),
         "template": template,
     }
     queue = job.spec.resources.queue
@@ -155,16 +150,13 @@ def _pod_template(
         {"name": "contract", "configMap": {"name": n["configmap"]}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(plan)}},
         {"name": "cache", "emptyDir": {}},
-        *(
-            {"name": m.volume_name, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}}
-            for m in mounts
-        ),
+        *claim_volumes(mounts),
     ]
     volume_mounts: list[dict[str, Any]] = [
         {"name": "contract", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "shm", "mountPath": SHM_DIR},
         {"name": "cache", "mountPath": CACHE_DIR},
-        *({"name": m.volume_name, "mountPath": m.mount_path, "readOnly": m.read_only} for m in mounts),
+        *claim_volume_mounts(mounts),
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -199,46 +191,25 @@ def _pod_template(
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {"key": k, "operator": "In", "values": [v]} for k, v in plan.node_selector
-                            ]
-                        }
-                    ]
-                }
-            }
-        },
         "tolerations": tolerations(job.spec.resources.tolerations),
         "containers": [container],
         "volumes": volumes,
     }
+    affinity = node_affinity(plan.node_selector)
+    if affinity:
+        pod["affinity"] = affinity
     if gang == "job":
         pod["subdomain"] = n["service"]
     if spec.resources.node_selector:
         pod["nodeSelector"] = dict(spec.resources.node_selector)
     if default_image:
-        # our trainer image runs as a non-root user; a custom image may not, so it is left alone
-        pod["securityContext"] = {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }
-    if not plan.node_selector:
-        del pod["affinity"]
+        pod["securityContext"] = non_root(TRAINER_UID)
     return {"metadata": {"labels": labels, "annotations": {L.PLAN_DIGEST: digest}}, "spec": pod}
 
 
 def _env(job: FineTuneJob, plan: Plan) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": ENV_CONFIG, "value": CONFIG_PATH},
-        {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *runtime_env(job.spec.credentials, job.spec.model.uri),
         {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         # NCCL: surface errors instead of hanging, and say why a collective failed
@@ -250,12 +221,6 @@ def _env(job: FineTuneJob, plan: Plan) -> list[dict[str, Any]]:
         env.append({"name": "NCCL_P2P_LEVEL", "value": "PXB"})
     if plan.nodes > 1:
         env.append({"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"})
-    creds = job.spec.credentials
-    if creds and creds.hugging_face:
-        ref = creds.hugging_face
-        env.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    if parse_uri(job.spec.model.uri).scheme != "hf":
-        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     return env
 
 

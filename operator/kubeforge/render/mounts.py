@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kubeforge.api.uris import parse_uri
 from kubeforge.runtime.contract import PVC_ROOT, Location
@@ -39,3 +40,14 @@ def claim_mounts(read: Iterable[str], write: Iterable[str]) -> list[ClaimMount]:
     writable = {parse_uri(u).authority for u in write if parse_uri(u).scheme == "pvc"}
     claims = {parse_uri(u).authority for u in [*read, *write] if parse_uri(u).scheme == "pvc"}
     return [ClaimMount(c, read_only=c not in writable) for c in sorted(claims)]
+
+
+def claim_volumes(mounts: Iterable[ClaimMount]) -> list[dict[str, Any]]:
+    return [
+        {"name": m.volume_name, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}}
+        for m in mounts
+    ]
+
+
+def claim_volume_mounts(mounts: Iterable[ClaimMount]) -> list[dict[str, Any]]:
+    return [{"name": m.volume_name, "mountPath": m.mount_path, "readOnly": m.read_only} for m in mounts]

@@ -6,7 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from kubeforge.api.kinds import API_VERSION
+from kubeforge.api.uris import parse_uri
 from kubeforge.render import labels as L
+from kubeforge.runtime.contract import CACHE_DIR, CONFIG_PATH, ENV_CONFIG, ENV_HF_HOME, ENV_HF_TOKEN, EXIT_USER_ERROR
 
 
 def owner_refs(kind: str, name: str, uid: str | None) -> list[dict[str, Any]]:
@@ -40,3 +42,43 @@ def node_affinity(selector: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
         return None
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": terms}]}}}  # fmt: skip
+
+
+def hf_token_env(credentials: Any) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret the spec names (never the token itself)."""
+    if not (credentials and credentials.hugging_face):
+        return []
+    ref = credentials.hugging_face
+    return [{"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def runtime_env(credentials: Any, model_uri: str) -> list[dict[str, Any]]:
+    """What every runtime pod (train, quantize) needs: the contract, the Hub cache and token, and no Hub
+    lookups unless the model comes from the Hub."""
+    env: list[dict[str, Any]] = [
+        {"name": ENV_CONFIG, "value": CONFIG_PATH},
+        {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += hf_token_env(credentials)
+    if parse_uri(model_uri).scheme != "hf":
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def non_root(uid: int) -> dict[str, Any]:
+    """The pod security context for our own images, which run as a non-root user (a custom image may
+    not, so it is left alone)."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
+def pod_failure_policy(container: str) -> dict[str, Any]:
+    """EXIT_USER_ERROR fails the Job at once; a disruption (preemption, drain) does not count."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_USER_ERROR]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }  # fmt: skip

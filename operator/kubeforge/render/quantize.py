@@ -11,22 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from kubeforge.api.quantize import CALIBRATED_METHODS, QuantizeJob
-from kubeforge.api.uris import parse_uri
 from kubeforge.render import labels as L
 from kubeforge.render.contract import quantize_contract
 from kubeforge.render.images import QUANTIZER_IMAGE, TRAINER_UID
-from kubeforge.render.mounts import claim_mounts
+from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
-from kubeforge.render.objects import meta, owner_refs, tolerations
+from kubeforge.render.objects import meta, non_root, owner_refs, pod_failure_policy, runtime_env, tolerations
 from kubeforge.runtime.contract import (
     CACHE_DIR,
     CONFIG_DIR,
     CONFIG_FILE,
     CONFIG_PATH,
-    ENV_CONFIG,
-    ENV_HF_HOME,
-    ENV_HF_TOKEN,
-    EXIT_USER_ERROR,
     TERMINATION_MESSAGE_PATH,
 )
 
@@ -59,16 +54,6 @@ def render_quantize(
     reads = [source_uri] + [c.location.uri for c in (contract.calibration, contract.evaluation) if c is not None]
     mounts = claim_mounts(read=reads, write=[job.spec.output.uri])
     spec = job.spec
-    env: list[dict[str, Any]] = [
-        {"name": ENV_CONFIG, "value": CONFIG_PATH},
-        {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    if spec.credentials and spec.credentials.hugging_face:
-        ref = spec.credentials.hugging_face
-        env.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    if parse_uri(source_uri).scheme != "hf":
-        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     resources: dict[str, Any] = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     if gpu:
         resources["requests"][L.GPU_RESOURCE] = "1"
@@ -79,12 +64,12 @@ def render_quantize(
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubeforge.runtime.quantize"],
         "args": ["--config", CONFIG_PATH],
-        "env": env,
+        "env": runtime_env(spec.credentials, source_uri),
         "resources": resources,
         "volumeMounts": [
             {"name": "contract", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "cache", "mountPath": CACHE_DIR},
-            *({"name": m.volume_name, "mountPath": m.mount_path, "readOnly": m.read_only} for m in mounts),
+            *claim_volume_mounts(mounts),
         ],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -99,10 +84,7 @@ def render_quantize(
         "volumes": [
             {"name": "contract", "configMap": {"name": n["configmap"]}},
             {"name": "cache", "emptyDir": {}},
-            *(
-                {"name": m.volume_name, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}}
-                for m in mounts
-            ),
+            *claim_volumes(mounts),
         ],
     }
     if gpu:
@@ -112,18 +94,11 @@ def render_quantize(
     if spec.resources.node_selector:
         pod["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.image is None:
-        pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
-                                  "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+        pod["securityContext"] = non_root(TRAINER_UID)
     batch = meta("batch/v1", "Job", n["job"], namespace, common, "quantizer", owner)
     batch["spec"] = {
         "backoffLimit": RETRIES,
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "FailJob",
-                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(CONTAINER),
         "template": {"metadata": {"labels": {**common, L.COMPONENT: "quantizer"}}, "spec": pod},
     }  # fmt: skip
     return [configmap, batch]

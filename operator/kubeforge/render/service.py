@@ -20,8 +20,8 @@ from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAM
 from kubeforge.render.images import FETCHER_IMAGE, TRAINER_UID
 from kubeforge.render.mounts import claim_mounts, location
 from kubeforge.render.names import child_name
-from kubeforge.render.objects import meta, node_affinity, owner_refs, tolerations
-from kubeforge.runtime.contract import CACHE_DIR, ENV_HF_HOME, ENV_HF_TOKEN, SHM_DIR
+from kubeforge.render.objects import hf_token_env, meta, node_affinity, owner_refs, tolerations
+from kubeforge.runtime.contract import CACHE_DIR, ENV_HF_HOME, SHM_DIR
 
 MODEL_DIR = "/mnt/model"
 CONTAINER = "engine"
@@ -60,10 +60,7 @@ def render_service(
     init: list[dict[str, Any]] = []
     model_path = loc.local_path or MODEL_DIR
     creds = spec.credentials
-    secret_env: list[dict[str, Any]] = []
-    if creds and creds.hugging_face:
-        ref = creds.hugging_face
-        secret_env.append({"name": ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    secret_env = hf_token_env(creds)
     if loc.local_path is None:  # s3:// or hf://: an init container downloads it
         volumes.append({"name": "model", "emptyDir": {}})
         fetcher: dict[str, Any] = {
