@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,6 @@ def run(job: FineTuneJob, yaml_path: Path, *, nproc: int | None, offline: bool, 
     contract = finetune_contract(job, plan, device=device).model_copy(update={"progress": ProgressConfig(port=port)})
     config = workdir / "contract.json"
     config.write_text(contract.to_json())
-    termination = workdir / "termination.json"
-    termination.unlink(missing_ok=True)
     processes = plan.total_gpus
     command = [sys.executable, "-m", "kubeforge.runtime.train", "--config", str(config)]
     if processes > 1:
@@ -98,20 +97,12 @@ def run(job: FineTuneJob, yaml_path: Path, *, nproc: int | None, offline: bool, 
             "--config",
             str(config),
         ]
-    env = dict(os.environ, KUBEFORGE_TERMINATION_LOG=str(termination), PYTHONUNBUFFERED="1")
-    if device == "cpu":
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    log_path = workdir / "train.log"
-    print(f"training: {' '.join(command[1:4])} ... (log: {log_path})", file=out)
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _watch(proc, port, err)
-    summary = read_termination_message(termination.read_text()) if termination.exists() else None
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        reason = (summary or {}).get("error") or f"exit code {proc.returncode}"
-        print(f"FAILED: {reason}\n--- last lines of {log_path} ---\n{tail}", file=err)
-        return RunResult(2 if proc.returncode == EXIT_USER_ERROR else 1, summary, workdir)
+    env = {}
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the caller's own setting wins
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    code, summary = _launch(command, workdir, "train.log", out, err, env=env, watch=lambda p: _watch(p, port, err))
+    if code != 0:
+        return RunResult(2 if code == EXIT_USER_ERROR else 1, summary, workdir)
     _report(summary or {}, out)
     return RunResult(0, summary, workdir)
 
@@ -182,19 +173,24 @@ def source_uri(kind: str, name: str | None, uri: str | None, base: Path, where: 
     return str(summary["uri"])
 
 
-def _launch(module: str, config: Path, workdir: Path, out, err) -> tuple[int, dict | None]:
+def _launch(command: list[str], workdir: Path, log_name: str, out, err, *, env: dict[str, str] | None = None,
+            watch: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, dict | None]:  # fmt: skip
+    """Run a runtime entry point with its log in ``workdir``; (exit code, its termination summary)."""
     termination = workdir / "termination.json"
     termination.unlink(missing_ok=True)
-    log_path = workdir / f"{module.rsplit('.', 1)[-1]}.log"
-    print(f"running: python -m {module} (log: {log_path})", file=out, flush=True)
-    env = dict(os.environ, KUBEFORGE_TERMINATION_LOG=str(termination), PYTHONUNBUFFERED="1")
+    log_path = workdir / log_name
+    print(f"running: {' '.join(command[1:4])} ... (log: {log_path})", file=out, flush=True)
+    full_env = {**os.environ, **(env or {}), "KUBEFORGE_TERMINATION_LOG": str(termination), "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
-        code = subprocess.run([sys.executable, "-m", module, "--config", str(config)], stdout=log,
-                              stderr=subprocess.STDOUT, env=env).returncode  # fmt: skip
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        if watch is not None:
+            watch(proc)
+        code = proc.wait()
     summary = read_termination_message(termination.read_text()) if termination.exists() else None
     if code != 0:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-10:])
-        print(f"FAILED: {(summary or {}).get('error') or f'exit code {code}'}\n--- {log_path} ---\n{tail}", file=err)
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        reason = (summary or {}).get("error") or f"exit code {code}"
+        print(f"FAILED: {reason}\n--- last lines of {log_path} ---\n{tail}", file=err)
     return code, summary
 
 
@@ -222,7 +218,8 @@ def run_quantize(job: QuantizeJob, yaml_path: Path, *, out=None, err=None) -> Ru
     config = workdir / "contract.json"
     config.write_text(contract.to_json())
     print(f"quantize: {uri} with {job.spec.method} on {device}", file=out)
-    code, summary = _launch("kubeforge.runtime.quantize", config, workdir, out, err)
+    command = [sys.executable, "-m", "kubeforge.runtime.quantize", "--config", str(config)]
+    code, summary = _launch(command, workdir, "quantize.log", out, err)
     if code != 0:
         return RunResult(2 if code == EXIT_USER_ERROR else 1, summary, workdir)
     metrics = (summary or {}).get("metrics") or {}
