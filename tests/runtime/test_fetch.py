@@ -99,3 +99,17 @@ def test_missing_s3_locations_are_user_errors(s3_env, tiny_model, task_data, tmp
     code, summary = run_inline(contract, tmp_path)
     assert code == EXIT_USER_ERROR
     assert "s3://nobucket/model: no bucket 'nobucket'" in summary["error"]
+
+
+def test_the_init_container_fetch_downloads_straight_into_its_target(tiny_model, s3_env, tmp_path, monkeypatch):
+    """`python -m kubeforge.runtime.fetch URI DEST` (a ModelService's init container): no cache copy."""
+    with serve_repo("acme/tiny", tiny_model) as (endpoint, _):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert fetch.main(["hf://acme/tiny", str(tmp_path / "from-hub")]) == 0
+    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    s3_env.make_bucket("serve")
+    fetch.upload_s3(tiny_model, "s3://serve/bot")
+    assert fetch.main(["s3://serve/bot", str(tmp_path / "from-s3")]) == 0
+    assert sorted(p.name for p in (tmp_path / "from-s3").iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    assert not (tmp_path / "cache" / "s3").exists()  # nothing staged twice
+    assert fetch.main(["s3://serve/missing", str(tmp_path / "none")]) == 3

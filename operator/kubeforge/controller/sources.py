@@ -24,7 +24,6 @@ class Source:
     digest: str | None = None
     reason: str = "SourceReady"
     message: str = ""
-    ref: tuple[str, str] | None = None  # (kind, name) when it is another object
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -42,8 +41,7 @@ def resolve(refs: Mapping[str, str | None], uri: str | None, lookup: Lookup) -> 
             continue
         obj = lookup(kind, name)
         if obj is None:
-            return Source(False, reason="WaitingForSource", message=f"{kind} {name} does not exist (yet)",
-                          ref=(kind, name))  # fmt: skip
+            return Source(False, reason="WaitingForSource", message=f"{kind} {name} does not exist (yet)")
         status = obj.get("status") or {}
         phase = status.get("phase")
         if phase == "Failed":
@@ -52,14 +50,14 @@ def resolve(refs: Mapping[str, str | None], uri: str | None, lookup: Lookup) -> 
                  and c.get("status") == ("True" if c.get("type") == "Failed" else "False")),
                 "",
             )  # fmt: skip
-            return Source(False, failed=True, reason="SourceFailed",
-                          message=f"{kind} {name} failed" + (f": {why}" if why else ""), ref=(kind, name))  # fmt: skip
+            failed = f"{kind} {name} failed" + (f": {why}" if why else "")
+            return Source(False, failed=True, reason="SourceFailed", message=failed)
         artifact = status.get("artifact") or {}
         if phase == "Succeeded" and artifact.get("uri"):
-            return Source(True, uri=artifact["uri"], digest=artifact.get("digest"),
-                          message=f"{kind} {name}: {artifact['uri']}", ref=(kind, name))  # fmt: skip
+            where = artifact["uri"]
+            return Source(True, uri=where, digest=artifact.get("digest"), message=f"{kind} {name}: {where}")
         waiting = f"waiting for {kind} {name} to succeed (phase {phase or 'Pending'})"
-        return Source(False, reason="WaitingForSource", message=waiting, ref=(kind, name))
+        return Source(False, reason="WaitingForSource", message=waiting)
     if uri:
         return Source(True, uri=uri, message=uri)
     return Source(False, failed=True, reason="NoSource", message="the spec names no source")

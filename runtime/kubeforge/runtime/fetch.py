@@ -13,7 +13,9 @@ class SourceMissing(ValueError):
     """The URI names nothing (no such repository, revision or prefix): a user error, not a retry."""
 
 
-def local_path(location: Location, cache_dir: str | None = None) -> Path:
+def local_path(location: Location, cache_dir: str | None = None, dest: Path | None = None) -> Path:
+    """A folder (or file) with the location's content: mounted paths as they are, hf:// and s3:// downloaded
+    into the cache, or straight into ``dest`` when given (an init container's target: no second copy)."""
     if location.local_path:
         return Path(location.local_path)
     cache = Path(cache_dir or os.environ.get("KUBEFORGE_CACHE_DIR", CACHE_DIR))
@@ -28,6 +30,7 @@ def local_path(location: Location, cache_dir: str | None = None) -> Path:
                 repo,
                 revision=location.revision,
                 cache_dir=str(cache / "hf"),
+                local_dir=str(dest) if dest is not None else None,
                 endpoint=os.environ.get("HF_ENDPOINT"),
                 token=os.environ.get("HF_TOKEN"),
             )
@@ -41,7 +44,8 @@ def local_path(location: Location, cache_dir: str | None = None) -> Path:
             ) from err
         return Path(folder)
     if uri.startswith("s3://"):
-        return download_s3(uri, cache / "s3")
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        return download_s3(uri, dest if dest is not None else cache / "s3" / bucket / prefix)
     raise ValueError(f"{uri}: no local path and no way to fetch it")
 
 
@@ -70,10 +74,9 @@ def s3_client(uri: str) -> tuple[Any, str, str]:
     return client, bucket, prefix
 
 
-def download_s3(uri: str, cache: Path) -> Path:
-    """Every object under s3://bucket/prefix, into cache/bucket/prefix (credentials from the environment)."""
+def download_s3(uri: str, target: Path) -> Path:
+    """Every object under s3://bucket/prefix, into ``target`` (credentials from the environment)."""
     client, bucket, prefix = s3_client(uri)
-    target = cache / bucket / prefix
     if not client.bucket_exists(bucket):
         raise SourceMissing(f"{uri}: no bucket {bucket!r} at this endpoint (AWS_ENDPOINT_URL)")
     found = False
@@ -109,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest")
     parser.add_argument("--revision", default=None)
     args = parser.parse_args(argv)
+    dest = Path(args.dest)
     try:
-        found = local_path(Location(uri=args.uri, revision=args.revision))
+        found = local_path(Location(uri=args.uri, revision=args.revision), dest=dest)
     except (SourceMissing, ValueError) as err:
         print(f"kubeforge fetch: {err}", file=sys.stderr)
         return 3
-    dest = Path(args.dest)
-    shutil.copytree(found, dest, dirs_exist_ok=True, symlinks=False)
+    if found != dest:  # a mounted or local path: copied
+        shutil.copytree(found, dest, dirs_exist_ok=True, symlinks=False)
     print(f"kubeforge fetch: {args.uri} -> {dest}", flush=True)
     return 0
 

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from kubeforge.runtime.mcore.engine import MegatronEngine
 
 log = logging.getLogger("kubeforge.train")
-SUPPORTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron")
 
 
 @dataclass(frozen=True)
@@ -85,11 +84,6 @@ def _destroy_process_group() -> None:
 def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     import torch
 
-    if contract.parallel.strategy not in SUPPORTED_STRATEGIES:
-        raise UserError(
-            f"strategy {contract.parallel.strategy} is planned, but this runtime version runs only "
-            f"{', '.join(SUPPORTED_STRATEGIES)}; set spec.parallelism.strategy: ddp"
-        )
     megatron = contract.parallel.strategy == "megatron"
     if megatron and contract.compute.device != "cuda":
         raise UserError(
