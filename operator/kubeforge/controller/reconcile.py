@@ -142,8 +142,8 @@ def reconcile_modelservice(
     arch = None
     if base:
         try:
-            arch, _ = architecture_of(ModelSource(uri=base))
-        except ValueError:
+            arch, _ = architecture_of(ModelSource.model_validate(base))  # with its architecture overrides
+        except ValueError:  # not a valid model source: the service is planned without the model's size
             arch = None
     decision = decide_service(
         ServiceObserved(

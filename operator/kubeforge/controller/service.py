@@ -41,8 +41,9 @@ class ServiceObserved:
     leaderworkerset_available: bool = False
 
 
-def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[str | None, str | None]:
-    """(base model URI, quantization method) of what a ModelService spec serves, following refs."""
+def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Mapping[str, Any] | None, str | None]:
+    """(base model as a FineTuneJob's spec.model, quantization method) of what a ModelService spec serves,
+    following refs; a URI source is its own base model."""
     source = spec.get("source") or {}
     method = None
     if (source.get("quantizeJobRef") or {}).get("name"):
@@ -51,8 +52,8 @@ def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[str | None, str | 
         source = (qj.get("spec") or {}).get("source") or {}
     if (source.get("fineTuneJobRef") or {}).get("name"):
         ftj = lookup("FineTuneJob", source["fineTuneJobRef"]["name"]) or {}
-        return ((ftj.get("spec") or {}).get("model") or {}).get("uri"), method
-    return source.get("uri"), method
+        return (ftj.get("spec") or {}).get("model"), method
+    return ({"uri": source["uri"]} if source.get("uri") else None), method
 
 
 def decide_service(obs: ServiceObserved) -> Decision:
