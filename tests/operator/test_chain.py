@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from kubeforge.runtime.contract import termination_message
@@ -21,23 +19,13 @@ from tests.harness.cluster import (
 )
 from tests.harness.manifests import validate_manifest
 from tests.harness.waiters import wait_for, wait_phase, wait_status
+from tests.operator.test_finetunejob import condition
+from tests.operator.test_finetunejob import server_fields_removed as clean
 
 pytestmark = pytest.mark.operator
 
 BASE = "/apis/kubeforge.io/v1alpha1/namespaces/team-a"
 FTJ, QJ, MSVC = (f"kubeforge.io/v1alpha1/{r}" for r in ("finetunejobs", "quantizejobs", "modelservices"))
-
-
-def condition(obj: dict, type_: str) -> dict | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
-
-
-def clean(obj: dict) -> dict:
-    obj = copy.deepcopy(obj)
-    for key in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"):
-        obj["metadata"].pop(key, None)
-    obj.pop("status", None)
-    return obj
 
 
 async def finish(api, job: dict, summary: dict) -> None:
