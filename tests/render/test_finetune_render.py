@@ -208,14 +208,16 @@ def test_user_strings_never_reach_a_shell():
     assert not any("rm -rf" in a or "whoami" in a for a in container["args"])
 
 
-def test_custom_image_is_not_forced_to_a_uid():
+def test_custom_image_keeps_the_security_context_and_gets_a_home():
     _, _, docs = rendered(image="registry.local/my-trainer:1")
     pod = pod_spec(docs)
     assert pod["containers"][0]["image"] == "registry.local/my-trainer:1"
-    assert "securityContext" not in pod
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"name": "HOME", "value": "/mnt/cache"} in pod["containers"][0]["env"]
     _, _, default = rendered()
     assert pod_spec(default)["securityContext"]["runAsNonRoot"] is True
+    assert all(e["name"] != "HOME" for e in pod_spec(default)["containers"][0]["env"])  # our image has a home
 
 
 def test_offload_requests_host_memory():

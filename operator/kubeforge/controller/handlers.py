@@ -48,6 +48,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 def owner_key(body: kopf.Body) -> tuple[str | None, str | None, str | None]:
+    """A child's index key, from its owner labels: the handlers look it up with L.owner_key()."""
     labels = body.get("metadata", {}).get("labels") or {}
     return body.get("metadata", {}).get("namespace"), labels.get(L.OWNER_KIND), labels.get(L.OWNER_NAME)
 
@@ -100,7 +101,7 @@ def finetunejob(
     **_: Any,
 ) -> None:
     """Plan, render, apply the gang, follow it: one level-triggered pass (controller/finetune.py decides)."""
-    key = (body.metadata.namespace, "FineTuneJob", body.metadata.name)
+    key = L.owner_key(body.metadata.namespace, "FineTuneJob", body.metadata.name or "")
     with metrics.measured("FineTuneJob"):
         decision = reconcile_finetunejob(
             body,
@@ -158,7 +159,7 @@ def quantizejob(
     **_: Any,
 ) -> None:
     """Wait for the source, run the quantizer, follow it (controller/quantize.py decides)."""
-    key = (body.metadata.namespace, "QuantizeJob", body.metadata.name)
+    key = L.owner_key(body.metadata.namespace, "QuantizeJob", body.metadata.name or "")
     with metrics.measured("QuantizeJob"):
         decision = reconcile_quantizejob(
             body,
@@ -186,7 +187,7 @@ def modelservice(
     **_: Any,
 ) -> None:
     """Wait for the artifact, plan, deploy, roll over to new artifacts (controller/service.py decides)."""
-    key = (body.metadata.namespace, "ModelService", body.metadata.name)
+    key = L.owner_key(body.metadata.namespace, "ModelService", body.metadata.name or "")
     with metrics.measured("ModelService"):
         decision = reconcile_modelservice(
             body,

@@ -24,6 +24,8 @@ from kubeforge.render.images import TRAINER_IMAGE, TRAINER_UID
 from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
 from kubeforge.render.objects import (
+    container_security,
+    foreign_image_env,
     meta,
     node_affinity,
     non_root,
@@ -58,10 +60,10 @@ GIB = 1024**3
 def names(job_name: str) -> dict[str, str]:
     return {
         "configmap": child_name(job_name, "contract"),
-        "service": child_name(job_name, "rdzv"),
+        "service": child_name(job_name, "rdzv", letter_first=True),  # a Service's name is a DNS-1035 label
         "job": child_name(job_name, "", limit=JOB_NAME_MAX),
-        # JobSet pods are <jobset>-node-0-<index>: keep that a DNS label too
-        "jobset": child_name(job_name, "", limit=JOB_NAME_MAX - len(f"-{REPLICATED_JOB}-0")),
+        # JobSet pods are <jobset>-node-0-<index>: keep that a DNS label too (JobSet wants DNS-1035)
+        "jobset": child_name(job_name, "", limit=JOB_NAME_MAX - len(f"-{REPLICATED_JOB}-0"), letter_first=True),
     }
 
 
@@ -174,7 +176,7 @@ def _pod_template(
             "--config",
             CONFIG_PATH,
         ],
-        "env": _env(job, plan),
+        "env": _env(job, plan) + ([] if default_image else foreign_image_env()),
         "ports": [
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
             {"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT, "protocol": "TCP"},
@@ -183,7 +185,7 @@ def _pod_template(
         "volumeMounts": volume_mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security(),
     }
     if spec.credentials and spec.credentials.s3:
         container["envFrom"] = [{"secretRef": {"name": spec.credentials.s3.name}}]
@@ -194,6 +196,7 @@ def _pod_template(
         "tolerations": tolerations(job.spec.resources.tolerations),
         "containers": [container],
         "volumes": volumes,
+        "securityContext": non_root(TRAINER_UID),  # a custom image too (restricted Pod Security Standard)
     }
     affinity = node_affinity(plan.node_selector)
     if affinity:
@@ -202,8 +205,6 @@ def _pod_template(
         pod["subdomain"] = n["service"]
     if spec.resources.node_selector:
         pod["nodeSelector"] = dict(spec.resources.node_selector)
-    if default_image:
-        pod["securityContext"] = non_root(TRAINER_UID)
     return {"metadata": {"labels": labels, "annotations": {L.PLAN_DIGEST: digest}}, "spec": pod}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kubeforge.api.kinds import GROUP
+from kubeforge.render.names import owner_label
 
 FIELD_MANAGER = "kubeforge"
 
@@ -32,8 +33,14 @@ def owner_labels(kind: str, name: str, uid: str | None) -> dict[str, str]:
         MANAGED_BY: MANAGED_BY_VALUE,
         PART_OF: "kubeforge",
         OWNER_KIND: kind,
-        OWNER_NAME: name[:63].rstrip("-."),
+        OWNER_NAME: owner_label(name),
     }
     if uid:
         labels[OWNER_UID] = uid
     return labels
+
+
+def owner_key(namespace: str | None, kind: str, name: str) -> tuple[str | None, str, str]:
+    """How the controller's child indexes are keyed: (namespace, OWNER_KIND, OWNER_NAME) as
+    owner_labels() wrote them on the children of ``kind`` ``name``."""
+    return namespace, kind, owner_label(name)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.api.uris import parse_uri
+from kubeforge.render.names import child_name
 from kubeforge.runtime.contract import PVC_ROOT, Location
 
 
@@ -17,7 +18,7 @@ class ClaimMount:
 
     @property
     def volume_name(self) -> str:
-        return f"pvc-{self.claim}"[:63].rstrip("-")
+        return child_name(f"pvc-{self.claim}")  # a claim's name may hold dots; a volume's may not
 
     @property
     def mount_path(self) -> str:

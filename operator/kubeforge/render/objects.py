@@ -67,10 +67,40 @@ def runtime_env(credentials: Any, model_uri: str) -> list[dict[str, Any]]:
 
 
 def non_root(uid: int) -> dict[str, Any]:
-    """The pod security context for our own images, which run as a non-root user (a custom image may
-    not, so it is left alone)."""
+    """The pod security context of every pod kubeforge renders, whatever its image: the restricted Pod
+    Security Standard (non-root, RuntimeDefault seccomp) with a fixed uid/gid, and fsGroup so that the
+    pod can write its volumes. Our images run as ``uid`` already; vLLM's and SGLang's run as root by
+    default and a custom image may too, so the uid is set, not merely asked for (runAsNonRoot alone
+    would stop a root image from starting). That assumes such an image works as a user without a home
+    or /etc/passwd entry: its programs readable by all, and what it writes under $HOME or /tmp
+    (foreign_image_env() points HOME at the cache emptyDir). OnRootMismatch: a volume already owned by
+    the group is not chowned file by file at every start (an output PVC can hold many checkpoints)."""
     return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
+def container_security() -> dict[str, Any]:
+    """The restricted Pod Security Standard's container rules, for every container and init container."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
+def foreign_image_env() -> list[dict[str, Any]]:
+    """For an image kubeforge did not build, run under non_root()'s uid: that uid has no home in it
+    (HOME would be / and not writable), so HOME is the cache emptyDir (vLLM's, Triton's, FlashInfer's
+    and Hugging Face's caches live under it), and USER names the user (torch's compile cache calls
+    getpass.getuser(), which fails for a uid without a passwd entry)."""
+    return [{"name": "HOME", "value": CACHE_DIR}, {"name": "USER", "value": "kubeforge"}]
+
+
+def literal(text: str) -> str:
+    """``text`` as it must be written in a container's command, args or env value to reach the
+    process unchanged. Kubernetes expands ``$(VAR)`` there from the container's environment (a URI
+    holding ``$(AWS_SECRET_ACCESS_KEY)`` would carry the Secret's value to wherever the URI goes),
+    and reads ``$$`` as a literal ``$``; so every ``$`` is doubled. (Doubling only ``$(`` is not
+    enough: ``$$(X)`` would become ``$$$(X)``, read as ``$`` then ``$(X)``, expanded.) Apply it to
+    every string that comes from a user or another object, never to kubeforge's own ``$(VAR)``."""
+    return text.replace("$", "$$")
 
 
 def pod_failure_policy(container: str) -> dict[str, Any]:

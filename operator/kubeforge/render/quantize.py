@@ -16,7 +16,16 @@ from kubeforge.render.contract import quantize_contract
 from kubeforge.render.images import QUANTIZER_IMAGE, TRAINER_UID
 from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
-from kubeforge.render.objects import meta, non_root, owner_refs, pod_failure_policy, runtime_env, tolerations
+from kubeforge.render.objects import (
+    container_security,
+    foreign_image_env,
+    meta,
+    non_root,
+    owner_refs,
+    pod_failure_policy,
+    runtime_env,
+    tolerations,
+)
 from kubeforge.runtime.contract import (
     CACHE_DIR,
     CONFIG_DIR,
@@ -64,7 +73,7 @@ def render_quantize(
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubeforge.runtime.quantize"],
         "args": ["--config", CONFIG_PATH],
-        "env": runtime_env(spec.credentials, source_uri),
+        "env": runtime_env(spec.credentials, source_uri) + ([] if spec.image is None else foreign_image_env()),
         "resources": resources,
         "volumeMounts": [
             {"name": "contract", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -73,7 +82,7 @@ def render_quantize(
         ],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security(),
     }
     if spec.credentials and spec.credentials.s3:
         container["envFrom"] = [{"secretRef": {"name": spec.credentials.s3.name}}]
@@ -86,6 +95,7 @@ def render_quantize(
             {"name": "cache", "emptyDir": {}},
             *claim_volumes(mounts),
         ],
+        "securityContext": non_root(TRAINER_UID),  # a custom image too (restricted Pod Security Standard)
     }
     if gpu:
         pod["tolerations"] = tolerations(spec.resources.tolerations)
@@ -93,8 +103,6 @@ def render_quantize(
         pod["tolerations"] = [t.dump() for t in spec.resources.tolerations]
     if spec.resources.node_selector:
         pod["nodeSelector"] = dict(spec.resources.node_selector)
-    if spec.image is None:
-        pod["securityContext"] = non_root(TRAINER_UID)
     batch = meta("batch/v1", "Job", n["job"], namespace, common, "quantizer", owner)
     batch["spec"] = {
         "backoffLimit": RETRIES,

@@ -17,10 +17,20 @@ from kubeforge.api.uris import parse_uri
 from kubeforge.planner.serving import ServingPlan
 from kubeforge.render import labels as L
 from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch
-from kubeforge.render.images import FETCHER_IMAGE, TRAINER_UID
+from kubeforge.render.images import FETCHER_IMAGE, SERVER_IMAGE, TRAINER_UID
 from kubeforge.render.mounts import claim_mounts, location
 from kubeforge.render.names import child_name
-from kubeforge.render.objects import hf_token_env, meta, node_affinity, owner_refs, tolerations
+from kubeforge.render.objects import (
+    container_security,
+    foreign_image_env,
+    hf_token_env,
+    literal,
+    meta,
+    node_affinity,
+    non_root,
+    owner_refs,
+    tolerations,
+)
 from kubeforge.runtime.contract import CACHE_DIR, ENV_HF_HOME, SHM_DIR
 
 MODEL_DIR = "/mnt/model"
@@ -28,7 +38,7 @@ CONTAINER = "engine"
 
 
 def service_names(name: str) -> dict[str, str]:
-    return {"deployment": child_name(name, "engine"), "service": child_name(name)}
+    return {"deployment": child_name(name, "engine"), "service": child_name(name, letter_first=True)}
 
 
 def endpoint(name: str, namespace: str) -> str:
@@ -67,12 +77,11 @@ def render_service(
             "name": "fetch-model",
             "image": FETCHER_IMAGE,
             "command": ["python", "-m", "kubeforge.runtime.fetch"],
-            "args": [artifact_uri, MODEL_DIR],
+            "args": [literal(artifact_uri), MODEL_DIR],
             "env": [{"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"}, *secret_env],
             "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "cache", "mountPath": CACHE_DIR}],
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                "runAsNonRoot": True, "runAsUser": TRAINER_UID},
-        }  # fmt: skip
+            "securityContext": container_security(),
+        }
         if scheme == "s3" and creds and creds.s3:
             fetcher["envFrom"] = [{"secretRef": {"name": creds.s3.name}}]
         init.append(fetcher)
@@ -105,8 +114,12 @@ def render_service(
         "image": engine.image,
         "imagePullPolicy": "IfNotPresent",
         "command": engine.command,
-        "args": engine.args,
-        "env": [{"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        "args": [literal(a) for a in engine.args],  # paths and names from the spec and the artifact's URI
+        "env": [
+            {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            *([] if engine.image == SERVER_IMAGE else foreign_image_env()),
+        ],
         "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": resources,
         # big models take minutes to load: up to 30 min to start, then readiness and liveness
@@ -114,13 +127,15 @@ def render_service(
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3, "timeoutSeconds": 5},
         "volumeMounts": [{"name": "shm", "mountPath": SHM_DIR}, {"name": "cache", "mountPath": CACHE_DIR}, *mounted],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": container_security(),
     }
     pod: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
         "containers": [container],
         "volumes": volumes,
+        # restricted Pod Security Standard; vLLM's and SGLang's images run as root unless told (see non_root)
+        "securityContext": non_root(TRAINER_UID),
     }
     if init:
         pod["initContainers"] = init
@@ -136,7 +151,8 @@ def render_service(
         annotations[L.ARTIFACT_DIGEST] = artifact_digest
 
     if plan.nodes > 1:
-        lws = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations, engine.args)
+        lws = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations,
+                                 container["args"])  # fmt: skip
         selector = {**selector, LWS_WORKER_INDEX: "0"}  # the OpenAI API is on the leaders
         return [lws, _service(n["service"], namespace, common, owner, selector)]
     deployment = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
@@ -171,7 +187,8 @@ def _leader_worker_set(svc: ModelService, plan: ServingPlan, name: str, namespac
                        pod: dict[str, Any], annotations: dict, vllm_args: list[str]) -> dict[str, Any]:  # fmt: skip
     """One replica = a leader and nodes-1 workers: a Ray cluster, vLLM on the leader with pipeline
     parallel across the nodes. The commands run under a shell (Ray must start first); every
-    argument is quoted with shlex, so no user string is interpreted by it."""
+    argument is quoted with shlex, so no user string is interpreted by it. ``vllm_args`` are the
+    container's, already literal(): Kubernetes' $(VAR) expansion happens before the shell runs."""
     import shlex
 
     args = [*vllm_args, "--pipeline-parallel-size", str(plan.nodes), "--distributed-executor-backend", "ray"]
