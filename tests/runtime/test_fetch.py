@@ -87,8 +87,11 @@ def test_train_from_s3_and_export_to_s3(s3_env, tiny_model, task_data, tmp_path)
     manifest = json.loads((back / export.MANIFEST).read_text())
     assert manifest["baseModel"] == "s3://models/base/tiny"
     assert manifest["dataset"]["uri"] == "s3://models/data/train.jsonl"
-    keys = {o.object_name for o in s3_env.list_objects("models", prefix="tuned/run1/", recursive=True)}
-    assert not any("/checkpoints/" in k for k in keys)  # resumable state stays on the pod's volume
+    # resumable state (kept in the store under checkpoints/ for a replaced pod) is not part of the artifact
+    assert not (back / "checkpoints").exists()
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file() and p.name != export.MANIFEST
+    )
 
 
 def test_missing_s3_locations_are_user_errors(s3_env, tiny_model, task_data, tmp_path):

@@ -90,11 +90,16 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def publish(out: Path, uri: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Upload a finished artifact where its URI says (s3://) and return the pod's summary of it."""
+    """Upload a finished artifact where its URI says (s3://) and return the pod's summary of it.
+
+    Weights and tokenizer first, the manifest last: a reader (fetch.download_s3) trusts the objects
+    only through the manifest and checks each against it, so an upload that dies midway leaves no new
+    manifest (a first publish) or an old one the new files fail against (a republish), never a
+    manifest that vouches for files not yet there."""
     if uri.startswith("s3://"):
         from kubeforge.runtime import fetch
 
-        fetch.upload_s3(out, uri, [*artifact_files(out), out / MANIFEST])
+        fetch.upload_s3(out, uri, [*artifact_files(out), out / MANIFEST])  # upload_s3 keeps this order
     return {
         "status": "succeeded",
         "uri": uri,
