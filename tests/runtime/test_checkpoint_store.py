@@ -157,7 +157,6 @@ def test_a_missing_output_bucket_is_a_user_error_before_training(s3_env, tmp_pat
         checkpoint_store.restore(tmp_path / "pod", "s3://no-such-bucket/run/checkpoints")
 
 
-@pytest.mark.xfail(reason="wired by lead", strict=False)
 def test_a_killed_run_resumes_from_the_store_in_a_fresh_pod(s3_env, tiny_model, task_data, tmp_path):
     from kubeforge.runtime.contract import Location
     from tests.runtime.test_train import run_inline  # here: the trainer is being rewritten
@@ -203,7 +202,6 @@ def test_a_killed_run_resumes_from_the_store_in_a_fresh_pod(s3_env, tiny_model, 
     assert len(json.loads((back / export.MANIFEST).read_text())["losses"]) == last.step + 4
 
 
-@pytest.mark.xfail(reason="wired by lead", strict=False)
 def test_a_sharded_gang_resumes_from_the_store_in_a_fresh_pod(s3_env, tiny_model, task_data, tmp_path):
     """FSDP2 with 2 processes: every rank's shard files reach the store, and a fresh pod resumes from them."""
     from kubeforge.runtime.contract import Location

@@ -12,6 +12,7 @@ import pytest
 
 from kubeforge.runtime import export, train
 from kubeforge.runtime.contract import EXIT_USER_ERROR
+from kubeforge.runtime.engines.loading import apply_liger, load_whole
 from tests.runtime.conftest import make_contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,7 +205,7 @@ def test_qlora_trains_4bit_weights_on_cpu_and_exports_full_precision(tiny_model,
     import torch
 
     contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method="qlora", steps=20)
-    model = train._model(contract, tiny_model, torch.device("cpu"))
+    model = load_whole(contract, tiny_model, torch.device("cpu"))
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.quant_state.quant_type == "nf4" for m in quantized)
     assert not any(m.weight.requires_grad for m in quantized)  # only the adapters train
@@ -230,7 +231,7 @@ def test_liger_kernels_only_on_cuda_and_only_when_installed(monkeypatch):
     fake._apply_liger_kernel_to_instance = lambda model: applied.append(model)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    assert train.apply_liger("model", "cpu") is False and applied == []
-    assert train.apply_liger("model", "cuda") is True and applied == ["model"]
+    assert apply_liger("model", "cpu") is False and applied == []
+    assert apply_liger("model", "cuda") is True and applied == ["model"]
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
-    assert train.apply_liger("model", "cuda") is False
+    assert apply_liger("model", "cuda") is False

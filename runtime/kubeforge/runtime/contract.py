@@ -13,8 +13,9 @@ uses (``train`` gets ``TrainingConfig``, the exporter gets ``OutputConfig``...).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -104,8 +105,100 @@ class TrainingConfig(_Model):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
 
 
+# ---------------------------------------------------------------- strategies and precision
+# One table, read by the planner (what it may choose, what memory each layout takes) and by the
+# runtime (which engine runs it): engine, ZeRO stage, and what lives in host memory.
+Strategy = Literal[
+    "ddp",
+    "fsdp",
+    "zero1",
+    "zero2",
+    "zero2-offload-optimizer",
+    "zero3",
+    "zero3-offload-optimizer",
+    "zero3-offload",
+    "megatron",
+    "megatron-offload-optimizer",
+]
+Precision = Literal["bf16", "fp16", "fp8", "fp32"]
+Offload = Literal["none", "optimizer", "parameters"]  # "parameters": the optimizer too
+
+
+@dataclass(frozen=True)
+class StrategyFacts:
+    engine: Literal["ddp", "fsdp", "deepspeed", "megatron"]
+    zero_stage: int = 0  # DeepSpeed's stage; 0 for the other engines
+    offload: Offload = "none"  # optimizer states (and master weights) or parameters too in host memory
+
+
+STRATEGIES: dict[str, StrategyFacts] = {
+    "ddp": StrategyFacts("ddp"),
+    "fsdp": StrategyFacts("fsdp"),
+    "zero1": StrategyFacts("deepspeed", 1),
+    "zero2": StrategyFacts("deepspeed", 2),
+    "zero2-offload-optimizer": StrategyFacts("deepspeed", 2, "optimizer"),
+    "zero3": StrategyFacts("deepspeed", 3),
+    "zero3-offload-optimizer": StrategyFacts("deepspeed", 3, "optimizer"),
+    "zero3-offload": StrategyFacts("deepspeed", 3, "parameters"),
+    "megatron": StrategyFacts("megatron"),
+    "megatron-offload-optimizer": StrategyFacts("megatron", 0, "optimizer"),
+}
+assert set(STRATEGIES) == set(get_args(Strategy))
+
+# Which precisions each engine really trains in. fp8 = bf16 compute with float8 matmuls in the
+# linear layers: torchao's Float8Linear (DDP, FSDP2 with float8 all-gather) or Transformer Engine
+# (Megatron). DeepSpeed's engine has no float8 path, so a ZeRO plan never says fp8.
+ENGINE_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "ddp": ("fp32", "bf16", "fp16", "fp8"),
+    "fsdp": ("fp32", "bf16", "fp16", "fp8"),
+    "deepspeed": ("fp32", "bf16", "fp16"),
+    "megatron": ("bf16", "fp16", "fp8"),
+}
+
+BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+NF4_BYTES = 0.5 + 0.127 / 8  # bitsandbytes NF4: 4-bit weights + double-quantized absmax constants (blocksize 64)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The dtype each kind of tensor is kept in: one policy for every engine and for the planner.
+
+    Mixed precision as in Micikevicius et al. 2018 ("Mixed Precision Training"): trainable weights,
+    their gradients (as reduced and as the optimizer reads them) and Adam's two moments in fp32;
+    matmuls and activations in ``compute``. Frozen weights (a LoRA base) stay in ``compute`` (QLoRA:
+    NF4). Trainable LoRA adapters are fp32 like any trainable weight. Pure bf16 AdamW would round
+    away updates smaller than 2^-8 of a weight, so no engine keeps trainable weights in bf16 alone.
+    """
+
+    compute: Literal["bf16", "fp16", "fp32"]
+    float8: bool  # linear layers multiply in float8 (fp8 plans)
+    frozen: Literal["bf16", "fp16", "fp32", "nf4"]
+    master: str = "fp32"
+    gradients: str = "fp32"
+    optimizer: str = "fp32"  # each of Adam's two moments
+
+    def bytes(self, kind: str) -> float:
+        dtype = getattr(self, kind)
+        return NF4_BYTES if dtype == "nf4" else BYTES[dtype]
+
+
+def precision_policy(precision: str, method: str) -> PrecisionPolicy:
+    compute = "bf16" if precision == "fp8" else precision
+    frozen = "nf4" if method == "qlora" else compute
+    return PrecisionPolicy(compute=compute, float8=precision == "fp8", frozen=frozen)  # type: ignore[arg-type]
+
+
+def unsupported_precision(strategy: str, precision: str) -> str | None:
+    """Why an engine cannot train in ``precision`` (one sentence naming the fields), or None."""
+    engine = STRATEGIES[strategy].engine
+    if precision in ENGINE_PRECISIONS[engine]:
+        return None
+    able = ", ".join(ENGINE_PRECISIONS[engine])
+    return f"compute.precision {precision}: strategy {strategy} ({engine}) cannot train in it; it trains in {able}"
+
+
 class ParallelConfig(_Model):
-    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron"]
+    strategy: Strategy
     nodes: int = Field(default=1, gt=0)
     gpus_per_node: int = Field(default=1, gt=0)
     tensor_parallel: int = Field(default=1, gt=0)
@@ -123,16 +216,18 @@ class ParallelConfig(_Model):
 
 class ComputeConfig(_Model):
     device: Literal["cuda", "cpu"] = "cuda"
-    precision: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
+    precision: Precision = "bf16"
     gradient_checkpointing: bool = False
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
     liger_kernels: bool = False
+    host_memory_bytes: int = Field(default=0, ge=0)  # what the plan offloads to host memory on each node
 
 
 class OutputConfig(_Model):
     location: Location
     merge: bool = True
-    checkpoint_dir: str  # resumable checkpoints live here, on the output volume
+    checkpoint_dir: str  # resumable checkpoints: on the output volume; for s3:// outputs a local copy of
+    # <output>/checkpoints (checkpoint_store), so that a replaced pod resumes
 
 
 class ProgressConfig(_Model):

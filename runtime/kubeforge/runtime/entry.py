@@ -56,6 +56,7 @@ def main(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s rank{rank} %(levelname)s %(message)s",
     )
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels do not load on a CPU
     try:
         summary = work(load(args.config))
         return finish(rank, args.termination_log, EXIT_OK, summary)

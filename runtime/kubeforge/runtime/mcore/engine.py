@@ -17,6 +17,7 @@ are tested on CPU.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,47 @@ def shifted(batch: dict[str, torch.Tensor], seq_length: int) -> dict[str, torch.
     }
 
 
+class _LazyCheckpoint(Mapping):
+    """Hugging Face tensors read from the safetensors files on first use, so a pipeline stage reads
+    only the weights it holds."""
+
+    def __init__(self, model_dir: Path):
+        from kubeforge.runtime.engines.shards import Checkpoint
+
+        self.ckpt = Checkpoint(model_dir)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.ckpt:
+            raise KeyError(name)
+        return self.ckpt.rows(name, 0, self.ckpt.shape(name)[0] if self.ckpt.shape(name) else 1)
+
+    def __iter__(self):
+        return iter(self.ckpt.files)
+
+    def __len__(self) -> int:
+        return len(self.ckpt.files)
+
+
 class MegatronEngine:
-    def __init__(self, contract: Any, hf_config: dict[str, Any], model_dir: Path, device: torch.device):
+    """The Engine protocol (kubeforge.runtime.engines) over megatron-core.
+
+    Each rank reads only its pipeline stage's weights from the safetensors files and keeps its
+    tensor-parallel slice. The optimizer is megatron's distributed optimizer (fp32 master weights
+    and Adam states sharded over data-parallel replicas, bf16 compute); strategy
+    megatron-offload-optimizer keeps them in host memory and steps them there
+    (``optimizer_cpu_offload``).
+    """
+
+    def __init__(self, setup: Any):
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from transformers import AutoConfig
 
+        from kubeforge.runtime.contract import STRATEGIES
+
+        contract, device = setup.contract, setup.device
+        self.setup = setup
         p = contract.parallel
         self.tp, self.pp = p.tensor_parallel, p.pipeline_parallel
         if not ps.model_parallel_is_initialized():
@@ -96,8 +132,10 @@ class MegatronEngine:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
+        hf_config = AutoConfig.from_pretrained(setup.model_dir).to_dict()
         self.shape = mconfig.shape(hf_config, self.tp)
         self.hf_config = hf_config
+        self.seq_length = contract.dataset.max_seq_length
         self.config = build_config(
             hf_config,
             tensor_parallel=self.tp,
@@ -106,27 +144,55 @@ class MegatronEngine:
             precision=contract.compute.precision,
             gradient_checkpointing=contract.compute.gradient_checkpointing,
         )
-        model = build_model(
-            hf_config, self.config, pre_process=self.pp_rank == 0, post_process=self.pp_rank == self.pp - 1
-        )
-        from safetensors.torch import load_file
-
-        full: dict[str, torch.Tensor] = {}
-        for file in sorted(model_dir.glob("*.safetensors")):
-            full.update(load_file(str(file)))
-        load_slice(model, weights.hf_to_mcore(full, self.shape), self.tp, self.tp_rank, self.pp, self.pp_rank,
-                   self.shape)  # fmt: skip
+        first, last = self.pp_rank == 0, self.pp_rank == self.pp - 1
+        model = build_model(hf_config, self.config, pre_process=first, post_process=last)
+        layers = weights.stage_layers(self.shape.layers, self.pp, self.pp_rank)
+        stage = weights.hf_to_mcore(_LazyCheckpoint(setup.model_dir), self.shape, layers, first=first, last=last)
+        load_slice(model, stage, self.tp, self.tp_rank, self.pp, self.pp_rank, self.shape)
+        del stage
         model.to(device)
         self.model = model
         self.module = DistributedDataParallel(
-            self.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
+            self.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
+            module=model,
         )
         self.device = device
+        self.optimizer, self.scheduler = self._optimizer(STRATEGIES[contract.parallel.strategy].offload == "optimizer")
 
-    def parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
+    def _optimizer(self, offload: bool) -> tuple[Any, Any]:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], seq_length: int) -> float:
+        from kubeforge.runtime.engines.common import schedule
+
+        t = self.setup.contract.training
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.learning_rate,
+            weight_decay=t.weight_decay,
+            bf16=self.config.bf16,
+            fp16=self.config.fp16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=True,
+            clip_grad=1.0,
+            optimizer_cpu_offload=offload,
+            optimizer_offload_fraction=1.0 if offload else 0.0,
+        )
+        optimizer = get_megatron_optimizer(config, [self.module])
+        return optimizer, schedule(optimizer, self.setup)
+
+    def describe(self) -> str:
+        return f"megatron: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, dp rank {self.dp_rank}"
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step over ``micro_batches``. Only the last pipeline stage computes the loss; it
+        returns loss x pp, so that the mean over all ranks is the last stage's mean."""
+        loss = self._forward_backward(micro_batches, self.seq_length)
+        self.optimizer.step()  # clips over the model-parallel group (clip_grad) and steps the fp32 masters
+        self.scheduler.step()
+        return loss * self.pp
+
+    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], seq_length: int) -> float:
         """One optimizer step's forward and backward over ``micro_batches``; the mean loss (last stage)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -157,31 +223,14 @@ class MegatronEngine:
         losses = [r["loss"] for r in results] if results else []
         return float(torch.stack(losses).mean()) if losses else 0.0
 
-    def clip_and_prepare(self, max_norm: float) -> float:
-        """Megatron's DDP accumulates into ``main_grad``: hand it to the torch optimizer as ``.grad``,
-        clipped by the norm over the whole model (every tensor-parallel slice and pipeline stage once)."""
-        import torch.distributed as td
-        from megatron.core import parallel_state as ps
-
-        params = self.parameters()
-        squares = torch.zeros((), device=self.device, dtype=torch.float32)
-        for p in params:
-            p.grad = p.main_grad.to(p.dtype)
-            if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
-                squares += p.main_grad.float().pow(2).sum()
-        td.all_reduce(squares, group=ps.get_model_parallel_group())
-        norm = float(squares.sqrt())
-        if norm > max_norm:
-            for p in params:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-        return norm
-
     # ------------------------------------------------------------------ checkpoints and export
     def _slice_file(self, folder: Path) -> Path:
         return folder / f"mp_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
 
-    def save(self, root: Path, step: int, optimizer: Any, scheduler: Any, extra: dict, main: bool) -> None:
-        from kubeforge.runtime.engines import _save_sharded
+    def save(self, root: Path, step: int, extra: dict, main: bool) -> None:
+        from kubeforge.runtime.engines.common import save_sharded
+
+        optimizer, scheduler = self.optimizer, self.scheduler
 
         def shards(tmp: Path) -> None:
             if self.dp_rank == 0:
@@ -189,20 +238,22 @@ class MegatronEngine:
                 torch.save({"model": self.model.state_dict(), "optimizer": optimizer.state_dict()},
                            self._slice_file(tmp))  # fmt: skip
 
-        _save_sharded(
+        save_sharded(
             root, step, extra, main, shards, lambda tmp: torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         )
         if main:
             checkpoint.prune(root, keep=2)
 
-    def load(self, path: Path, optimizer: Any, scheduler: Any) -> dict:
-        from kubeforge.runtime.engines import _restore
+    def load(self, path: Path) -> dict:
+        from kubeforge.runtime.engines.common import restore
+
+        optimizer, scheduler = self.optimizer, self.scheduler
 
         state = torch.load(self._slice_file(path), map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        return _restore(path)
+        return restore(path)
 
     def full_state_dict(self, staging: Path) -> dict[str, torch.Tensor] | None:
         """Every model-parallel slice through ``staging`` (a shared volume); rank 0 gets HF weights."""

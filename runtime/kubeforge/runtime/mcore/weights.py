@@ -16,6 +16,7 @@ norms into the linear layers). Pure torch; no megatron import.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from kubeforge.runtime.mcore.config import Shape
@@ -64,12 +65,19 @@ def _pad_vocab(weight: Tensor, s: Shape) -> Tensor:
     return torch.cat([weight, pad], dim=0)
 
 
-def hf_to_mcore(hf: dict[str, Tensor], s: Shape) -> dict[str, Tensor]:
-    """A full (unsharded) Hugging Face state dict -> megatron GPTModel names and layouts."""
+def hf_to_mcore(
+    hf: Mapping[str, Tensor], s: Shape, layers: range | None = None, *, first: bool = True, last: bool = True
+) -> dict[str, Tensor]:
+    """A (unsharded) Hugging Face state dict -> megatron GPTModel names and layouts. ``layers``,
+    ``first`` and ``last`` restrict it to one pipeline stage's part (its layers, the embedding on
+    the first stage, the final norm and output layer on the last), so that a lazy ``hf`` reads
+    only those tensors."""
     import torch
 
-    out: dict[str, Tensor] = {"embedding.word_embeddings.weight": _pad_vocab(hf["model.embed_tokens.weight"], s)}
-    for i in range(s.layers):
+    out: dict[str, Tensor] = {}
+    if first:
+        out["embedding.word_embeddings.weight"] = _pad_vocab(hf["model.embed_tokens.weight"], s)
+    for i in layers if layers is not None else range(s.layers):
         for src, dst in _layer_map(i).items():
             out[dst] = hf[src]
         a = f"model.layers.{i}.self_attn."
@@ -84,9 +92,10 @@ def hf_to_mcore(hf: dict[str, Tensor], s: Shape) -> dict[str, Tensor]:
         out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
             [hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]
         )
-    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-    if not s.tied:
-        out["output_layer.weight"] = _pad_vocab(hf["lm_head.weight"], s)
+    if last:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+        if not s.tied:
+            out["output_layer.weight"] = _pad_vocab(hf["lm_head.weight"], s)
     return out
 
 

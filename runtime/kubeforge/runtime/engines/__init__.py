@@ -1,0 +1,120 @@
+"""Engines: how a model is loaded, wrapped, stepped, checkpointed and exported for its strategy.
+
+Every engine answers the same questions (``Engine``), so the training loop in train.py never
+asks which one it has:
+
+- ``ddp.DDPEngine``: one process or torch DDP; each rank holds the whole model.
+- ``fsdp.FSDPEngine``: FSDP2, built on the meta device; each rank reads only its shards.
+- ``zero.DeepSpeedEngine``: ZeRO-1/2/3 with optimizer or parameter offload; ZeRO-3 builds
+  partitioned and reads only each rank's range.
+- ``kubeforge.runtime.mcore.engine.MegatronEngine``: tensor and pipeline parallelism (CUDA).
+
+``check`` refuses, before any weights load, a contract the chosen engine cannot honour.
+``build`` is the one factory, keyed by contract.STRATEGIES.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from kubeforge.runtime.contract import STRATEGIES, Contract, unsupported_precision
+from kubeforge.runtime.engines.common import Dist, Setup
+from kubeforge.runtime.entry import UserError
+
+__all__ = ["Dist", "Engine", "Setup", "build", "check"]
+
+
+class Engine(Protocol):
+    model: torch.nn.Module  # the unwrapped model (possibly sharded)
+    dp_rank: int  # which slice of each global batch this rank reads
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """Forward, backward and optimizer step over one step's micro-batches; this rank's mean loss."""
+
+    def save(self, root: Path, step: int, extra: dict, main: bool) -> None:
+        """A resumable checkpoint (every rank calls it)."""
+
+    def load(self, path: Path) -> dict:
+        """Resume from a checkpoint; its state.json (step, losses)."""
+
+    def full_state_dict(self, staging: Path) -> dict[str, torch.Tensor] | None:
+        """The whole model in Hugging Face names on rank 0 (None elsewhere, or when it is already whole)."""
+
+    def describe(self) -> str:
+        """One line for the log: what this rank holds."""
+
+
+def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = None) -> None:
+    """UserError (one sentence naming the field) for a plan this runtime cannot honour."""
+    strategy, precision, method = contract.parallel.strategy, contract.compute.precision, contract.training.method
+    engine = STRATEGIES[strategy].engine
+    if engine == "megatron" and contract.compute.device != "cuda":
+        raise UserError(
+            f"parallel.strategy {strategy} needs CUDA GPUs (megatron-core's forward pass calls CUDA); "
+            "on CPU use ddp, fsdp or a zero stage"
+        )
+    if engine == "megatron" and method != "full":
+        raise UserError(f"parallel.strategy {strategy} trains training.method full only, not {method}")
+    if contract.compute.device == "cuda" and not cuda:
+        raise UserError("compute.device cuda: the plan needs a CUDA GPU and none is visible")
+    why = unsupported_precision(strategy, precision)
+    if why:
+        raise UserError(why)
+    if precision == "fp8" and method != "full":
+        raise UserError(f"compute.precision fp8 trains training.method full only, not {method}")
+    if precision == "fp8" and engine in ("ddp", "fsdp"):
+        from kubeforge.runtime.engines import float8
+
+        if not float8.available():
+            raise UserError("compute.precision fp8 needs torchao in the trainer image (pip install torchao)")
+    if method == "qlora" and (engine == "fsdp" or STRATEGIES[strategy].zero_stage == 3):
+        raise UserError(
+            f"training.method qlora with parallel.strategy {strategy}: sharding NF4 weights is not supported by "
+            "this runtime; use ddp, zero1 or zero2 (the 4-bit base is small enough to replicate)"
+        )
+    need = contract.compute.host_memory_bytes
+    have = host_memory_bytes if host_memory_bytes is not None else available_host_memory()
+    if need and have and need > have:
+        raise UserError(
+            f"compute.hostMemoryBytes: the plan offloads {need / 2**30:.1f} GiB to host memory on this node, "
+            f"which has {have / 2**30:.1f} GiB available"
+        )
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable, capped by the cgroup's memory limit (what a pod may really use)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+        have = int(next(line.split()[1] for line in text.splitlines() if line.startswith("MemAvailable"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            have = min(have, int(value))
+    return have
+
+
+def build(setup: Setup) -> Engine:
+    engine = STRATEGIES[setup.contract.parallel.strategy].engine
+    if engine == "megatron":
+        from kubeforge.runtime.mcore.engine import MegatronEngine
+
+        return MegatronEngine(setup)
+    if engine == "deepspeed":
+        from kubeforge.runtime.engines.zero import DeepSpeedEngine
+
+        return DeepSpeedEngine(setup)
+    if engine == "fsdp" and setup.dist.world > 1:
+        from kubeforge.runtime.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(setup)
+    from kubeforge.runtime.engines.ddp import DDPEngine
+
+    return DDPEngine(setup)

@@ -1,0 +1,153 @@
+"""What the engines share: the optimizer and schedule, the micro-batch loop, sharded checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubeforge.runtime import checkpoint
+from kubeforge.runtime.contract import Contract
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What building an engine needs besides the contract."""
+
+    contract: Contract
+    dist: Dist
+    device: torch.device
+    model_dir: Path
+    total_steps: int
+
+
+def adamw(params: list[torch.nn.Parameter], setup: Setup) -> torch.optim.Optimizer:
+    """AdamW over the trainable (fp32) parameters: its two moments are fp32 too."""
+    t = setup.contract.training
+    fused = setup.device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
+
+
+def schedule(optimizer: Any, setup: Setup) -> Any:
+    from transformers import get_scheduler
+
+    t = setup.contract.training
+    return get_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * setup.total_steps),
+        num_training_steps=setup.total_steps,
+    )
+
+
+def optimizer_and_scheduler(params: list[torch.nn.Parameter], setup: Setup) -> tuple[Any, Any]:
+    optimizer = adamw(params, setup)
+    return optimizer, schedule(optimizer, setup)
+
+
+def autocast(contract: Contract, device: torch.device):
+    """Matmuls in the compute dtype while the weights stay fp32 (torch AMP), on GPUs and CPUs."""
+    from kubeforge.runtime.engines.loading import compute_dtype
+
+    dtype = compute_dtype(contract)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def accumulate(
+    module: torch.nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    contract: Contract,
+    sync: Callable[[bool], contextlib.AbstractContextManager[None]],
+) -> float:
+    """Forward and backward over the micro-batches of one step; the mean loss on this rank."""
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with sync(i == len(micro_batches) - 1):
+            with autocast(contract, device):
+                loss = module(**batch).loss / len(micro_batches)
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_sharded(
+    root: Path,
+    step: int,
+    extra: dict,
+    main: bool,
+    shards: Callable[[Path], None],
+    rank0: Callable[[Path], None] | None = None,
+) -> Path:
+    """Every rank writes its shards into step-N.tmp; rank 0 adds RNG and step, then renames it so it counts."""
+    import torch.distributed as td
+
+    final = root / f"{checkpoint.PREFIX}{step:08d}"
+    tmp = root / f"{checkpoint.PREFIX}{step:08d}.tmp"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    td.barrier()
+    shards(tmp)
+    td.barrier()
+    if main:
+        if rank0 is not None:
+            rank0(tmp)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        checkpoint.prune(root, keep=2)
+    td.barrier()
+    return final
+
+
+def restore(path: Path) -> dict:
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return json.loads((path / "state.json").read_text())
+
+
+def local_share(model: torch.nn.Module) -> float:
+    """Local elements / global elements of the parameters: 1/world when really sharded."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+            continue
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+        total += p.numel()
+    return local / max(1, total)
+
+
+@contextlib.contextmanager
+def no_context(_last: bool) -> Iterator[None]:
+    yield

@@ -1,0 +1,177 @@
+"""Build the model a plan trains, in the dtypes of the precision policy (contract.precision_policy).
+
+- ``load_whole``: every weight on this process (DDP, ZeRO-1/2, one process). Full fine-tuning
+  keeps the trainable weights in fp32 (the master copy; matmuls run in the compute dtype under
+  autocast); LoRA keeps the frozen base in the compute dtype and the adapters in fp32; QLoRA
+  keeps the base in NF4.
+- ``build_empty``: the same architecture on the meta device, no memory at all, for engines that
+  shard first and then read only their share of the weights (FSDP2, see fsdp.py).
+- ``lora_values``: the initial adapter weights, the same on every rank (seeded), for engines that
+  materialise a model from nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubeforge.runtime.contract import Contract, PrecisionPolicy, precision_policy
+
+log = logging.getLogger("kubeforge.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def policy(contract: Contract) -> PrecisionPolicy:
+    return precision_policy(contract.compute.precision, contract.training.method)
+
+
+def compute_dtype(contract: Contract) -> torch.dtype:
+    return DTYPES[policy(contract).compute]
+
+
+def storage_dtype(contract: Contract) -> torch.dtype:
+    """The dtype weights are created in: fp32 masters when they train, the compute dtype when frozen."""
+    return torch.float32 if contract.training.method == "full" else compute_dtype(contract)
+
+
+def load_whole(contract: Contract, model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None):
+    """The whole model on ``device`` (loaded straight onto a GPU: no host copy per process)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype or storage_dtype(contract),
+        "attn_implementation": contract.compute.attention,
+    }
+    if contract.training.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(contract),
+            bnb_4bit_quant_storage=compute_dtype(contract),  # so that sharding engines can split the NF4 bytes
+        )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return prepare(contract, model, device)
+
+
+def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = False):
+    """Liger, float8, gradient checkpointing and LoRA adapters, in that order."""
+    if contract.compute.liger_kernels:
+        apply_liger(model, device.type)
+    if policy(contract).float8:
+        from kubeforge.runtime.engines.float8 import convert
+
+        convert(model, fsdp=fsdp)
+    if contract.compute.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if contract.training.method in ("lora", "qlora"):
+        model = add_lora(contract, model)
+    if contract.training.method != "qlora" and device.type != "meta":
+        model.to(device)
+    return model
+
+
+def add_lora(contract: Contract, model):
+    """Frozen base (compute dtype or NF4), fp32 adapters: peft casts adapters to fp32 itself."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = contract.training.lora
+    assert lora is not None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if contract.compute.gradient_checkpointing:
+        model.enable_input_require_grads()
+    targets: Any = "all-linear" if "all-linear" in lora.target_modules else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    values = lora_values(model, contract.training.seed)  # the same initial adapters for every engine
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+            if name in values and p.device.type != "meta":
+                p.copy_(values[name])
+    return model
+
+
+def build_empty(contract: Contract, model_dir: Path):
+    """The model with every tensor on the meta device (no memory, no initialisation)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=storage_dtype(contract), attn_implementation=contract.compute.attention
+        )
+    return prepare(contract, model, torch.device("meta"), fsdp=True)
+
+
+def lora_values(model, seed: int) -> dict[str, torch.Tensor]:
+    """Initial adapter weights by parameter name, as peft initialises them (A: Kaiming-uniform, B: 0),
+    drawn from ``seed`` so that every rank computes the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    values: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = tuple(p.shape)
+        if ".lora_A." in name:
+            bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+            values[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        elif ".lora_B." in name:
+            values[name] = torch.zeros(shape)
+    return values
+
+
+def reset_rotary(model, device: torch.device) -> None:
+    """Recompute non-persistent rotary buffers (inv_freq) that a meta-built model lost."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+            inv_freq, scaling = module.rope_init_fn(module.config, device)
+            module.inv_freq = inv_freq
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = inv_freq.clone()
+            module.attention_scaling = scaling
+        elif hasattr(module, "inv_freq") and hasattr(module, "compute_default_rope_parameters"):
+            init = module.compute_default_rope_parameters
+            if getattr(module, "rope_type", "default") != "default":
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                init = ROPE_INIT_FUNCTIONS[module.rope_type]
+            inv_freq, scaling = init(module.config, device)
+            module.inv_freq = inv_freq
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = inv_freq.clone()
+            module.attention_scaling = scaling
+
+
+def hf_name(name: str) -> str:
+    """A (peft-wrapped) parameter name -> its name in the Hugging Face checkpoint."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def apply_liger(model, device_type: str) -> bool:
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) as the plan
+    asks: only on CUDA and only where liger-kernel is installed; otherwise say so and go on."""
+    if device_type != "cuda":
+        log.info("liger kernels: skipped (Triton kernels need a CUDA GPU)")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("liger kernels: the plan asks for them but liger-kernel is not installed; training without")
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("liger kernels: applied to %s", type(model).__name__)
+    return True
