@@ -1,25 +1,34 @@
 """Per-GPU memory of one training layout, broken down.
 
-P = parameters, N = GPUs sharding the states, LL = the largest single module (DeepSpeed's
-"largest layer", usually the embedding), t/p/d = tensor/pipeline/data parallel degrees.
+P = parameters, T = trainable parameters (P for full fine-tuning), N = GPUs sharding the states,
+LL = the largest single module (DeepSpeed's "largest layer", usually the embedding),
+t/p/d = tensor/pipeline/data parallel degrees. Bytes per element come from the runtime's one
+precision policy (kubeforge.runtime.contract.precision_policy): c = the compute dtype (2 for
+bf16/fp16, 4 for fp32), m = fp32 master weights (4), g = fp32 gradients (4), o = Adam's two
+fp32 moments (8), f = frozen base weights (c, or NF4 for QLoRA); B = the frozen base's bytes
+(0 for full fine-tuning). What each engine holds at its peak (after the backward pass, before
+the optimizer step), as measured on the runtime itself (tests/runtime/test_precision_policy.py):
 
-Model states, bytes per GPU (full fine-tuning, Adam, mixed precision):
+    ddp        weights B + mT       gradients gT       optimizer oT        torch AMP: fp32 weights, autocast
+    fsdp       weights (B + mT)/N   gradients gT/N     optimizer oT/N      + gathered c x (root + 2 layers)
+    zero1      weights B + cT       gradients cT       optimizer (m+o)T/N  DeepSpeed: a compute-dtype working
+    zero2      weights B + cT       gradients cT/N     optimizer (m+o)T/N    copy, fp32 masters in its optimizer
+    zero3      weights (B + cT)/N   gradients cT/N     optimizer (m+o)T/N    (+ 4LL gathered for zero3)
+    megatron   weights cP/tp        gradients 4P/tp    optimizer (m+o)P/(tp d)  distributed optimizer, fp32 grads
+    (tp here is tensor x pipeline parallel)
 
-    ddp            weights 4P          gradients 4P             optimizer 8P       (fp32 params, grads, m, v)
-    zero1          weights 2P          gradients 2P + 4P/N      optimizer 12P/N
-    zero2          weights 2P          gradients 6P/N           optimizer 12P/N    = DeepSpeed's 2P + 18P/N
-    zero3          weights 2P/N + 4LL  gradients 4P/N           optimizer 12P/N    = DeepSpeed's 4LL + 18P/N
-    zero3-offload  weights 4LL         (gradients, optimizer and parameters in host memory: 18P x 1.5 per node)
-    fsdp           weights 4P/N + 4LL  gradients 4P/N           optimizer 8P/N     (FSDP2: fp32 shards, bf16 compute)
-    megatron       weights 2P/tp       gradients 4P/tp          optimizer 12P/tpd  (distributed optimizer)
+Offload (contract.STRATEGIES): "optimizer" moves the fp32 masters, the moments and the fp32
+gradients the host's Adam reads to host memory: (m + o + g)T/N per GPU, times the GPUs of a
+node and DeepSpeed's 1.5 buffer factor; "parameters" (zero3-offload) moves the working copy
+there too, leaving only the in-flight modules on the GPU.
 
-The zero2/zero3/zero3-offload rows reproduce DeepSpeed's estimate_zero2/zero3_model_states_mem_needs
-(tests/planner/test_memory.py checks them against DeepSpeed itself).
+DeepSpeed's estimate_zero3_model_states_mem_needs counts 18P/N for ZeRO-3 (fp32 gradient
+partitions); DeepSpeed 0.19.8 holds the gradient partitions in the compute dtype (measured:
+16P/N in bf16), so the figures here are at most DeepSpeed's (tests/planner/test_memory.py).
 
-LoRA/QLoRA: the base weights are frozen (bf16: 2 bytes/param; QLoRA: NF4 4-bit with double-quantized
-constants, 0.5 + 0.127/8 bytes/param for the layers' linear modules, bf16 elsewhere) and sharded only
-by zero3/fsdp/megatron; the adapters train in fp32: 4 (weights) + 4 (gradients) + 8 (Adam) bytes per
-trainable parameter.
+LoRA/QLoRA: the base is frozen (no gradients, no optimizer states) in the compute dtype, or NF4
+with double-quantized constants for the linear layers' weights (QLoRA); the adapters train like
+any weight (fp32 masters, fp32 gradients, fp32 moments).
 
 Activations, bytes per token per layer in bf16 (flash attention: no s^2 scores), for a Llama-style
 block with hidden h, kv width k and MLP width i: 6h (norms, residual) + 8h + 4k (attention inputs
@@ -39,12 +48,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubeforge.planner.architecture import Architecture
+from kubeforge.runtime.contract import NF4_BYTES, STRATEGIES, precision_policy
 
 GIB = 1024**3
 CUDA_CONTEXT = 1 * GIB
 NCCL_BUFFERS = GIB // 2
 FRAGMENTATION = 0.08
-NF4_BYTES = 0.5 + 0.127 / 8  # 4-bit weights + double-quantized absmax constants (blocksize 64)
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor
 LOGIT_BYTES = 6
 
@@ -54,7 +63,7 @@ class Layout:
     """The choices of one candidate plan that memory and time depend on."""
 
     method: str  # full | lora | qlora
-    strategy: str  # ddp | fsdp | zero1 | zero2 | zero3 | zero3-offload | megatron
+    strategy: str  # one of kubeforge.runtime.contract.STRATEGIES
     nodes: int
     gpus_per_node: int
     tensor_parallel: int = 1
@@ -90,10 +99,11 @@ class Memory:
     activations: int
     overhead: int
     host_per_node: int = 0  # host memory offloading needs on each node
+    gathered: int = 0  # unsharded copies of the modules in flight (FSDP, ZeRO-3): transient, at the peak
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.overhead
 
     @property
     def model_states(self) -> int:
@@ -106,6 +116,7 @@ class States:
     gradients: float
     optimizer: float
     host_per_node: float = 0.0
+    gathered: float = 0.0
 
 
 def trainable_parameters(arch: Architecture, layout: Layout) -> int:
@@ -115,47 +126,51 @@ def trainable_parameters(arch: Architecture, layout: Layout) -> int:
 
 
 def base_weight_bytes(arch: Architecture, method: str, precision: str = "bf16") -> float:
+    """The frozen base of LoRA/QLoRA as the runtime stores it (full fine-tuning: the compute-dtype copy)."""
+    policy = precision_policy(precision, method)
     if method == "qlora":
         linear = arch.linear_parameters
-        return NF4_BYTES * linear + 2 * (arch.total_parameters - linear)
-    return (4.0 if precision == "fp32" else 2.0) * arch.total_parameters
+        return NF4_BYTES * linear + policy.bytes("compute") * (arch.total_parameters - linear)
+    return policy.bytes("compute") * arch.total_parameters
 
 
 def model_states(arch: Architecture, layout: Layout) -> States:
+    policy = precision_policy(layout.precision, layout.method)
+    c, m, g, o = (policy.bytes(k) for k in ("compute", "master", "gradients", "optimizer"))
+    o *= 2  # Adam's two moments
+    facts = STRATEGIES[layout.strategy]
     P, LL, n = arch.total_parameters, arch.largest_layer_parameters, layout.world
-    s, tp = layout.strategy, layout.model_parallel
-    if layout.method == "full":
-        if s == "ddp":
-            return States(4 * P, 4 * P, 8 * P)
-        if s == "zero1":
-            return States(2 * P, 2 * P + 4 * P / n, 12 * P / n)
-        if s == "zero2":
-            return States(2 * P, 6 * P / n, 12 * P / n)
-        if s == "zero3":
-            return States(2 * P / n + 4 * LL, 4 * P / n, 12 * P / n)
-        if s == "zero3-offload":
-            return States(4 * LL, 0, 0, 18 * P / layout.nodes * OFFLOAD_BUFFER_FACTOR)
-        if s == "fsdp":
-            return States(4 * P / n + 4 * LL, 4 * P / n, 8 * P / n)
-        if s == "megatron":
-            return States(2 * P / tp, 4 * P / tp, 12 * P / (tp * layout.data_parallel))
-        raise ValueError(f"unknown strategy {s!r}")
-    base, T = base_weight_bytes(arch, layout.method, layout.precision), trainable_parameters(arch, layout)
-    if s == "ddp":
-        return States(base + 4 * T, 4 * T, 8 * T)
-    if s == "zero1":
-        return States(base + 4 * T, 4 * T, 8 * T / n)
-    if s == "zero2":
-        return States(base + 4 * T, 4 * T / n, 8 * T / n)
-    if s == "zero3":
-        return States(base / n + 4 * LL + 4 * T / n, 4 * T / n, 8 * T / n)
-    if s == "zero3-offload":
-        return States(4 * LL, 0, 0, (base + 16 * T) / layout.nodes * OFFLOAD_BUFFER_FACTOR)
-    if s == "fsdp":
-        return States(base / n + 4 * LL + 4 * T / n, 4 * T / n, 8 * T / n)
-    if s == "megatron":
-        return States(base / tp + 4 * T / tp, 4 * T / tp, 8 * T / (tp * layout.data_parallel))
-    raise ValueError(f"unknown strategy {s!r}")
+    T = trainable_parameters(arch, layout)
+    B = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method, layout.precision)
+    if facts.engine == "ddp":
+        states = States(B + m * T, g * T, o * T)
+    elif facts.engine == "fsdp":
+        root = max(0, P - arch.num_layers * arch.params_per_layer)  # embeddings, head, final norm
+        states = States((B + m * T) / n, g * T / n, o * T / n, gathered=c * (root + 2 * arch.params_per_layer))
+    elif facts.engine == "deepspeed":
+        sharded = facts.zero_stage == 3
+        weights = (B + c * T) / n if sharded else B + c * T
+        # stage 1 reduces the whole compute-dtype gradients at the end of the backward pass, stages 2
+        # and 3 reduce-scatter them bucket by bucket: only this rank's partition stays
+        grads = c * T if facts.zero_stage == 1 else c * T / n
+        states = States(weights, grads, (m + o) * T / n, gathered=4 * LL if sharded else 0.0)
+    elif facts.engine == "megatron":
+        mp = layout.model_parallel
+        states = States(c * P / mp, 4 * P / mp, (m + o) * P / (mp * layout.data_parallel))
+    else:
+        raise ValueError(f"unknown strategy {layout.strategy!r}")
+    return _offload(states, facts.offload, layout, (m + o + g) * T, n)
+
+
+def _offload(states: States, offload: str, layout: Layout, optimizer_bytes: float, n: int) -> States:
+    if offload == "none":
+        return states
+    per_gpu_host = optimizer_bytes / n
+    if offload == "optimizer":
+        host = per_gpu_host * layout.gpus_per_node * OFFLOAD_BUFFER_FACTOR
+        return States(states.weights, 0.0, 0.0, host, states.gathered)
+    host = (per_gpu_host + states.weights) * layout.gpus_per_node * OFFLOAD_BUFFER_FACTOR
+    return States(0.0, 0.0, 0.0, host, states.gathered)
 
 
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
@@ -183,7 +198,8 @@ def activation_bytes(arch: Architecture, layout: Layout) -> float:
 
 def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float:
     out = CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0)
-    if layout.strategy in ("zero1", "zero2"):
+    facts = STRATEGIES[layout.strategy]
+    if facts.engine == "deepspeed" and facts.zero_stage in (1, 2):
         out += 2 * arch.hidden_size**2 * 2
     return out + FRAGMENTATION * subtotal
 
@@ -191,7 +207,7 @@ def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float
 def estimate(arch: Architecture, layout: Layout) -> Memory:
     states = model_states(arch, layout)
     acts = activation_bytes(arch, layout)
-    subtotal = states.weights + states.gradients + states.optimizer + acts
+    subtotal = states.weights + states.gradients + states.optimizer + states.gathered + acts
     return Memory(
         weights=int(states.weights),
         gradients=int(states.gradients),
@@ -199,4 +215,5 @@ def estimate(arch: Architecture, layout: Layout) -> Memory:
         activations=int(acts),
         overhead=int(overhead_bytes(arch, layout, subtotal)),
         host_per_node=int(states.host_per_node),
+        gathered=int(states.gathered),
     )

@@ -67,8 +67,12 @@ def main(argv: list[str]) -> int:
     del grads
     held = sum(size for ptr, size in after.items() if ptr not in before)
     params = sum(getattr(p, "ds_numel", None) or p.numel() for p in engine.model.parameters())
+    dtypes = {
+        "trainable": sorted({str(p.dtype) for p in engine.model.parameters() if p.requires_grad}),
+        "frozen": sorted({str(p.dtype) for p in engine.model.parameters() if not p.requires_grad}),
+    }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{dist.rank}.json").write_text(json.dumps({"bytes": held, "parameters": params}))
+    (out / f"rank{dist.rank}.json").write_text(json.dumps({"bytes": held, "parameters": params, "dtypes": dtypes}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,77 @@
+"""The runtime holds what the planner's memory model says: one precision policy, measured.
+
+Each case builds the real engine under torchrun (2 CPU processes, gloo, bf16 compute), runs a
+step and the backward pass of another (tests/runtime/probes/model_states.py), and counts the
+bytes of every tensor alive on each rank. memory.py's model states (weights + gradients +
+optimizer states, from contract.precision_policy) must be within 5% of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubeforge.planner.architecture import from_hf_config
+from kubeforge.planner.memory import Layout, model_states
+from kubeforge.runtime.contract import STRATEGIES, ComputeConfig
+from kubeforge.runtime.demo import task, tiny
+from tests.runtime.conftest import make_contract
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+CASES = [
+    ("full", "ddp"),
+    ("full", "fsdp"),
+    ("full", "zero1"),
+    ("full", "zero2"),
+    ("full", "zero3"),
+    ("lora", "ddp"),
+    ("lora", "fsdp"),
+    ("lora", "zero3"),
+    ("qlora", "ddp"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_256(tmp_path_factory) -> Path:
+    """Large enough that per-tensor rounding does not matter, small enough for 2 CPU processes."""
+    return tiny.make_model(tmp_path_factory.mktemp("m256") / "m", task.words(), hidden=256, layers=4, heads=4)
+
+
+def measure(model: Path, data: Path, tmp: Path, method: str, strategy: str) -> list[dict]:
+    contract = make_contract(model, data, tmp / "out", method=method, strategy=strategy, world=WORLD, micro=2,
+                             accumulation=1)  # fmt: skip
+    contract = contract.model_copy(update={"compute": ComputeConfig(device="cpu", precision="bf16")})
+    config = tmp / "contract.json"
+    config.write_text(contract.to_json())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           "-m", "tests.runtime.probes.model_states", str(config), str(tmp / "measured")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp / "measured" / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize(("method", "strategy"), CASES, ids=[f"{m}-{s}" for m, s in CASES])
+def test_each_rank_holds_what_the_memory_model_says(model_256, task_data, tmp_path, method, strategy):
+    arch = from_hf_config(json.loads((model_256 / "config.json").read_text()), "test")
+    layout = Layout(method=method, strategy=strategy, nodes=1, gpus_per_node=WORLD, precision="bf16",
+                    lora_rank=16, lora_targets=("all-linear",))  # fmt: skip
+    states = model_states(arch, layout)
+    expected = states.weights + states.gradients + states.optimizer
+    if STRATEGIES[strategy].zero_stage == 1:
+        # measured after the boundary's reduction; memory.py counts the peak just before it, when the
+        # whole bf16 gradients still exist (2 bytes per parameter, of which this rank keeps 1/N)
+        expected -= 2 * arch.total_parameters * (1 - 1 / WORLD)
+    ranks = measure(model_256, task_data[0], tmp_path, method, strategy)
+    for rank in ranks:
+        assert rank["bytes"] == pytest.approx(expected, rel=0.05), (rank["bytes"] / expected, states)
+        if STRATEGIES[strategy].engine != "deepspeed":  # DeepSpeed keeps its fp32 masters inside its optimizer
+            assert rank["dtypes"]["trainable"] == ["torch.float32"]
+        if method == "lora" and STRATEGIES[strategy].engine != "deepspeed":
+            assert rank["dtypes"]["frozen"] == ["torch.bfloat16"]
