@@ -234,3 +234,14 @@ def test_immutable_changes_name_the_fields():
         "spec.method: is immutable once the object exists",
     ]
     assert immutable_changes(old, old) == []
+
+
+def test_the_api_strategies_are_the_runtimes():
+    from typing import get_args
+
+    from kubeforge.api.finetune import Strategy
+    from kubeforge.runtime.contract import STRATEGIES
+    from kubeforge.runtime.contract import Strategy as RuntimeStrategy
+
+    assert get_args(Strategy) == ("auto", *get_args(RuntimeStrategy))
+    assert set(get_args(RuntimeStrategy)) == set(STRATEGIES)

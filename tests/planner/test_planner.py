@@ -44,8 +44,18 @@ def test_7b_full_fine_tune_does_not_fit_one_24gb_gpu_without_offload():
         assert not result.feasible, strategy
         assert "does not fit" in result.reason and "A10G" in result.reason
     auto = planned(spec, one_a10)
-    assert auto.feasible and auto.strategy == "zero3-offload"
-    assert auto.host_memory_per_node > 100 * GIB
+    # ZeRO-Offload: the bf16 weights (14 GiB) stay on the GPU; fp32 masters, moments and gradients
+    # (16 bytes x 7.2B) go to the host, before any parameter offload is tried
+    assert auto.feasible and auto.strategy == "zero2-offload-optimizer"
+    assert auto.offload == "optimizer" and auto.host_memory_per_node > 100 * GIB
+    no_room = planned(spec, cluster(("NVIDIA-A10G", 1, 1), host_gib=64))
+    assert not no_room.feasible and "of host memory per node for offloading" in no_room.reason, no_room.reason
+
+
+def test_offload_only_when_nothing_fits_without_it():
+    spec = job(**MISTRAL_7B, method="full", lora=DELETE, **{"training.globalBatchSize": 16})
+    eight = planned(spec, cluster(("NVIDIA-A10G", 8, 1), host_gib=512))
+    assert eight.feasible and eight.offload == "none", eight.strategy
 
 
 @pytest.mark.parametrize("product", ["Tesla-T4", "Tesla-V100-SXM2-16GB", "NVIDIA-A10", "NVIDIA-A100-SXM4-80GB"])
@@ -62,6 +72,19 @@ def test_fp8_is_never_chosen_below_compute_capability_8_9(product, method):
 def test_fp8_for_full_fine_tuning_on_hopper():
     spec = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, method="full", lora=DELETE)
     assert planned(spec, cluster(("NVIDIA-H100-80GB-HBM3", 8, 1))).precision == "fp8"
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_fp8_only_for_engines_that_train_in_it(strategy):
+    """DeepSpeed has no float8 path: with precision auto a ZeRO plan on Hopper trains in bf16; asked for
+    fp8 explicitly, a ZeRO plan is refused naming the engine."""
+    spec = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, method="full", lora=DELETE, **{"parallelism.strategy": strategy})
+    h100 = cluster(("NVIDIA-H100-80GB-HBM3", 8, 1))
+    assert planned(spec, h100).precision == "bf16"
+    explicit = job(model={"uri": "hf://Qwen/Qwen3-0.6B"}, method="full", lora=DELETE,
+                   **{"parallelism.strategy": strategy, "parallelism.precision": "fp8"})  # fmt: skip
+    result = planned(explicit, h100)
+    assert not result.feasible and "deepspeed" in result.reason and "cannot train in fp8" in result.reason
 
 
 @pytest.mark.parametrize(

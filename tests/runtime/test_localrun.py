@@ -40,6 +40,20 @@ def test_run_fine_tunes_and_the_model_learns(project, task_data, capsys):
     assert task.accuracy(artifact, task_data[1]) > task.accuracy(project / "model", task_data[1])
 
 
+@pytest.mark.parametrize(("strategy", "name"), [("fsdp", "FSDP"), ("zero3", "ZeRO-3")])
+def test_run_honours_an_explicit_strategy_on_cpu(project, capsys, strategy, name):
+    doc = job_yaml(4, "full")
+    doc["spec"]["parallelism"] = {"strategy": strategy}
+    job = project / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(job), "--offline", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"plan: {name} over 2 CPU process(es), fp32" in out
+    contract = json.loads((project / ".kubeforge" / "fruit-colours" / "contract.json").read_text())
+    assert contract["parallel"]["strategy"] == strategy and contract["parallel"]["gpus_per_node"] == 2
+    assert export.verify(project / "out" / "fruit-colours") == []
+
+
 def test_pvc_locations_cannot_run_locally(tmp_path, capsys):
     doc = job_yaml(10, "full")
     doc["spec"]["dataset"]["uri"] = "pvc://data/train.jsonl"
@@ -61,6 +75,10 @@ def test_cpu_plans(tiny_model):
     assert plan.micro_batch_size * plan.gradient_accumulation_steps * 2 == 16
     assert not plan_cpu(spec, arch, nproc=3, host_memory_bytes=8 * 1024**3).feasible  # 16 does not split over 3
     assert not plan_cpu(spec, arch, nproc=1, host_memory_bytes=1024).feasible  # no memory
+    for strategy in ("zero3-offload", "megatron"):
+        refused = plan_cpu(parse({**doc, "spec": {**doc["spec"], "parallelism": {"strategy": strategy}}}).spec, arch,
+                           nproc=2, host_memory_bytes=8 * 1024**3)  # fmt: skip
+        assert not refused.feasible and f"strategy {strategy} needs GPUs" in refused.reason
     qlora = parse({**doc, "spec": {**doc["spec"], "method": "qlora"}}).spec
     qplan = plan_cpu(qlora, arch, nproc=1, host_memory_bytes=8 * 1024**3)
     assert qplan.feasible and qplan.method == "qlora" and any("NF4" in r for r in qplan.reasons)

@@ -22,7 +22,20 @@ from kubeforge.api.uris import OutputUri, Uri
 Positive = Annotated[int, Field(gt=0)]
 
 Method = Literal["full", "lora", "qlora"]
-Strategy = Literal["auto", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3-offload", "megatron"]
+MEGATRON = ("megatron", "megatron-offload-optimizer")
+Strategy = Literal[
+    "auto",
+    "ddp",
+    "fsdp",
+    "zero1",
+    "zero2",
+    "zero2-offload-optimizer",
+    "zero3",
+    "zero3-offload-optimizer",
+    "zero3-offload",
+    "megatron",
+    "megatron-offload-optimizer",
+]  # "auto" and kubeforge.runtime.contract.Strategy (tests/api check they stay the same)
 Precision = Literal["auto", "bf16", "fp16", "fp8"]
 FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
 
@@ -175,20 +188,20 @@ class Parallelism(KubeModel):
 
     rules = (
         Rule(
-            cel="self.strategy in ['auto', 'megatron'] || "
+            cel="self.strategy in ['auto', 'megatron', 'megatron-offload-optimizer'] || "
             "((!has(self.tensorParallel) || self.tensorParallel == 1) "
             "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
             message="tensorParallel and pipelineParallel above 1 need strategy megatron (or auto)",
             check=lambda p: (
-                p.strategy in ("auto", "megatron")
-                or ((p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1)
+                p.strategy in ("auto", *MEGATRON) or ((p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1)
             ),
             field=".strategy",
         ),
         Rule(
-            cel="self.strategy in ['auto', 'megatron'] || !has(self.sequenceParallel) || !self.sequenceParallel",
+            cel="self.strategy in ['auto', 'megatron', 'megatron-offload-optimizer'] || !has(self.sequenceParallel) "
+            "|| !self.sequenceParallel",
             message="sequenceParallel needs strategy megatron (or auto)",
-            check=lambda p: p.strategy in ("auto", "megatron") or not p.sequence_parallel,
+            check=lambda p: p.strategy in ("auto", *MEGATRON) or not p.sequence_parallel,
             field=".sequenceParallel",
         ),
     )
@@ -222,7 +235,7 @@ class FineTuneJobSpec(KubeModel):
         ),
         Rule(
             cel="self.method == 'full' || !has(self.parallelism) || ("
-            "(!has(self.parallelism.strategy) || self.parallelism.strategy != 'megatron') "
+            "(!has(self.parallelism.strategy) || !self.parallelism.strategy.startsWith('megatron')) "
             "&& (!has(self.parallelism.tensorParallel) || self.parallelism.tensorParallel == 1) "
             "&& (!has(self.parallelism.pipelineParallel) || self.parallelism.pipelineParallel == 1))",
             message="Megatron (strategy megatron, tensorParallel or pipelineParallel above 1) trains method full "
@@ -230,7 +243,7 @@ class FineTuneJobSpec(KubeModel):
             check=lambda s: (
                 s.method == "full"
                 or (
-                    s.parallelism.strategy != "megatron"
+                    s.parallelism.strategy not in MEGATRON
                     and (s.parallelism.tensor_parallel or 1) == 1
                     and (s.parallelism.pipeline_parallel or 1) == 1
                 )

@@ -32,16 +32,20 @@ from dataclasses import dataclass
 from kubeforge.inventory.pools import Pool
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.memory import Layout, base_weight_bytes, trainable_parameters
+from kubeforge.runtime.contract import STRATEGIES
 
 EFFICIENCY = {
     "ddp": 0.45,
     "zero1": 0.44,
     "zero2": 0.43,
+    "zero2-offload-optimizer": 0.43,
     "fsdp": 0.40,
     "zero3": 0.38,
+    "zero3-offload-optimizer": 0.38,
     "megatron": 0.45,
+    "megatron-offload-optimizer": 0.45,
     "zero3-offload": 0.30,
-}
+}  # the offload's own cost is the `offload` term
 TP_GEMM_EFFICIENCY = 0.93  # per doubling of TP: smaller matrix multiplies run less efficiently
 FP8_FRACTION = 0.65  # of the fp8 peak reached, relative to bf16 (about 1.3x over bf16 on H100)
 QLORA_SLOWDOWN = 1.3
@@ -106,7 +110,8 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
     grad_bytes = (2.0 if layout.method == "full" else 4.0) * trainable
     ring = 2 * (d - 1) / d if d > 1 else 0.0
     dp_bytes = ring * grad_bytes / layout.model_parallel
-    if layout.strategy in ("zero3", "zero3-offload", "fsdp") and d > 1:
+    sharded = STRATEGIES[layout.strategy].zero_stage == 3 or STRATEGIES[layout.strategy].engine == "fsdp"
+    if sharded and d > 1:
         gathers = 3 if layout.gradient_checkpointing else 2
         dp_bytes += gathers * (d - 1) / d * base_weight_bytes(arch, layout.method)
     data_parallel = dp_bytes / across * (1 - OVERLAP)
@@ -120,7 +125,7 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
     collectives = 0.0
     if d > 1:
         collectives += math.ceil(grad_bytes / layout.model_parallel / GRADIENT_BUCKET_BYTES) * math.log2(d)
-        if layout.strategy in ("zero3", "zero3-offload", "fsdp"):
+        if sharded:
             collectives += 3 * arch.num_layers * micro_batches
     if t > 1:
         collectives += 4 * (arch.num_layers / p) * micro_batches
@@ -129,9 +134,12 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
     latency = launches + collectives * alpha
 
     offload = 0.0
-    if layout.strategy == "zero3-offload":
+    where = STRATEGIES[layout.strategy].offload
+    if where != "none":  # fp32 gradients down and updated weights up over PCIe, Adam on the host's cores
         pcie = pool.gpu.pcie_gbps * 1e9
-        moved = (base_weight_bytes(arch, layout.method) + grad_bytes) / layout.world
+        moved = (4.0 + 2.0) * trainable / layout.world
+        if where == "parameters":  # every step gathers the weights from host memory, forward and backward
+            moved += 2 * base_weight_bytes(arch, layout.method) / layout.world
         offload = moved / pcie + trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
     return StepTime(compute, bubble, data_parallel, tensor, offload, latency)
 

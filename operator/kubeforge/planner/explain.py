@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.memory import estimate
+from kubeforge.runtime.contract import STRATEGIES
 
 if TYPE_CHECKING:
     from kubeforge.planner.search import Candidate, Request
@@ -19,9 +20,12 @@ NAMES = {
     "zero1": "ZeRO-1",
     "zero2": "ZeRO-2",
     "zero3": "ZeRO-3",
-    "zero3-offload": "ZeRO-3 with CPU offload",
+    "zero2-offload-optimizer": "ZeRO-2 with the optimizer offloaded to CPU",
+    "zero3-offload-optimizer": "ZeRO-3 with the optimizer offloaded to CPU",
+    "zero3-offload": "ZeRO-3 with parameters and optimizer offloaded to CPU",
     "fsdp": "FSDP",
     "megatron": "Megatron",
+    "megatron-offload-optimizer": "Megatron with the optimizer offloaded to CPU",
 }
 
 
@@ -85,7 +89,9 @@ def infeasible_reason(
     closest = min(candidates, key=lambda c: c.pressure)
     layout, mem, pool = closest.layout, closest.memory, closest.pool
     gpus = f"{layout.world} x {pool.gpu.name}"
-    if mem.total > 0.9 * pool.memory_bytes:
+    gpu_pressure = mem.total / max(1.0, 0.9 * pool.memory_bytes)
+    host_pressure = mem.host_per_node / max(1.0, 0.8 * pool.host_memory_bytes)
+    if gpu_pressure > 1 and gpu_pressure >= host_pressure:  # name the limit that binds hardest
         binding = (
             f"even the leanest layout ({NAMES[layout.strategy]} over {gpus}, micro-batch {layout.micro_batch}, "
             f"gradient checkpointing {'on' if layout.gradient_checkpointing else 'off'}) needs "
@@ -93,8 +99,9 @@ def infeasible_reason(
             f"a {pool.gpu.name} offers {gib(0.9 * pool.memory_bytes)} of its {gib(pool.memory_bytes)}"
         )
     else:
+        fits = "fits the GPUs but" if gpu_pressure <= 1 else f"needs {gib(mem.total)} per GPU and"
         binding = (
-            f"{NAMES[layout.strategy]} over {gpus} fits the GPUs but needs {gib(mem.host_per_node)} of host "
+            f"{NAMES[layout.strategy]} over {gpus} {fits} needs {gib(mem.host_per_node)} of host "
             f"memory per node for offloading; the nodes offer {gib(0.8 * pool.host_memory_bytes)}"
         )
     limits = []
@@ -236,14 +243,14 @@ def _strategy_sentence(arch: Architecture, best: Candidate) -> str:
     )
     if ddp.total <= usable:
         simpler = f"DDP would also fit ({gib(ddp.total)} per GPU) but is estimated slower here"
-    if lay.strategy == "megatron":
+    if STRATEGIES[lay.strategy].engine == "megatron":
         return (
             f"Megatron TP {lay.tensor_parallel} x PP {lay.pipeline_parallel} x DP {lay.data_parallel}: {simpler}; "
             f"TP {lay.tensor_parallel} stays inside one NVLink domain of {pool.nvlink_domain} GPUs and PP "
             f"{lay.pipeline_parallel} divides the {arch.num_layers} layers."
         )
     extra = ""
-    if lay.strategy == "zero3-offload":
+    if STRATEGIES[lay.strategy].offload != "none":
         extra = f"; offloading needs {gib(best.memory.host_per_node)} of host memory per node"
     return f"{NAMES[lay.strategy]}: {simpler}{extra}."
 

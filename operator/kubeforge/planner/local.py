@@ -2,7 +2,9 @@
 
 GPUs are read with nvidia-smi and described as one Node, so the very same search runs.
 Without GPUs the plan is DDP over ``nproc`` CPU processes (gloo) in fp32, checked against
-the machine's memory with the same memory model.
+the machine's memory with the same memory model; an explicit spec.parallelism.strategy of
+fsdp or a ZeRO stage is honoured, since FSDP2 and DeepSpeed run on CPUs too (offload and
+Megatron need GPUs).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Any
 from kubeforge.api.finetune import FineTuneJobSpec
 from kubeforge.inventory.pools import pools_from_nodes
 from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.explain import NAMES
 from kubeforge.planner.memory import Layout, estimate, trainable_parameters
 from kubeforge.planner.plan import MemoryPerGPU, Plan
 from kubeforge.planner.search import Request
 from kubeforge.planner.search import plan as cluster_plan
 
 HOST_SHARE = 0.8  # of the machine's memory a local run may use
+CPU_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # engines that run on CPUs with gloo
 
 
 def local_gpus() -> list[dict[str, str]]:
@@ -77,8 +81,10 @@ def plan_local(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int | None =
 
 def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memory_bytes: int) -> Plan:
     gbs = spec.training.global_batch_size
-    if spec.parallelism.strategy not in ("auto", "ddp"):
-        return Plan(False, f"strategy {spec.parallelism.strategy} needs GPUs; on CPU kubeforge runs ddp")
+    asked = spec.parallelism.strategy
+    if asked not in ("auto", *CPU_STRATEGIES):
+        return Plan(False, f"strategy {asked} needs GPUs; on CPU kubeforge runs {', '.join(CPU_STRATEGIES)}")
+    strategy = "ddp" if asked == "auto" else asked  # fsdp on one process shards over one: the same as ddp
     if gbs % nproc:
         return Plan(False, f"globalBatchSize {gbs} does not divide over {nproc} processes")
     per_process = gbs // nproc
@@ -91,7 +97,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         for checkpointing in (False, True):
             layout = Layout(
                 method=spec.method,
-                strategy="ddp",
+                strategy=strategy,
                 nodes=1,
                 gpus_per_node=nproc,
                 precision="fp32",
@@ -114,9 +120,10 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
     layout, mem = best
     return Plan(
         feasible=True,
-        reason=f"DDP over {nproc} CPU process(es), fp32",
+        reason=f"{NAMES[strategy]} over {nproc} CPU process(es), fp32",
         reasons=(
-            f"No GPU found (nvidia-smi): {nproc} CPU process(es) with gloo, fp32.",
+            f"No GPU found (nvidia-smi): {nproc} CPU process(es) with gloo, fp32, {NAMES[strategy]}"
+            + (" (as spec.parallelism.strategy asks)." if asked != "auto" else "."),
             *(
                 ["QLoRA on CPU runs bitsandbytes' CPU NF4 kernels: for experiments, far slower than a GPU."]
                 if spec.method == "qlora"
@@ -134,7 +141,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         nvlink_domain=1,
         nodes=1,
         gpus_per_node=nproc,
-        strategy="ddp",
+        strategy=strategy,
         precision="fp32",
         global_batch_size=gbs,
         micro_batch_size=layout.micro_batch,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3-offload": 3}
+from kubeforge.runtime.contract import STRATEGIES
 
 
 class PlanError(ValueError):
@@ -112,11 +112,12 @@ class Plan:
 
     @property
     def zero_stage(self) -> int:
-        return ZERO_STAGE.get(self.strategy, 0)
+        return STRATEGIES[self.strategy].zero_stage if self.strategy in STRATEGIES else 0
 
     @property
-    def offload(self) -> bool:
-        return self.strategy == "zero3-offload"
+    def offload(self) -> str:
+        """What lives in host memory: none, optimizer (states and fp32 masters) or parameters (and optimizer)."""
+        return STRATEGIES[self.strategy].offload if self.strategy in STRATEGIES else "none"
 
     @property
     def estimated_gpu_hours(self) -> float | None:
@@ -143,7 +144,7 @@ class Plan:
         need(self.precision != "bf16" or self.compute_capability >= (8, 0), "bf16 needs compute capability >= 8.0")
         need(self.precision != "fp32" or self.gpu_type == "cpu", "fp32 only on CPU")
         need(self.memory is not None and self.memory.total <= self.memory.available, "fits in GPU memory")
-        need(not self.offload or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
+        need(self.offload == "none" or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
         need(self.sequence_parallel is False or self.tensor_parallel > 1, "sequence parallel needs tensor parallel")
 
     def to_json(self) -> dict[str, Any]:

@@ -30,13 +30,27 @@ from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.cost import StepTime, step_time, total_steps
 from kubeforge.planner.memory import Layout, Memory, estimate, trainable_parameters
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
+from kubeforge.runtime.contract import ENGINE_PRECISIONS
+from kubeforge.runtime.contract import STRATEGIES as FACTS
 
 UTILISATION = 0.90  # of GPU memory a plan may fill
 HOST_UTILISATION = 0.80  # of node memory offloading may fill
 TIE = 0.05  # step times within 5% count as equal
 MIN_SCALING = 0.6  # more GPUs only when they run at >= 60% scaling efficiency
 MEGATRON_MARGIN = 0.15  # Megatron converts weights in and out of its format: only when clearly faster
-STRATEGIES = ("ddp", "zero1", "zero2", "fsdp", "zero3", "megatron", "zero3-offload")  # simplest first
+# simplest first; offload last, optimizer before parameters (contract.STRATEGIES says what each is)
+STRATEGIES = (
+    "ddp",
+    "zero1",
+    "zero2",
+    "fsdp",
+    "zero3",
+    "megatron",
+    "zero2-offload-optimizer",
+    "zero3-offload-optimizer",
+    "megatron-offload-optimizer",
+    "zero3-offload",
+)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -193,9 +207,10 @@ def _powers(limit: int) -> list[int]:
 def strategies(req: Request) -> tuple[str, ...]:
     if req.strategy != "auto":
         return (req.strategy,)
+    megatron = tuple(s for s in STRATEGIES if FACTS[s].engine == "megatron")
     if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1 or req.sequence_parallel:
-        return ("megatron",)
-    return tuple(s for s in STRATEGIES if not (s == "megatron" and req.method != "full"))  # megatron: full only
+        return megatron
+    return tuple(s for s in STRATEGIES if not (s in megatron and req.method != "full"))  # megatron: full only
 
 
 def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: int) -> Iterator[tuple[int, int]]:
@@ -220,12 +235,17 @@ def enumerate_candidates(
     for nodes, per_node in gpu_counts(pool, req.max_gpus):
         world = nodes * per_node
         for strategy in strategies(req):
-            layouts = [(1, 1)] if strategy != "megatron" else list(model_parallel_options(req, pool, arch, world))
-            if (
-                strategy == "megatron"
-                and not layouts
-                and (req.strategy == "megatron" or req.tensor_parallel or req.pipeline_parallel)
-            ):
+            engine = FACTS[strategy].engine
+            layout_precision = engine_precision(req, strategy, precision)
+            if layout_precision is None:
+                rejections.append(
+                    f"{strategy}: its engine ({engine}) cannot train in {precision}; it trains in "
+                    + ", ".join(ENGINE_PRECISIONS[engine])
+                )
+                continue
+            megatron = engine == "megatron"
+            layouts = [(1, 1)] if not megatron else list(model_parallel_options(req, pool, arch, world))
+            if megatron and not layouts and (req.strategy != "auto" or req.tensor_parallel or req.pipeline_parallel):
                 rejections.append(explain.no_model_parallel(req, pool, arch, world))
             for t, p in layouts:
                 d = world // (t * p)
@@ -247,7 +267,7 @@ def enumerate_candidates(
                                 tensor_parallel=t,
                                 pipeline_parallel=p,
                                 sequence_parallel=bool(sp),
-                                precision=precision,
+                                precision=layout_precision,
                                 micro_batch=mb,
                                 seq_len=req.seq_len,
                                 gradient_checkpointing=checkpointing,
@@ -264,6 +284,17 @@ def enumerate_candidates(
 NO_TIME = StepTime(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def engine_precision(req: Request, strategy: str, precision: str) -> str | None:
+    """The pool's precision where the strategy's engine trains in it; with precision auto, fp8 falls
+    back to bf16 for engines without a float8 path (DeepSpeed); an explicit precision is never changed."""
+    able = ENGINE_PRECISIONS[FACTS[strategy].engine]
+    if precision in able:
+        return precision
+    if req.precision == "auto" and precision == "fp8" and "bf16" in able:
+        return "bf16"
+    return None
+
+
 def fits(pool: Pool, memory: Memory) -> bool:
     gpu_ok = memory.total <= UTILISATION * pool.memory_bytes
     host_ok = memory.host_per_node <= HOST_UTILISATION * pool.host_memory_bytes
@@ -271,10 +302,15 @@ def fits(pool: Pool, memory: Memory) -> bool:
 
 
 def choose(fitting: list[Candidate]) -> Candidate:
-    native = [c for c in fitting if c.layout.strategy != "megatron"]
+    in_memory = [c for c in fitting if FACTS[c.layout.strategy].offload == "none"]
+    if in_memory:  # never offload when a layout without it fits
+        fitting = in_memory
+    elif any(FACTS[c.layout.strategy].offload == "optimizer" for c in fitting):  # optimizer before parameters
+        fitting = [c for c in fitting if FACTS[c.layout.strategy].offload == "optimizer"]
+    native = [c for c in fitting if FACTS[c.layout.strategy].engine != "megatron"]
     if native and len(native) < len(fitting):
         best_native = min(c.time.total for c in native)
-        best_megatron = min(c.time.total for c in fitting if c.layout.strategy == "megatron")
+        best_megatron = min(c.time.total for c in fitting if FACTS[c.layout.strategy].engine == "megatron")
         if best_megatron > best_native * (1 - MEGATRON_MARGIN):
             fitting = native
     by_gpus: dict[int, Candidate] = {}
@@ -355,7 +391,11 @@ def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tup
     tries: list[tuple[str, Request]] = []
     lighter = ("lora", "qlora") if req.method == "full" else ("qlora",) if req.method == "lora" else ()
     for method in lighter:  # Megatron trains method full only: a lighter method leaves it
-        if req.strategy == "megatron" or req.tensor_parallel or req.pipeline_parallel:
+        if (
+            (req.strategy in FACTS and FACTS[req.strategy].engine == "megatron")
+            or req.tensor_parallel
+            or req.pipeline_parallel
+        ):
             alt = replace(req, method=method, strategy="auto", tensor_parallel=None, pipeline_parallel=None,
                           sequence_parallel=None)  # fmt: skip
             tries.append((f"method: {method}, parallelism: auto", alt))

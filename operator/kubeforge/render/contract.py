@@ -81,6 +81,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
             gradient_checkpointing=plan.gradient_checkpointing,
             attention=plan.attention,
             liger_kernels=device == "cuda",
+            host_memory_bytes=plan.host_memory_per_node if plan.offload != "none" else 0,
         ),
         output=OutputConfig(location=output, merge=spec.output.merge, checkpoint_dir=checkpoints),
         plan_summary={k: summary[k] for k in PLAN_SUMMARY_KEYS if k in summary},
