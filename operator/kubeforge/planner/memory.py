@@ -39,8 +39,8 @@ stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits ad
 per vocabulary entry (bf16 logits and their fp32 softmax).
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
-ZeRO-1/2 communication buckets (2 x h^2 elements in bf16, DeepSpeed's "auto" bucket sizes), and
-8% fragmentation of everything else.
+DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
+ZeRO-3), and 8% fragmentation of everything else.
 """
 
 from __future__ import annotations
@@ -196,11 +196,18 @@ def activation_bytes(arch: Architecture, layout: Layout) -> float:
     return (body + logits) * scale
 
 
-def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float:
-    out = CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0)
+def deepspeed_buckets(arch: Architecture, layout: Layout) -> float:
+    """DeepSpeed's communication buckets (h^2 elements each, the runtime's reduce/allgather bucket size):
+    ZeRO-1/2 keep a reduce and an allgather bucket, ZeRO-3 a reduce bucket, in the compute dtype."""
     facts = STRATEGIES[layout.strategy]
-    if facts.engine == "deepspeed" and facts.zero_stage in (1, 2):
-        out += 2 * arch.hidden_size**2 * 2
+    if facts.engine != "deepspeed":
+        return 0.0
+    c = precision_policy(layout.precision, layout.method).bytes("compute")
+    return (1 if facts.zero_stage == 3 else 2) * arch.hidden_size**2 * c
+
+
+def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float:
+    out = CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0) + deepspeed_buckets(arch, layout)
     return out + FRAGMENTATION * subtotal
 
 

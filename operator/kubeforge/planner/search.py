@@ -210,7 +210,12 @@ def strategies(req: Request) -> tuple[str, ...]:
     megatron = tuple(s for s in STRATEGIES if FACTS[s].engine == "megatron")
     if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1 or req.sequence_parallel:
         return megatron
-    return tuple(s for s in STRATEGIES if not (s in megatron and req.method != "full"))  # megatron: full only
+    # Megatron trains method full only; the runtime shards QLoRA's NF4 weights with ZeRO-3, not with FSDP2
+    return tuple(
+        s
+        for s in STRATEGIES
+        if not (s in megatron and req.method != "full") and not (s == "fsdp" and req.method == "qlora")
+    )
 
 
 def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: int) -> Iterator[tuple[int, int]]:

@@ -153,12 +153,13 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     summary: dict[str, Any] = {"status": "succeeded"}
     if dist.main:
         model = engine.model
-        if full is not None:
+        if contract.training.method == "qlora":  # adapters onto the full-precision base (see _dequantized)
+            if full is not None or contract.output.merge:
+                model = _dequantized(contract, model_dir, model, full)
+        elif full is not None:
             model = _whole_cpu_model(contract, model_dir)
             tied = getattr(model.config, "tie_word_embeddings", False)
             model.load_state_dict(_hf_names(full), strict=not tied)
-        if contract.training.method == "qlora" and contract.output.merge:
-            model = _dequantized(contract, model_dir, model)
         summary = _export(
             contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started, start
         )
@@ -281,9 +282,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _dequantized(contract: Contract, model_dir: Path, qlora_model):
+def _dequantized(contract: Contract, model_dir: Path, qlora_model, gathered: dict[str, Any] | None = None):
     """The trained adapter on the base model in full precision: merging into 4-bit weights would
-    round the update away (and bitsandbytes cannot save a merged 4-bit model for vLLM)."""
+    round the update away (and bitsandbytes cannot save a merged 4-bit model for vLLM). The adapter
+    comes from the model, or from a sharded engine's gathered state (its LoRA entries)."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -291,7 +293,13 @@ def _dequantized(contract: Contract, model_dir: Path, qlora_model):
     compute = contract.compute.model_copy(update={"liger_kernels": False, "precision": "fp32"})
     plain = load_whole(contract.model_copy(update={"training": training, "compute": compute}), model_dir,
                        torch.device("cpu"))  # fmt: skip
-    set_peft_model_state_dict(plain, get_peft_model_state_dict(qlora_model))
+    if gathered is None:
+        set_peft_model_state_dict(plain, get_peft_model_state_dict(qlora_model))
+        return plain
+    adapters = {k: v.float() for k, v in gathered.items() if ".lora_" in k}
+    result = plain.load_state_dict(adapters, strict=False)
+    if result.unexpected_keys or not adapters:
+        raise RuntimeError(f"QLoRA export: the gathered adapters do not match the model ({result.unexpected_keys[:3]})")
     return plain
 
 

@@ -66,6 +66,8 @@ def main(argv: list[str]) -> int:
     after = live_storages()
     del grads
     held = sum(size for ptr, size in after.items() if ptr not in before)
+    if os.environ.get("KUBEFORGE_PROBE_SIZES"):
+        print("sizes", dist.rank, sorted((size for ptr, size in after.items() if ptr not in before), reverse=True))
     params = sum(getattr(p, "ds_numel", None) or p.numel() for p in engine.model.parameters())
     dtypes = {
         "trainable": sorted({str(p.dtype) for p in engine.model.parameters() if p.requires_grad}),

@@ -70,7 +70,7 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
 
         if not float8.available():
             raise UserError("compute.precision fp8 needs torchao in the trainer image (pip install torchao)")
-    if method == "qlora" and (engine == "fsdp" or STRATEGIES[strategy].zero_stage == 3):
+    if method == "qlora" and engine == "fsdp":
         raise UserError(
             f"training.method qlora with parallel.strategy {strategy}: sharding NF4 weights is not supported by "
             "this runtime; use ddp, zero1 or zero2 (the 4-bit base is small enough to replicate)"

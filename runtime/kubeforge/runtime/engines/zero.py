@@ -140,7 +140,10 @@ class DeepSpeedEngine:
         common.save_sharded(root, step, extra, main, lambda tmp: self.engine.save_checkpoint(str(tmp), tag="deepspeed"))
 
     def load(self, path: Path) -> dict:
-        self.engine.load_checkpoint(str(path), tag="deepspeed")
+        # a QLoRA module's state also holds bitsandbytes' quantization constants as extra keys; the frozen
+        # NF4 base is rebuilt from the model folder, only the adapters and the optimizer come from here
+        strict = self.contract.training.method != "qlora"
+        self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=strict)
         return common.restore(path)
 
     def full_state_dict(self, staging: Path) -> dict[str, torch.Tensor] | None:
