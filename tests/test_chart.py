@@ -35,6 +35,8 @@ def test_lint_is_clean():
         {},
         {"watchNamespaces": ["team-a", "team-b"], "image": {"repository": "registry.local/kf", "tag": "dev"}},
         {"serviceAccount": {"create": False, "name": "existing"}, "tolerations": [{"operator": "Exists"}]},
+        {"replicas": 3, "podDisruptionBudget": {"minAvailable": "50%"}, "leaderElection": {"leaseName": "kf"}},
+        {"replicas": 1, "leaderElection": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
     ],
 )
 def test_every_rendered_object_is_valid_kubernetes(values):
@@ -61,10 +63,48 @@ def test_deployment_runs_the_operator_as_non_root_with_a_liveness_probe():
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--namespace=team-a"]
+    assert container["args"][:2] == ["--liveness=http://0.0.0.0:8080/healthz", "--namespace=team-a"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["image"] == "ghcr.io/kubeforge/operator:0.1.0"
-    assert dep["spec"]["replicas"] == 1
+
+
+def test_two_replicas_with_leader_election_and_a_disruption_budget():
+    docs = render()
+    dep = by_kind(docs)["Deployment"]
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][1:] == [
+        "--leader-elect",
+        "--lease-name=kubeforge",
+        "--lease-namespace=kubeforge-system",
+        "--lease-duration=15",
+        "--renew-deadline=10",
+        "--retry-period=2",
+    ]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["POD_NAME"] == "metadata.name"  # the Lease holder's identity
+    pdb = by_kind(docs)["PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    role = next(d for d in docs if d["kind"] == "Role")
+    granted = {(r["apiGroups"][0], v, tuple(r.get("resourceNames", ()))) for r in role["rules"] for v in r["verbs"]}
+    assert ("coordination.k8s.io", "create", ()) in granted
+    assert ("coordination.k8s.io", "update", ("kubeforge",)) in granted
+    assert role["metadata"]["namespace"] == "kubeforge-system"
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_one_replica_without_leader_election_and_more_are_refused():
+    docs = render({"replicas": 1, "leaderElection": {"enabled": False}, "podDisruptionBudget": {"enabled": False}})
+    kinds = by_kind(docs)
+    assert (
+        kinds["Deployment"]["spec"]["replicas"] == 1 and kinds["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
+    )
+    assert "--leader-elect" not in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "PodDisruptionBudget" not in kinds and "Role" not in kinds
+    with pytest.raises(Exception, match="leaderElection"):
+        render({"replicas": 2, "leaderElection": {"enabled": False}})
 
 
 def test_rbac_covers_our_kinds_and_their_status():
@@ -94,6 +134,8 @@ def test_values_schema_rejects_a_wrong_value():
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(Exception, match="watchNamespaces"):
         chart.validate_schema({"watchNamespaces": ["Not A Namespace"]})
+    with pytest.raises(Exception, match="leaderElection"):
+        chart.validate_schema({"leaderElection": {"leaseDurationSeconds": -1}})
 
 
 def test_chart_crds_are_the_generated_crds():

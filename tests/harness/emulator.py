@@ -16,7 +16,9 @@ shared/facts.md) lacks much of what a real API server does. This subclass adds:
 - garbage collection: deleting an owner deletes its dependents (ownerReferences.uid),
   unless propagationPolicy is Orphan, and an object created for an owner that no longer
   exists is collected at once; finalizers hold a deletion until removed;
-- discovery of the built-in kinds kubeforge creates and of our CRDs, read from crds/.
+- discovery of the built-in kinds kubeforge creates (and coordination.k8s.io Leases, for
+  leader election) and of our CRDs, read from crds/;
+- an optional cap on the request log (``log_limit``) for long or busy runs.
 
 What it still lacks (tests must not rely on these):
 - server-side apply has no field ownership: an apply merges like a merge patch, fields
@@ -65,6 +67,7 @@ BUILTINS: tuple[tuple[str, str, str, bool, tuple[str, ...], tuple[str, ...]], ..
     ("batch/v1", "jobs", "Job", True, ("status",), ()),
     ("apps/v1", "deployments", "Deployment", True, ("status", "scale"), ("deploy",)),
     ("events.k8s.io/v1", "events", "Event", True, (), ("ev",)),
+    ("coordination.k8s.io/v1", "leases", "Lease", True, (), ()),  # the operator's leader election
 )
 
 APPLY = "application/apply-patch+yaml"
@@ -137,7 +140,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     _rv: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_rv: int = attrs.field(default=0, init=False)
     url: str = attrs.field(default="", init=False)  # set by the fixture once the server listens
-    _created: dict[int, tuple] = attrs.field(factory=dict, init=False)  # request id -> stored key
+    _created: dict[int, tuple] = attrs.field(factory=dict, init=False)  # id(request) -> stored key
+    # Keep only this many recent requests (and every watch) in the log: kmock matches each new
+    # request against the whole log, so a long run otherwise measures the emulator (facts.md).
+    # None keeps everything, for tests that count requests.
+    log_limit: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -199,7 +206,14 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         self._last_rv = next(self._rv)
         return str(self._last_rv)
 
+    def _trim_log(self) -> None:
+        if self.log_limit is None or len(self._requests) <= 2 * self.log_limit:
+            return
+        older, recent = self._requests[: -self.log_limit], self._requests[-self.log_limit :]
+        self._requests[:] = [r for r in older if r.params.get("watch") == "true"] + recent
+
     async def _handle(self, request: rendering.Request):  # type: ignore[override]
+        self._trim_log()
         if request.resource is not None and request.subresource in (None, "status"):
             try:
                 async with self._lock:
@@ -210,7 +224,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
 
     async def _change(self, request: rendering.Request) -> None:
         if request.action == enums.action.CREATE:
-            self._created[request.id] = await self._create(request.resource, request.namespace, request.data)
+            self._created[id(request)] = await self._create(request.resource, request.namespace, request.data)
         elif request.action == enums.action.UPDATE and request.name is not None:
             await self._patch(request)
         elif request.method == kmock.method.PUT and request.name is not None:
@@ -371,7 +385,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
         # kmock finds the new object by the name in the body; with generateName there is none
-        key = self._created.pop(request.id)
+        key = self._created.pop(id(request))
         return rendering.Response(status=201, payload=self._objects[key].last.raw)
 
     async def _serve_replace(self, request: rendering.Request) -> rendering.Payload:

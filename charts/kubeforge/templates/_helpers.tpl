@@ -28,3 +28,7 @@ app.kubernetes.io/component: operator
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "kubeforge.leaseName" -}}
+{{- default (include "kubeforge.fullname" .) .Values.leaderElection.leaseName -}}
+{{- end -}}

@@ -16,7 +16,6 @@ from kubeforge.controller.reconcile import (
     reconcile_finetunejob,
     reconcile_modelservice,
     reconcile_quantizejob,
-    status_changed,
 )
 from kubeforge.render import labels as L
 
@@ -42,7 +41,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # deletions, for a minute about one time in ten).
     settings.background.instant_exit_timeout = 2.0
     settings.background.cancellation_polling = 1.0
-    memo.kube = Kube()
+    # kopf's own requests (watch lists, its annotations, finalizers) retry on the same schedule as ours
+    # (controller/retry.py); a pass that still fails is retried after a resync, not kopf's default 60 s.
+    kube = Kube()
+    settings.networking.error_backoffs = kube.policy.backoffs()
+    settings.networking.request_timeout = kube.timeout
+    settings.networking.connect_timeout = kube.timeout
+    settings.execution.default_backoff = max(1.0, min(RESYNC, 10.0))
+    settings.execution.max_workers = 16  # passes wait on retries in threads; kopf's default is cores + 4
+    memo.kube = kube
     if METRICS_PORT:
         metrics.serve(METRICS_PORT)
 
@@ -90,7 +97,6 @@ def owned_pods(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
 @kopf.timer(*FINETUNEJOBS, interval=RESYNC)
 def finetunejob(
     body: kopf.Body,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     gpu_nodes: kopf.Index,
     owned_configmaps: kopf.Index,
@@ -112,13 +118,7 @@ def finetunejob(
             pods=owned_pods.get(key, []),
             kube=memo.kube,
         )
-    if status_changed(decision, body):
-        patch.status.update(decision.status)
-    for event in decision.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    metrics.record_phase(
-        "FineTuneJob", body.metadata.namespace or "", body.metadata.name or "", decision.status["phase"]
-    )
+    _report("FineTuneJob", body, decision)
 
 
 @kopf.on.delete(*FINETUNEJOBS, optional=True)
@@ -150,7 +150,6 @@ def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, A
 @kopf.timer(*QUANTIZEJOBS, interval=RESYNC)
 def quantizejob(
     body: kopf.Body,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     kubeforge_objects: kopf.Index,
     owned_configmaps: kopf.Index,
@@ -168,7 +167,7 @@ def quantizejob(
             pods=owned_pods.get(key, []),
             kube=memo.kube,
         )
-    _report("QuantizeJob", body, patch, decision)
+    _report("QuantizeJob", body, decision)
 
 
 @kopf.on.resume(*MODELSERVICES)
@@ -177,7 +176,6 @@ def quantizejob(
 @kopf.timer(*MODELSERVICES, interval=RESYNC)
 def modelservice(
     body: kopf.Body,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     gpu_nodes: kopf.Index,
     kubeforge_objects: kopf.Index,
@@ -198,12 +196,8 @@ def modelservice(
             ],
             kube=memo.kube,
         )
-    _report("ModelService", body, patch, decision)
+    _report("ModelService", body, decision)
 
 
-def _report(kind: str, body: kopf.Body, patch: kopf.Patch, decision: Any) -> None:
-    if status_changed(decision, body):
-        patch.status.update(decision.status)
-    for event in decision.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+def _report(kind: str, body: kopf.Body, decision: Any) -> None:
     metrics.record_phase(kind, body.metadata.namespace or "", body.metadata.name or "", decision.status["phase"])

@@ -9,8 +9,11 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubeforge.api.finetune import FineTuneJob, ModelSource
@@ -18,7 +21,7 @@ from kubeforge.api.validation import check
 from kubeforge.controller.conditions import now_rfc3339
 from kubeforge.controller.diff import is_subset
 from kubeforge.controller.finetune import Observed, decide, rank0_pod
-from kubeforge.controller.kube import Kube
+from kubeforge.controller.kube import Kube, event_object, object_path
 from kubeforge.controller.metrics import APPLIES
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
 from kubeforge.controller.service import ServiceObserved, decide_service, lineage
@@ -89,29 +92,132 @@ def reconcile_finetunejob(
     pods: Iterable[Mapping[str, Any]],
     kube: Kube,
 ) -> Decision:
-    pods = list(pods)
-    job, _ = check({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
-    arch, arch_error = architecture(job) if isinstance(job, FineTuneJob) else (None, None)
+    pods, children = list(pods), list(children)
+    pools = inventory(nodes)
+    jobset_available = kube.serves("jobset.x-k8s.io/v1alpha2", "jobsets")
     running = (body.get("status") or {}).get("phase") == "Running"
-    observed = Observed(
-        body=body,
-        inventory=inventory(nodes),
-        now=now_rfc3339(),
-        children=list(children),
-        pods=pods,
-        architecture=arch,
-        architecture_error=arch_error,
-        jobset_available=kube.serves("jobset.x-k8s.io/v1alpha2", "jobsets"),
-        progress=fetch_progress(pods) if running else None,
-    )
-    decision = decide(observed)
-    _apply(decision, kube)
-    return decision
+    progress = fetch_progress(pods) if running else None
+
+    def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
+        job, _ = check({k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obj})
+        arch, arch_error = architecture(job) if isinstance(job, FineTuneJob) else (None, None)
+        return decide(
+            Observed(
+                body=obj,
+                inventory=pools,
+                now=now_rfc3339(),
+                children=children,
+                pods=pods,
+                architecture=arch,
+                architecture_error=arch_error,
+                jobset_available=jobset_available,
+                progress=progress,
+            )
+        )
+
+    return run_pass(body, children, decide_from, kube)
 
 
 def status_changed(decision: Decision, body: Mapping[str, Any]) -> bool:
     old = body.get("status") or {}
     return not is_subset(decision.status, old)
+
+
+class _PassLock:
+    """A lock per object, alive while some pass holds or waits for it (then dropped from the table)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_locks: weakref.WeakValueDictionary[str, _PassLock] = weakref.WeakValueDictionary()
+_locks_guard = threading.Lock()
+
+
+def _lock_for(body: Mapping[str, Any]) -> _PassLock:
+    meta = body.get("metadata") or {}
+    key = str(meta.get("uid") or f"{body.get('kind')}/{meta.get('namespace')}/{meta.get('name')}")
+    with _locks_guard:
+        lock = _locks.get(key)
+        if lock is None:
+            lock = _locks[key] = _PassLock()
+        return lock
+
+
+Decider = Callable[[Mapping[str, Any], list[Mapping[str, Any]]], Decision]
+_applied: dict[str, tuple[float, dict[tuple[str, str], Mapping[str, Any]]]] = {}  # owner uid -> children
+APPLIED_TTL = 5.0  # the watches catch up well within this; a child deleted meanwhile is seen after it
+
+
+def _with_applied(body: Mapping[str, Any], children: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The children from the indexes, plus what this process applied lately and they do not show yet.
+
+    A pass that follows another sees its writes even when the watches lag behind (read-your-writes).
+    """
+    uid = str((body.get("metadata") or {}).get("uid"))
+    now = time.monotonic()
+    for key in [k for k, (at, _) in _applied.items() if now - at > APPLIED_TTL]:
+        _applied.pop(key, None)
+    recent = _applied.get(uid, (0.0, {}))[1]
+    out = list(children)
+    for (kind, name), obj in recent.items():
+        index = next((i for i, c in enumerate(out) if c.get("kind") == kind
+                      and (c.get("metadata") or {}).get("name") == name), None)  # fmt: skip
+        if index is None:
+            out.append(obj)
+        elif int((out[index].get("metadata") or {}).get("resourceVersion") or 0) < int(
+            (obj.get("metadata") or {}).get("resourceVersion") or 0
+        ):
+            out[index] = obj
+    return out
+
+
+def _remember(body: Mapping[str, Any], applied: list[Mapping[str, Any]]) -> None:
+    if not applied:
+        return
+    uid = str((body.get("metadata") or {}).get("uid"))
+    recent = dict(_applied.get(uid, (0.0, {}))[1])
+    for obj in applied:
+        recent[(obj.get("kind", ""), (obj.get("metadata") or {}).get("name", ""))] = obj
+    _applied[uid] = (time.monotonic(), recent)
+
+
+def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_from: Decider, kube: Kube) -> Decision:
+    """Decide, post the Events, apply the children, write the status once: one pass at a time per object.
+
+    kopf runs an object's create/update handler and its timer independently, and the body a
+    handler gets may lag behind the status the previous pass wrote. Events are keyed by the
+    written status a transition starts from (state.events), so passes are serialized, and a
+    pass that would post Events first decides again from the stored object: two passes never
+    take two different paths to the same state, and each transition is posted once.
+
+    Events go before the status: if the status write fails, or the process dies before it, the
+    next pass posts the same Events again and gets AlreadyExists; the other order could lose them.
+    """
+    held = _lock_for(body)
+    with held.lock:
+        children = _with_applied(body, children)
+        decision = decide_from(body, children)
+        if decision.events:
+            fresh = kube.read(object_path(body))
+            if fresh is None:
+                return decision  # deleted meanwhile: nothing to do
+            if not _same(fresh.get("status") or {}, body.get("status") or {}):
+                body, decision = fresh, decide_from(fresh, children)
+        for event in decision.events:
+            posted = kube.post_event(event_object(body, event.type, event.reason, event.message, event.key,
+                                                  kube.identity))  # fmt: skip
+            log.info("event %s of %s %s (%s)", event.reason, (body.get("metadata") or {}).get("name"),
+                     "posted" if posted else "was posted before", event.key)  # fmt: skip
+        _remember(body, _apply(decision, kube))
+        if status_changed(decision, body):
+            version = (body.get("metadata") or {}).get("resourceVersion")
+            kube.patch_status(object_path(body), decision.status, version, body.get("status") or {})
+    return decision
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return is_subset(a, b) and is_subset(b, a)
 
 
 def lookup_in(index: Mapping[Any, Iterable[Mapping[str, Any]]], namespace: str | None) -> Lookup:
@@ -127,11 +233,14 @@ def reconcile_quantizejob(
     body: Mapping[str, Any], *, lookup: Lookup, children: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]], kube: Kube,
 ) -> Decision:  # fmt: skip
-    decision = decide_quantize(
-        QuantizeObserved(body=body, now=now_rfc3339(), lookup=lookup, children=list(children), pods=list(pods))
-    )
-    _apply(decision, kube)
-    return decision
+    children, pods = list(children), list(pods)
+
+    def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
+        return decide_quantize(
+            QuantizeObserved(body=obj, now=now_rfc3339(), lookup=lookup, children=children, pods=pods)
+        )
+
+    return run_pass(body, children, decide_from, kube)
 
 
 def reconcile_modelservice(
@@ -145,23 +254,31 @@ def reconcile_modelservice(
             arch, _ = architecture_of(ModelSource.model_validate(base))  # with its architecture overrides
         except ValueError:  # not a valid model source: the service is planned without the model's size
             arch = None
-    decision = decide_service(
-        ServiceObserved(
-            leaderworkerset_available=kube.serves("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
-            body=body,
-            now=now_rfc3339(),
-            lookup=lookup,
-            inventory=inventory(nodes),
-            architecture=arch,
-            children=list(children),
+    lws_available = kube.serves("leaderworkerset.x-k8s.io/v1", "leaderworkersets")
+    pools, children = inventory(nodes), list(children)
+
+    def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
+        return decide_service(
+            ServiceObserved(
+                leaderworkerset_available=lws_available,
+                body=obj,
+                now=now_rfc3339(),
+                lookup=lookup,
+                inventory=pools,
+                architecture=arch,
+                children=children,
+            )
         )
-    )
-    _apply(decision, kube)
-    return decision
+
+    return run_pass(body, children, decide_from, kube)
 
 
-def _apply(decision: Decision, kube: Kube) -> None:
+def _apply(decision: Decision, kube: Kube) -> list[Mapping[str, Any]]:
+    """Apply the decision's children; what the server answered (the children as stored)."""
+    stored = []
     for obj in decision.apply:
-        kube.apply(obj)
+        answer = kube.apply(obj)
+        stored.append(answer if isinstance(answer, Mapping) and answer.get("kind") else obj)
         APPLIES.labels(obj["kind"]).inc()
         log.info("applied %s %s/%s", obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+    return stored

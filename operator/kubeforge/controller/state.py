@@ -3,6 +3,7 @@ and reading children and pods (pure)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    key: str = ""  # the transition: the same key is the same Event (posted once, see kube.event_object)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,15 @@ class State:
 
 
 def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """One Event per transition from the status as written (``old``) to the new one.
+
+    Each is keyed by the written status it starts from and where it goes: a pass that
+    recomputes the same transition (its status write failed, the process restarted, two
+    handlers raced) yields the same key, while a later real transition starts from a
+    different written status and gets a new one.
+    """
     out = []
+    origin = written_state(old)
     before = {c["type"]: c for c in old.get("conditions") or []}
     for c in new["conditions"]:
         prior = before.get(c["type"])
@@ -60,10 +70,21 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
             bad = (c["status"] == "False" and c["type"] in (ACCEPTED, PLANNED, "SourceReady")) or (
                 c["type"] == FAILED and c["status"] == "True"
             )
-            out.append(Event("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
+            out.append(Event("Warning" if bad else "Normal", c["reason"], f"{c['type']}={c['status']}: {c['message']}",
+                             f"{origin}|{c['type']}={c['status']}/{c['reason']}"))  # fmt: skip
     if old.get("phase") != new["phase"]:
-        out.append(Event("Normal", f"Phase{new['phase']}", f"phase {old.get('phase') or 'None'} -> {new['phase']}"))
+        out.append(Event("Normal", f"Phase{new['phase']}", f"phase {old.get('phase') or 'None'} -> {new['phase']}",
+                         f"{origin}|phase={new['phase']}"))  # fmt: skip
     return out
+
+
+def written_state(status: Mapping[str, Any]) -> str:
+    """A short fingerprint of a written status: its phase and each condition's type, status, reason, time."""
+    conditions = sorted(
+        f"{c.get('type')}={c.get('status')}/{c.get('reason')}@{c.get('lastTransitionTime')}"
+        for c in status.get("conditions") or []
+    )
+    return hashlib.sha256("|".join([str(status.get("phase")), *conditions]).encode()).hexdigest()[:16]
 
 
 def of_kind(children: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
