@@ -68,6 +68,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     import torch
 
     engines.check(contract, cuda=torch.cuda.is_available())
+    engines.common.return_freed_memory()
     if dist.world != contract.parallel.world_size:
         raise UserError(f"the contract plans {contract.parallel.world_size} processes; torchrun started {dist.world}")
     started = time.monotonic()

@@ -22,53 +22,58 @@ import torch
 from kubeforge.runtime.engines import common, loading, shards
 
 
+def build_sharded_model(setup: common.Setup) -> tuple[torch.nn.Module, int]:
+    """The model, sharded, each rank holding only its shards: (model, number of sharded layers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    contract = setup.contract
+    model = loading.build_empty(contract, setup.model_dir)
+    compute = loading.compute_dtype(contract)
+    policy = MixedPrecisionPolicy()
+    if compute != torch.float32:
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(setup.device.type, (setup.dist.world,))
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=setup.device)
+    _load_shards(model, setup)
+    loading.reset_rotary(model, setup.device)
+    return model, len(layers)
+
+
+def _load_shards(model: torch.nn.Module, setup: common.Setup) -> None:
+    """Each rank copies its rows of every weight (FSDP2 shards dim 0 in chunks of ceil(R/N))."""
+    ckpt = shards.Checkpoint(setup.model_dir)
+    adapters = loading.lora_values(model, setup.contract.training.seed)
+    rank, world = setup.dist.rank, setup.dist.world
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            rows = param.shape[0] if param.dim() else 1
+            start = rank * -(-rows // world)
+            stop = start + (local.shape[0] if local.dim() else 1)
+            if local.numel() == 0:
+                continue
+            if name in adapters:
+                local.copy_(adapters[name][start:stop].reshape(local.shape))
+            else:
+                ckpt.copy_rows(_checkpoint_key(loading.hf_name(name), ckpt, tied), start, stop, local)
+
+
 class FSDPEngine:
     def __init__(self, setup: common.Setup):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         self.setup = setup
-        self.contract = contract = setup.contract
+        self.contract = setup.contract
         self.device = setup.device
-        model = loading.build_empty(contract, setup.model_dir)
-        compute = loading.compute_dtype(contract)
-        policy = MixedPrecisionPolicy()
-        if compute != torch.float32:
-            policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        mesh = init_device_mesh(setup.device.type, (setup.dist.world,))
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-        model.to_empty(device=setup.device)
-        self._load_shards(model, setup)
-        loading.reset_rotary(model, setup.device)
+        model, self.sharded_layers = build_sharded_model(setup)
         self.model = self.module = model
-        self.sharded_layers = len(layers)
         self.dp_rank = setup.dist.rank
         self.params = common.trainable(model)
         self.optimizer, self.scheduler = common.optimizer_and_scheduler(self.params, setup)
-
-    def _load_shards(self, model: torch.nn.Module, setup: common.Setup) -> None:
-        """Each rank copies its rows of every weight (FSDP2 shards dim 0 in chunks of ceil(R/N))."""
-        ckpt = shards.Checkpoint(setup.model_dir)
-        adapters = loading.lora_values(model, setup.contract.training.seed)
-        rank, world = setup.dist.rank, setup.dist.world
-        tied = getattr(model.config, "tie_word_embeddings", False)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                local = param.to_local() if hasattr(param, "to_local") else param
-                rows = param.shape[0] if param.dim() else 1
-                start = rank * -(-rows // world)
-                stop = start + (local.shape[0] if local.dim() else 1)
-                if local.numel() == 0:
-                    continue
-                if name in adapters:
-                    value = adapters[name][start:stop]
-                else:
-                    key = _checkpoint_key(loading.hf_name(name), ckpt, tied)
-                    value = ckpt.rows(key, start, stop)
-                local.copy_(value.reshape(local.shape).to(local.dtype))
 
     @contextlib.contextmanager
     def _sync(self, last: bool) -> Iterator[None]:

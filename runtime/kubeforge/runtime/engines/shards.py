@@ -12,12 +12,14 @@ accumulate in the process.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+CHUNK_BYTES = 16 * 1024**2
 
 
 class Checkpoint:
@@ -61,6 +63,25 @@ class Checkpoint:
             if not part.get_shape():
                 return f.get_tensor(name)
             return part[start:stop]
+
+    def copy_rows(self, name: str, start: int, stop: int, into: torch.Tensor) -> None:
+        """Rows [start, stop) into ``into``, CHUNK_BYTES at a time, so that what is read in flight
+        (the slice and its mapped file pages) stays small next to a rank's share."""
+        self._chunked(name, start, stop, into.reshape(stop - start, -1) if into.dim() else into.reshape(1), self.rows)
+
+    def copy_flat(self, name: str, start: int, stop: int, into: torch.Tensor) -> None:
+        """Elements [start, stop) of the flattened tensor into the 1-d ``into``, CHUNK_BYTES at a time."""
+        self._chunked(name, start, stop, into, self.flat)
+
+    def _chunked(self, name: str, start: int, stop: int, into: torch.Tensor,
+                 read: Callable[[str, int, int], torch.Tensor]) -> None:  # fmt: skip
+        per_unit = max(1, into[0].numel() * into.element_size()) if into.dim() > 1 else into.element_size()
+        step = max(1, CHUNK_BYTES // per_unit)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            into[first - start : last - start].copy_(
+                read(name, first, last).reshape(into[first - start : last - start].shape)
+            )
 
     def flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, reading only the rows they lie in."""

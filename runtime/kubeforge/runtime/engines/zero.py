@@ -60,6 +60,42 @@ def deepspeed_config(contract: Any, hidden_size: int) -> dict[str, Any]:
     }
 
 
+def build_partitioned_model(setup: common.Setup, config: dict[str, Any]) -> torch.nn.Module:
+    """Build under zero.Init (each module partitioned as it is created, in the compute dtype: DeepSpeed
+    keeps the fp32 masters in its optimizer), then read each rank's range of every weight."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    contract, device = setup.contract, setup.device
+    hf = AutoConfig.from_pretrained(setup.model_dir)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    keep = HfDeepSpeedConfig(config)  # noqa: F841  makes from_config build under zero.Init
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is read from the checkpoint below: no random init to gather
+        model = AutoModelForCausalLM.from_config(
+            hf, dtype=loading.compute_dtype(contract), attn_implementation=contract.compute.attention
+        )
+    model = loading.prepare(contract, model, device)
+    ckpt = shards.Checkpoint(setup.model_dir)
+    tied = getattr(hf, "tie_word_embeddings", False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not hasattr(param, "ds_tensor"):
+                continue
+            part = param.ds_tensor
+            start = setup.dist.rank * part.numel()
+            stop = min(start + part.numel(), param.ds_numel)
+            if stop <= start:
+                continue
+            key = loading.hf_name(name)
+            if key not in ckpt and tied and key.endswith("lm_head.weight"):
+                key = "model.embed_tokens.weight"
+            ckpt.copy_flat(key, start, stop, part.narrow(0, 0, stop - start))
+    return model
+
+
 class DeepSpeedEngine:
     def __init__(self, setup: common.Setup):
         import deepspeed
@@ -72,9 +108,9 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(contract, hf.hidden_size)
         self.stage = STRATEGIES[contract.parallel.strategy].zero_stage
         if self.stage == 3 and contract.training.method == "full":
-            model = self._partitioned(hf)
+            model = build_partitioned_model(setup, self.config)
         else:
-            model = loading.load_whole(contract, setup.model_dir, setup.device, dtype=self._dtype())
+            model = loading.load_whole(contract, setup.model_dir, setup.device, dtype=loading.compute_dtype(contract))
         self.model = model
         params = common.trainable(model)
         offload = STRATEGIES[contract.parallel.strategy].offload != "none"
@@ -91,39 +127,6 @@ class DeepSpeedEngine:
         )
         self.module = self.engine
         self.dp_rank = setup.dist.rank
-
-    def _dtype(self) -> torch.dtype:
-        """DeepSpeed keeps the module's working copy in the compute dtype (it holds fp32 masters itself)."""
-        return loading.compute_dtype(self.contract)
-
-    def _partitioned(self, hf):
-        """Build under zero.Init (partitioned as created), then read each rank's range of every weight."""
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import HfDeepSpeedConfig
-
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        keep = HfDeepSpeedConfig(self.config)  # noqa: F841  makes from_config build under zero.Init
-        model = AutoModelForCausalLM.from_config(
-            hf, dtype=self._dtype(), attn_implementation=self.contract.compute.attention
-        )
-        model = loading.prepare(self.contract, model, self.device)
-        ckpt = shards.Checkpoint(self.setup.model_dir)
-        tied = getattr(hf, "tie_word_embeddings", False)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if not hasattr(param, "ds_tensor"):
-                    continue
-                part = param.ds_tensor
-                start = self.setup.dist.rank * part.numel()
-                stop = min(start + part.numel(), param.ds_numel)
-                if stop <= start:
-                    continue
-                key = loading.hf_name(name)
-                if key not in ckpt and tied and key.endswith("lm_head.weight"):
-                    key = "model.embed_tokens.weight"
-                part.narrow(0, 0, stop - start).copy_(ckpt.flat(key, start, stop).to(part.dtype))
-        return model
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         total = 0.0
