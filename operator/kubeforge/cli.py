@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         docs, error = read_documents(path)
         if error:
-            print(f"{path}: {error}", file=sys.stderr)
+            _problem(f"{path}: {error}")
             failed = True
             continue
         for doc in docs:
@@ -97,7 +97,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if problems:
                 failed = True
                 for problem in problems:
-                    print(f"{where}{label}: {problem}", file=sys.stderr)
+                    _problem(f"{where}{label}: {problem}")
             elif not args.quiet:
                 print(f"{where}{label}: ok")
     return 1 if failed else 0
@@ -105,7 +105,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _plan_for(args: argparse.Namespace):
     """(job, plan) from the JOB and --cluster arguments, or None after printing why not."""
-    from kubeforge.inventory.pools import items_of, pools_from_nodes
+    from kubeforge.inventory.nodes import NodeError, nodes_in
+    from kubeforge.inventory.pools import pools_from_nodes
     from kubeforge.planner import ArchitectureUnknown, plan, resolve
 
     job = _one_finetunejob(args.job)
@@ -113,17 +114,19 @@ def _plan_for(args: argparse.Namespace):
         return None
     docs, error = read_documents(args.cluster)
     if error:
-        print(f"{args.cluster}: {error}", file=sys.stderr)
+        _problem(f"{args.cluster}: {error}")
         return None
-    try:
-        nodes = [n for d in docs for n in items_of(d.body)]
-    except ValueError as err:
-        print(f"{args.cluster}: {err}", file=sys.stderr)
-        return None
+    nodes = []
+    for doc in docs:
+        try:
+            nodes += nodes_in(doc.body)
+        except NodeError as err:
+            _problem(f"{args.cluster}{doc.where}: {err}")
+            return None
     try:
         arch = resolve(job.spec.model, local_root=args.job.parent, allow_network=not args.offline)
     except (ArchitectureUnknown, ValueError) as err:
-        print(f"{args.job}: spec.model: {err}", file=sys.stderr)
+        _problem(f"{args.job}: spec.model: {err}")
         return None
     return job, plan(job.spec, pools_from_nodes(nodes), arch)
 
@@ -156,7 +159,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 2
     job, result = planned
     if not result.feasible:
-        print(f"{args.job}: nothing to render, the plan is infeasible: {result.reason}", file=sys.stderr)
+        _problem(f"{args.job}: nothing to render, the plan is infeasible: {result.reason}")
         return 1
     gang = args.gang or ("jobset" if job.spec.resources.gang == "jobset" else "job")
     docs = render_finetune(job, result, gang=gang, uid=args.uid)
@@ -167,15 +170,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 def _one_finetunejob(path: Path) -> FineTuneJob | None:
     docs, error = read_documents(path)
     if error:
-        print(f"{path}: {error}", file=sys.stderr)
+        _problem(f"{path}: {error}")
         return None
     jobs = [d for d in docs if isinstance(d.body, dict) and d.body.get("kind") == "FineTuneJob"]
     if len(jobs) != 1:
-        print(f"{path}: expected exactly one FineTuneJob, found {len(jobs)}", file=sys.stderr)
+        _problem(f"{path}: expected exactly one FineTuneJob, found {len(jobs)}")
         return None
     obj, problems = check(jobs[0].body)
     for problem in problems:
-        print(f"{path}{jobs[0].where}{jobs[0].label}: {problem}", file=sys.stderr)
+        _problem(f"{path}{jobs[0].where}{jobs[0].label}: {problem}")
     return obj if isinstance(obj, FineTuneJob) and not problems else None
 
 
@@ -190,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if objects is None:
         return 2
     if args.nproc is not None and args.nproc < 1:
-        print("--nproc: must be >= 1", file=sys.stderr)
+        _problem("--nproc: must be >= 1")
         return 2
     try:
         for obj in sorted(objects, key=lambda o: RUN_ORDER[o.kind]):
@@ -215,14 +218,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return code
         return 0
     except RunError as err:
-        print(f"{args.job}: {err}", file=sys.stderr)
+        _problem(f"{args.job}: {err}")
         return 2
 
 
 def _valid_objects(path: Path) -> list[FineTuneJob | QuantizeJob | ModelService] | None:
     docs, error = read_documents(path)
     if error:
-        print(f"{path}: {error}", file=sys.stderr)
+        _problem(f"{path}: {error}")
         return None
     found, bad = [], False
     for doc in docs:
@@ -230,17 +233,22 @@ def _valid_objects(path: Path) -> list[FineTuneJob | QuantizeJob | ModelService]
             continue
         obj, problems = check(doc.body)
         for problem in problems:
-            print(f"{path}{doc.where}{doc.label}: {problem}", file=sys.stderr)
+            _problem(f"{path}{doc.where}{doc.label}: {problem}")
         bad = bad or bool(problems)
         found.append(obj)
     if not found:
-        print(f"{path}: no FineTuneJob, QuantizeJob or ModelService in it", file=sys.stderr)
+        _problem(f"{path}: no FineTuneJob, QuantizeJob or ModelService in it")
         return None
     services = [o for o in found if isinstance(o, ModelService)]
     if len(services) > 1:
-        print(f"{path}: one ModelService per local run (found {len(services)})", file=sys.stderr)
+        _problem(f"{path}: one ModelService per local run (found {len(services)})")
         return None
     return None if bad else found
+
+
+def _problem(message: str) -> None:
+    """One problem on one line of stderr: a value holding a line break must not split it."""
+    print(message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def check(doc: Any) -> tuple[KubeModel | None, list[Problem]]:
     if not isinstance(doc, Mapping):
         return None, [Problem("", f"must be a mapping (a Kubernetes object), not {_type_name(doc)}")]
     kind = doc.get("kind")
-    if kind not in BY_KIND:
+    if not isinstance(kind, str) or kind not in BY_KIND:  # a list or a mapping is not even hashable
         known = ", ".join(BY_KIND)
         msg = "is required" if kind is None else f"unknown kind {kind!r}; expected one of {known}"
         return None, [Problem("kind", msg)]

@@ -7,7 +7,9 @@ works on pools, never on nodes, so planning cost grows with the number of pools.
 Where the GPU facts come from, in order: NVIDIA GPU Feature Discovery labels, GKE's
 accelerator label, Karpenter's instance-gpu labels, the instance type. How many
 GPUs: the node's allocatable nvidia.com/gpu (what the scheduler can hand out), else
-the labels. Cordoned, NotReady and unreachable nodes do not count.
+the labels. Cordoned, NotReady and unreachable nodes do not count, nor do nodes that
+cannot be read (see nodes.py: a malformed Node from the API is excluded with the field
+path that is wrong; a cluster file is checked strictly before it gets here).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from kubeforge.inventory import labels as L
 from kubeforge.inventory.gpus import GPUFacts, lookup_gpu, unknown_gpu
 from kubeforge.inventory.instances import DEFAULT_NETWORK_GBPS, GKE_ACCELERATORS, INSTANCE_TYPES
-from kubeforge.inventory.quantity import parse_cpu, parse_memory
+from kubeforge.inventory.nodes import Node, NodeError, nodes_in, parse_node
 
 
 @dataclass(frozen=True)
@@ -85,28 +87,28 @@ class Inventory:
         return tuple(sorted({p.gpu.name for p in self.pools if not p.gpu.known}))
 
 
-def items_of(doc: Any) -> list[Mapping[str, Any]]:
-    """A List/NodeList, a single Node, or a plain list of Nodes -> the Nodes."""
-    if (isinstance(doc, Mapping) and doc.get("kind") in ("List", "NodeList")) or (
-        isinstance(doc, Mapping) and "items" in doc
-    ):
-        return [n for n in doc.get("items") or [] if isinstance(n, Mapping)]
-    if isinstance(doc, Mapping) and doc.get("kind") == "Node":
-        return [doc]
-    if isinstance(doc, list):
-        return [n for n in doc if isinstance(n, Mapping)]
-    raise ValueError("expected a List of Nodes (kubectl get nodes -o yaml), a NodeList or a Node")
+def items_of(doc: Any) -> list[Node]:
+    """A List/NodeList, a single Node, or a plain list of Nodes -> the typed Nodes.
+
+    Raises NodeError (a ValueError) naming the field path of the first problem.
+    """
+    return nodes_in(doc)
 
 
-def pools_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> Inventory:
+def pools_from_nodes(nodes: Iterable[Node | Mapping[str, Any]]) -> Inventory:
+    """Typed Nodes, or Node objects as the API returns them (unreadable ones are excluded, with why)."""
     excluded: list[tuple[str, str]] = []
     groups: dict[tuple, list[NodeGPUs]] = defaultdict(list)
     cpu_only = 0
-    for node in nodes:
-        name = (node.get("metadata") or {}).get("name", "?")
+    for raw in nodes:
+        try:
+            node = raw if isinstance(raw, Node) else parse_node(raw)
+        except NodeError as err:
+            excluded.append((_raw_name(raw), f"unreadable: {err}"))
+            continue
         why = unschedulable_reason(node)
         if why:
-            excluded.append((name, why))
+            excluded.append((node.name, why))
             continue
         info = node_gpus(node)
         if info is None:
@@ -119,55 +121,47 @@ def pools_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> Inventory:
     return Inventory(tuple(pools), tuple(excluded), cpu_only)
 
 
-def unschedulable_reason(node: Mapping[str, Any]) -> str | None:
-    spec = node.get("spec") or {}
-    if spec.get("unschedulable"):
+def _raw_name(raw: Any) -> str:
+    meta = raw.get("metadata") if isinstance(raw, Mapping) else None
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) else "?"
+
+
+def unschedulable_reason(node: Node) -> str | None:
+    if node.unschedulable:
         return "cordoned (spec.unschedulable)"
-    for taint in spec.get("taints") or []:
-        if taint.get("key") in L.UNSCHEDULABLE_TAINTS and taint.get("effect") in ("NoSchedule", "NoExecute"):
-            return f"tainted {taint['key']}"
-    conditions = (node.get("status") or {}).get("conditions") or []
-    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
-    if ready is not None and ready.get("status") != "True":
-        return f"not Ready ({ready.get('reason') or ready.get('status')})"
+    for taint in node.taints:
+        if taint.key in L.UNSCHEDULABLE_TAINTS and taint.effect in ("NoSchedule", "NoExecute"):
+            return f"tainted {taint.key}"
+    ready = next((c for c in node.conditions if c.type == "Ready"), None)
+    if ready is not None and ready.status != "True":
+        return f"not Ready ({ready.reason or ready.status})"
     return None
 
 
-def _int(value: Any) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def node_gpus(node: Mapping[str, Any]) -> NodeGPUs | None:
-    meta = node.get("metadata") or {}
-    labels: Mapping[str, str] = meta.get("labels") or {}
-    status = node.get("status") or {}
-    allocatable = status.get("allocatable") or {}
-    capacity = status.get("capacity") or {}
+def node_gpus(node: Node) -> NodeGPUs | None:
+    labels = node.labels
+    allocatable, capacity = node.allocatable, node.capacity
     instance_type = labels.get(L.INSTANCE_TYPE) or labels.get(L.INSTANCE_TYPE_BETA)
     instance = INSTANCE_TYPES.get(instance_type or "")
 
     product, selector, source = _product(labels, instance_type, instance)
     selector = selector + _count_label(labels, source)
     label_count = (
-        _int(labels.get(L.GPU_COUNT))
-        or _int(labels.get(L.GKE_ACCELERATOR_COUNT))
-        or _int(labels.get(L.KARPENTER_GPU_COUNT))
+        node.number(L.GPU_COUNT)
+        or node.number(L.GKE_ACCELERATOR_COUNT)
+        or node.number(L.KARPENTER_GPU_COUNT)
         or (instance.count if instance else None)
     )
-    resource_count = _int(allocatable.get(L.GPU_RESOURCE))
-    if resource_count is None:
-        resource_count = _int(capacity.get(L.GPU_RESOURCE))
+    resource_count = allocatable.gpus if allocatable.gpus is not None else capacity.gpus
     gpus = resource_count if resource_count is not None else label_count
     if not gpus or product is None:
-        return None
+        return None  # no GPUs the scheduler can hand out (0 allocatable included)
 
-    label_memory = _int(labels.get(L.GPU_MEMORY_MIB)) or _int(labels.get(L.KARPENTER_GPU_MEMORY_MIB))
+    label_memory = node.number(L.GPU_MEMORY_MIB) or node.number(L.KARPENTER_GPU_MEMORY_MIB)
     facts = lookup_gpu(product, label_memory)
     if facts is None:
-        major, minor = _int(labels.get(L.GPU_COMPUTE_MAJOR)), _int(labels.get(L.GPU_COMPUTE_MINOR))
+        major, minor = node.number(L.GPU_COMPUTE_MAJOR), node.number(L.GPU_COMPUTE_MINOR)
         cc = (major, minor or 0) if major is not None else None
         facts = unknown_gpu(product, label_memory or 0, cc)
     if "MIG" in product.upper():
@@ -175,16 +169,16 @@ def node_gpus(node: Mapping[str, Any]) -> NodeGPUs | None:
             facts, name=f"{facts.name} {_mig_profile(product)}", nvlink_gbps=0.0, nvswitch=False, nvlink_pairs=False
         )
     memory_mib = label_memory or facts.memory_mib
-    host = parse_memory(allocatable.get("memory") or capacity.get("memory") or "0")
+    host = allocatable.memory_bytes or capacity.memory_bytes or 0
     if not host and instance is not None:
         host = instance.host_memory_gib * 1024**3
     return NodeGPUs(
-        name=meta.get("name", "?"),
+        name=node.name,
         gpu=facts,
         gpus=gpus,
         memory_mib=memory_mib,
         host_memory_bytes=host,
-        cpus=parse_cpu(allocatable.get("cpu") or capacity.get("cpu") or "0"),
+        cpus=allocatable.cpus or capacity.cpus or 0.0,
         network_gbps=instance.network_gbps if instance else DEFAULT_NETWORK_GBPS,
         selector=selector,
         source=source,
@@ -233,7 +227,7 @@ def _pool(members: list[NodeGPUs]) -> Pool:
     for m in members:
         if m.clique:
             cliques[m.clique] += 1
-    if cliques and len(cliques) and all(m.clique for m in members):
+    if cliques and all(m.clique for m in members) and gpu.nvlink_gbps > 0:  # a clique is an NVLink fabric
         domain = max(domain, first.gpus * min(cliques.values()))
     common = dict(first.labels)
     for m in members[1:]:

@@ -81,10 +81,11 @@ def flops_per_token(arch: Architecture, layout: Layout) -> float:
 
 def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
     """(bytes/s inside a node per GPU, bytes/s across the gang per GPU)."""
-    intra = (pool.gpu.nvlink_gbps if pool.nvlink_domain > 1 else pool.gpu.pcie_gbps) * 1e9
+    nvlink = pool.nvlink_domain > 1 and pool.gpu.nvlink_gbps > 0
+    intra = max(1.0, (pool.gpu.nvlink_gbps if nvlink else pool.gpu.pcie_gbps) * 1e9)  # never 0, even for unknown GPUs
     if layout.nodes == 1:
         return intra, intra
-    inter = pool.network_gbps / 8 * 1e9 / layout.gpus_per_node
+    inter = max(1.0, pool.network_gbps / 8 * 1e9 / layout.gpus_per_node)
     return intra, min(intra, inter)
 
 

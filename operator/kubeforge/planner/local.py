@@ -55,7 +55,7 @@ def local_node(gpus: list[dict[str, str]], host_memory: int, cpus: int) -> dict[
             "name": "localhost",
             "labels": {
                 "nvidia.com/gpu.product": gpus[0]["name"].replace(" ", "-"),
-                "nvidia.com/gpu.memory": gpus[0]["memory"],
+                "nvidia.com/gpu.memory": "".join(ch for ch in gpus[0]["memory"] if ch.isdigit()) or "0",
                 "nvidia.com/gpu.count": str(len(gpus)),
                 "nvidia.com/gpu.compute.major": major,
                 "nvidia.com/gpu.compute.minor": minor or "0",
