@@ -105,11 +105,6 @@ def replay(events: list[dict]) -> tuple[dict[str, tuple[str, str]], str | None, 
     return conditions, phase, duplicates
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known flake (2 runs in 5): a pass sometimes decides from a stale status and posts one transition's "
-    "Events twice; convergence and no duplicate children hold in every run",
-)
 async def test_every_job_converges_under_20_percent_faults_with_no_duplicates(emulator, faulty):
     operator, proxy = faulty
     began = time.monotonic()

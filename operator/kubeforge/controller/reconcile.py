@@ -5,6 +5,7 @@ Nothing here decides anything; see finetune.py (decide) and admission.py.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -92,6 +93,7 @@ def reconcile_finetunejob(
     pods: Iterable[Mapping[str, Any]],
     kube: Kube,
 ) -> Decision:
+    body = snapshot(body)
     pods, children = list(pods), list(children)
     pools = inventory(nodes)
     jobset_available = kube.serves("jobset.x-k8s.io/v1alpha2", "jobsets")
@@ -182,6 +184,26 @@ def _remember(body: Mapping[str, Any], applied: list[Mapping[str, Any]]) -> None
     _applied[uid] = (time.monotonic(), recent)
 
 
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A private, consistent copy of the object a pass decides from.
+
+    kopf hands timers (and daemons), and every handler of an object that has one, a *live*
+    body: it swaps in each new watch event, also while the pass runs in its thread. Read
+    twice, such a body can give two versions; read field by field, a mix of them. So a pass
+    copies it once, and retries the copy while the resourceVersion moves under it.
+    """
+    for _ in range(100):
+        before = _version(body)
+        copied = copy.deepcopy(dict(body))
+        if _version(copied) == before == _version(body):
+            return copied
+    raise RuntimeError("the object changed while it was being read, 100 times over: the pass is retried")
+
+
+def _version(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
 def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_from: Decider, kube: Kube) -> Decision:
     """Decide, post the Events, apply the children, write the status once: one pass at a time per object.
 
@@ -191,9 +213,15 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
     pass that would post Events first decides again from the stored object: two passes never
     take two different paths to the same state, and each transition is posted once.
 
+    Everything a pass decides, keys and writes comes from one version of the object: a
+    snapshot of kopf's body (which kopf replaces while the pass runs), or the re-read. The
+    status write is conditional on that version (resourceVersion) and on the status it was
+    decided from, so it cannot land on a newer status.
+
     Events go before the status: if the status write fails, or the process dies before it, the
     next pass posts the same Events again and gets AlreadyExists; the other order could lose them.
     """
+    body = snapshot(body)
     held = _lock_for(body)
     with held.lock:
         children = _with_applied(body, children)
@@ -202,7 +230,7 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
             fresh = kube.read(object_path(body))
             if fresh is None:
                 return decision  # deleted meanwhile: nothing to do
-            if not _same(fresh.get("status") or {}, body.get("status") or {}):
+            if _version(fresh) != _version(body) or not _same(fresh.get("status") or {}, body.get("status") or {}):
                 body, decision = fresh, decide_from(fresh, children)
         for event in decision.events:
             posted = kube.post_event(event_object(body, event.type, event.reason, event.message, event.key,
@@ -211,8 +239,7 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
                      "posted" if posted else "was posted before", event.key)  # fmt: skip
         _remember(body, _apply(decision, kube))
         if status_changed(decision, body):
-            version = (body.get("metadata") or {}).get("resourceVersion")
-            kube.patch_status(object_path(body), decision.status, version, body.get("status") or {})
+            kube.patch_status(object_path(body), decision.status, _version(body), body.get("status") or {})
     return decision
 
 
@@ -233,6 +260,7 @@ def reconcile_quantizejob(
     body: Mapping[str, Any], *, lookup: Lookup, children: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]], kube: Kube,
 ) -> Decision:  # fmt: skip
+    body = snapshot(body)
     children, pods = list(children), list(pods)
 
     def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
@@ -247,6 +275,7 @@ def reconcile_modelservice(
     body: Mapping[str, Any], *, lookup: Lookup, nodes: Iterable[Mapping[str, Any]],
     children: Iterable[Mapping[str, Any]], kube: Kube,
 ) -> Decision:  # fmt: skip
+    body = snapshot(body)
     base, _ = lineage(body.get("spec") or {}, lookup)
     arch = None
     if base:
