@@ -99,9 +99,9 @@ def infeasible_reason(
             f"a {pool.gpu.name} offers {gib(0.9 * pool.memory_bytes)} of its {gib(pool.memory_bytes)}"
         )
     else:
-        fits = "fits the GPUs but" if gpu_pressure <= 1 else f"needs {gib(mem.total)} per GPU and"
+        fits = "fits the GPUs but needs" if gpu_pressure <= 1 else f"needs {gib(mem.total)} per GPU and"
         binding = (
-            f"{NAMES[layout.strategy]} over {gpus} {fits} needs {gib(mem.host_per_node)} of host "
+            f"{NAMES[layout.strategy]} over {gpus} {fits} {gib(mem.host_per_node)} of host "
             f"memory per node for offloading; the nodes offer {gib(0.8 * pool.host_memory_bytes)}"
         )
     limits = []
