@@ -14,6 +14,7 @@ from kubeforge.api.base import (
     LocalObjectRef,
     Placement,
     Rule,
+    SecretKeyRef,
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.quantize import count_set
@@ -62,6 +63,15 @@ class Adapter(KubeModel):
     uri: Uri
 
 
+class ServiceAuth(KubeModel):
+    """Who may use the OpenAI API: with a key, every /v1/* request must send ``Authorization: Bearer <key>``."""
+
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the API key clients must send as a bearer token (/health stays open).",
+    )
+
+
 class ModelServiceSpec(KubeModel):
     """The artifact to serve, the engine, and how many replicas of it."""
 
@@ -85,6 +95,7 @@ class ModelServiceSpec(KubeModel):
     )
     image: str | None = Field(default=None, max_length=512, description="Engine image override.")
     credentials: Credentials | None = None
+    auth: ServiceAuth | None = Field(default=None, description="API key for the OpenAI endpoint (default: none).")
 
     rules = (
         Rule(

@@ -3,6 +3,11 @@
 vLLM (`vllm serve`) and SGLang (`python -m sglang.launch_server`) serve GPUs from their own
 images; the transformers engine is kubeforge's small OpenAI-compatible server for CPU and
 small models. All three answer the OpenAI API under /v1 on SERVING_PORT and GET /health.
+An API key reaches each engine from a Secret through the environment (never the pod spec's
+text): vLLM reads VLLM_API_KEY, kubeforge's server KUBEFORGE_API_KEY, and SGLang only takes
+--api-key, so its argument is ``$(KUBEFORGE_API_KEY)``, expanded by Kubernetes from that
+variable. All three leave /health open (the probes carry no key). The transformers server
+binds 127.0.0.1 unless told, so the Deployment passes --host 0.0.0.0 for its Service.
 compressed-tensors checkpoints (what QuantizeJob writes) are detected from config.json by
 both vLLM and SGLang, so no --quantization flag is passed. The flags were checked against
 vLLM's EngineArgs (arg_utils.py: --enable-prefix-caching is a BooleanOptionalAction, hence
@@ -19,6 +24,7 @@ from kubeforge.render.images import SERVER_IMAGE, SGLANG_IMAGE, VLLM_IMAGE
 SERVING_PORT = 8000
 SERVING_PORT_NAME = "openai"
 HEALTH_PATH = "/health"
+API_KEY_ENV = "KUBEFORGE_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,9 @@ class EngineLaunch:
     image: str
     command: list[str]
     args: list[str]
+    api_key_env: str = API_KEY_ENV  # the variable the engine reads an API key from
+    # kubeforge's own arguments that pass the key (they name $(API_KEY_ENV); never literal()-escaped)
+    api_key_args: tuple[str, ...] = ()
 
 
 def launch(
@@ -56,7 +65,7 @@ def launch(
         if adapters:
             args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
                      "--lora-modules", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
-        return EngineLaunch(image or VLLM_IMAGE, ["vllm", "serve"], args)
+        return EngineLaunch(image or VLLM_IMAGE, ["vllm", "serve"], args, api_key_env="VLLM_API_KEY")
     if engine == "sglang":
         args = [
             "--model-path", model_path,
@@ -74,9 +83,11 @@ def launch(
             args += ["--enable-lora", "--max-loras-per-batch", str(len(adapters)),
                      "--max-lora-rank", str(max_lora_rank),
                      "--lora-paths", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
-        return EngineLaunch(image or SGLANG_IMAGE, ["python3", "-m", "sglang.launch_server"], args)
+        return EngineLaunch(image or SGLANG_IMAGE, ["python3", "-m", "sglang.launch_server"], args,
+                            api_key_args=("--api-key", f"$({API_KEY_ENV})"))  # fmt: skip
     if engine == "transformers":
-        args = ["--model", model_path, "--served-model-name", served_name, "--host", "0.0.0.0",
+        args = ["--model", model_path, "--served-model-name", served_name,
+                "--host", "0.0.0.0",  # the server's default is loopback; the Service must reach it
                 "--port", str(SERVING_PORT)]  # fmt: skip
         if max_model_len:
             args += ["--max-model-len", str(max_model_len)]

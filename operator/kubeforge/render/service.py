@@ -100,6 +100,9 @@ def render_service(
         adapters=adapters,
         image=spec.image,
     )
+    key_ref = spec.auth.api_key_secret_ref if spec.auth else None
+    key_env = [{"name": engine.api_key_env, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}}
+               ] if key_ref else []  # fmt: skip
     probe = {"httpGet": {"path": HEALTH_PATH, "port": SERVING_PORT_NAME}}
     resources: dict[str, Any]
     if plan.gpus:
@@ -114,11 +117,13 @@ def render_service(
         "image": engine.image,
         "imagePullPolicy": "IfNotPresent",
         "command": engine.command,
-        "args": [literal(a) for a in engine.args],  # paths and names from the spec and the artifact's URI
+        # paths and names from the spec and the artifact's URI, then kubeforge's own API-key arguments
+        "args": [*(literal(a) for a in engine.args), *(engine.api_key_args if key_env else ())],
         "env": [
             {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             *([] if engine.image == SERVER_IMAGE else foreign_image_env()),
+            *key_env,
         ],
         "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": resources,

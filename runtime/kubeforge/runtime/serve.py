@@ -4,16 +4,25 @@ For CPU, small models and local runs (vLLM and SGLang serve GPUs from their own 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions,
 both with ``stream: true`` (server-sent events ending in ``data: [DONE]``). Requests are
 validated; a bad one gets an OpenAI-style error body with status 400 (404 for an unknown
-model), never a 500. One generation runs at a time; prompts are tokenized the way the
-training runtime tokenized them (the chat template, then the BOS token).
+model, 413 for a body over --max-request-bytes, 401 without the API key), never a 500. One
+generation runs at a time; prompts are tokenized the way the training runtime tokenized them
+(the chat template, then the BOS token).
+
+It binds 127.0.0.1 unless told otherwise (--host; the ModelService Deployment passes 0.0.0.0,
+for its Service). With an API key (env KUBEFORGE_API_KEY, or --api-key-file) every /v1/*
+request must carry ``Authorization: Bearer <key>``; /health never needs it (probes). The
+chat template, tokenization and generation run in worker threads, so /health answers while
+a long prompt is tokenized or a generation runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -28,7 +37,12 @@ from kubeforge.runtime import data
 
 log = logging.getLogger("kubeforge.serve")
 DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 HEALTH_PATH = "/health"
+API_PREFIX = "/v1/"
+ENV_API_KEY = "KUBEFORGE_API_KEY"
+SEED_MAX = 2**63 - 1  # what torch.manual_seed and OpenAI's API take (int64, not negative)
 
 
 class BadRequest(Exception):
@@ -82,8 +96,8 @@ def sampling(body: dict, room: int) -> Sampling:
     if n not in (1, None):
         raise BadRequest("only 'n': 1 is supported by this server", "n")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("'seed' must be an integer", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise BadRequest(f"'seed' must be an integer between 0 and {SEED_MAX} (got {seed!r})", "seed")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -118,7 +132,15 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class ModelServer:
-    def __init__(self, model_dir: Path, served_name: str, max_model_len: int | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        served_name: str,
+        max_model_len: int | None = None,
+        *,
+        api_key: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,10 +156,12 @@ class ModelServer:
         self.max_len = min(max_model_len or limit, limit)
         self.created = int(time.time())
         self.lock = asyncio.Lock()
+        self.api_key = api_key.encode() if api_key else None
+        self.max_request_bytes = max_request_bytes
 
     # ------------------------------------------------------------------ HTTP
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=8 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=self.max_request_bytes)
         app.router.add_get(HEALTH_PATH, self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -147,14 +171,36 @@ class ModelServer:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
+            self._authorize(request)
+            self._check_size(request)
             return await handler(request)
         except BadRequest as err:
             return err.response()
+        except web.HTTPRequestEntityTooLarge as err:  # a chunked body over the limit, found while reading it
+            return self._too_large(err.status).response()
         except web.HTTPException as err:
             return BadRequest(f"{request.method} {request.path}: {err.reason}", status=err.status).response()
         except Exception as err:  # a bug of ours, still answered in the API's shape
             log.exception("request failed")
             return BadRequest(f"internal error: {type(err).__name__}", status=500).response()
+
+    def _authorize(self, request: web.Request) -> None:
+        """With an API key, every /v1/* request carries it as a bearer token (compared in constant time)."""
+        if self.api_key is None or not request.path.startswith(API_PREFIX):
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise BadRequest("Incorrect or missing API key: send 'Authorization: Bearer <key>'", status=401,
+                             code="invalid_api_key")  # fmt: skip
+
+    def _check_size(self, request: web.Request) -> None:
+        """A declared body over the limit is refused before a byte of it is read."""
+        if request.content_length is not None and request.content_length > self.max_request_bytes:
+            raise self._too_large(413)
+
+    def _too_large(self, status: int) -> BadRequest:
+        return BadRequest(f"the request body is larger than this server's limit of {self.max_request_bytes} bytes",
+                          status=status, code="request_too_large")  # fmt: skip
 
     async def _health(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -167,7 +213,7 @@ class ModelServer:
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError) as err:  # ValueError: JSONDecodeError, or an int over 4300 digits
             raise BadRequest(f"the request body is not JSON: {err}") from err
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
@@ -179,8 +225,7 @@ class ModelServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        prompt = data.render_chat(_messages(body), self.tokenizer, add_generation_prompt=True)
-        return await self._complete(request, body, prompt, chat=True)
+        return await self._complete(request, body, _messages(body), chat=True)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -192,8 +237,15 @@ class ModelServer:
         return await self._complete(request, body, prompt, chat=False)
 
     # ------------------------------------------------------------------ generation
-    async def _complete(self, request: web.Request, body: dict, prompt: str, *, chat: bool) -> web.StreamResponse:
-        ids = data.prompt_ids(self.tokenizer, prompt)
+    def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids (a chat is rendered with its template first); runs in a worker thread."""
+        if isinstance(prompt, list):
+            prompt = data.render_chat(prompt, self.tokenizer, add_generation_prompt=True)
+        return data.prompt_ids(self.tokenizer, prompt)
+
+    async def _complete(self, request: web.Request, body: dict, prompt: str | list[dict[str, str]], *,
+                        chat: bool) -> web.StreamResponse:  # fmt: skip
+        ids = await asyncio.get_running_loop().run_in_executor(None, self._prompt_ids, prompt)
         if len(ids) >= self.max_len:
             raise BadRequest(f"the prompt has {len(ids)} tokens; this model's context is {self.max_len}", "messages"
                              if chat else "prompt", code="context_length_exceeded")  # fmt: skip
@@ -243,6 +295,14 @@ class ModelServer:
         text, stopped = _cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), settings.stop)
         return text, len(new), stopped
 
+    def _finish(self, streamer: Any, worker: threading.Thread, text: str) -> int:
+        """Drain ``streamer`` (when given), wait for ``worker``'s generate; the tokens ``text`` holds."""
+        if streamer is not None:
+            for _ in streamer:
+                pass
+        worker.join()
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     async def _stream(self, request: web.Request, ids: list[int], settings: Sampling, rid: str,
                       chat: bool) -> web.StreamResponse:  # fmt: skip
         from transformers import TextIteratorStreamer
@@ -279,32 +339,62 @@ class ModelServer:
                 sent = len(visible)
             if stopped:
                 break
-        if stopped:  # let generate finish before the next request (the streamer's end marker is still queued)
-            for _ in streamer:
-                pass
-        worker.join()
-        produced = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # let generate finish before the next request (after a stop, the rest of it and the streamer's
+        # end marker are still to come); in a worker thread, as all waiting on generate is
+        produced = await loop.run_in_executor(None, self._finish, streamer if stopped else None, worker, text)
         await send(None, "stop" if stopped or produced < settings.max_tokens else "length")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
 
+def api_key(path: str | None, environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The API key from --api-key-file, else from KUBEFORGE_API_KEY; None when neither is given.
+    One that is given but empty is an error: serving without a key by accident is worse than not starting."""
+    if path is not None:
+        key, source = Path(path).read_text().strip(), path
+    elif ENV_API_KEY in environ:
+        key, source = environ[ENV_API_KEY].strip(), ENV_API_KEY
+    else:
+        return None
+    if not key:
+        raise ValueError(f"{source}: the API key is empty")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubeforge.runtime.serve")
     parser.add_argument("--model", required=True, help="the model folder")
     parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"a file holding the API key /v1/* requests must send as a bearer token "
+                             f"(default: env {ENV_API_KEY}; neither: no key)")  # fmt: skip
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body accepted; larger ones get 413 (default %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
         print(f"kubeforge serve: {model_dir}: no config.json (is this a model folder?)", file=sys.stderr)
         return 2
-    server = ModelServer(model_dir, args.served_model_name or model_dir.name, args.max_model_len)
-    log.info("serving %s as %r on %s:%d (OpenAI API under /v1)", model_dir, server.name, args.host, args.port)
+    if args.max_request_bytes < 1:
+        print("kubeforge serve: --max-request-bytes must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        key = api_key(args.api_key_file)
+    except (OSError, ValueError) as err:
+        print(f"kubeforge serve: {err}", file=sys.stderr)
+        return 2
+    server = ModelServer(model_dir, args.served_model_name or model_dir.name, args.max_model_len, api_key=key,
+                         max_request_bytes=args.max_request_bytes)  # fmt: skip
+    if key is None and args.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("no API key (%s or --api-key-file): anyone who reaches %s:%d can use the model",
+                    ENV_API_KEY, args.host, args.port)  # fmt: skip
+    log.info("serving %s as %r on %s:%d (OpenAI API under /v1%s)", model_dir, server.name, args.host, args.port,
+             ", API key required" if key else "")  # fmt: skip
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0
 
