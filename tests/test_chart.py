@@ -90,6 +90,7 @@ def test_two_replicas_with_leader_election_and_a_disruption_budget():
     granted = {(r["apiGroups"][0], v, tuple(r.get("resourceNames", ()))) for r in role["rules"] for v in r["verbs"]}
     assert ("coordination.k8s.io", "create", ()) in granted
     assert ("coordination.k8s.io", "update", ("kubeforge",)) in granted
+    assert {v for _, v, _ in granted} == {"create", "get", "update"}  # no patch: the Lease is replaced
     assert role["metadata"]["namespace"] == "kubeforge-system"
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -107,21 +108,91 @@ def test_one_replica_without_leader_election_and_more_are_refused():
         render({"replicas": 2, "leaderElection": {"enabled": False}})
 
 
-def test_rbac_covers_our_kinds_and_their_status():
-    role = by_kind(render())["ClusterRole"]
-    granted = {
+def rules_of(doc: dict) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
-        for rule in role["rules"]
+        for rule in doc["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def test_rbac_covers_our_kinds_and_their_status():
+    """The rules themselves are checked against the operator's real calls in tests/operator/test_rbac.py."""
+    granted = rules_of(by_kind(render())["ClusterRole"])
     for plural in ("finetunejobs", "quantizejobs", "modelservices"):
         assert ("kubeforge.io", plural, "watch") in granted
         assert ("kubeforge.io", f"{plural}/status", "patch") in granted
+        assert ("kubeforge.io", f"{plural}/finalizers", "update") in granted  # blockOwnerDeletion
     assert ("", "nodes", "list") in granted
-    assert ("batch", "jobs", "create") in granted
+    assert ("batch", "jobs", "create") in granted and ("batch", "jobs", "patch") in granted
     assert ("", "events", "create") in granted
+    # nothing deletes (children go by garbage collection); update is the finalizers check only
+    assert not [g for g in granted if g[2] in ("delete", "deletecollection", "*")]
+    assert all(resource.endswith("/finalizers") for _, resource, verb in granted if verb == "update")
+
+
+CLUSTER_SCOPED = {("", "nodes"), ("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
+
+
+def test_watch_namespaces_get_roles_and_the_cluster_role_keeps_only_cluster_scoped_reads():
+    docs = render({"watchNamespaces": ["team-a", "team-b"]})
+    cluster_role = by_kind(docs)["ClusterRole"]
+    assert {(group, resource) for group, resource, _ in rules_of(cluster_role)} == CLUSTER_SCOPED
+    assert {verb for _, _, verb in rules_of(cluster_role)} == {"list", "watch"}
+    roles = {
+        d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "kubeforge"
+    }
+    bindings = {d["metadata"]["namespace"]: d for d in docs
+                if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "kubeforge"}  # fmt: skip
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    all_namespaces = rules_of(by_kind(render())["ClusterRole"])
+    for ns, role in roles.items():
+        # the same rules as the cluster-wide chart's, less the cluster-scoped ones
+        assert rules_of(role) == {g for g in all_namespaces if (g[0], g[1]) not in CLUSTER_SCOPED}
+        assert bindings[ns]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubeforge", "namespace": "kubeforge-system"}
+        ]
+    # watching all namespaces, kopf does not read Namespaces
+    assert ("", "namespaces", "list") not in all_namespaces
+
+
+def value_combinations() -> list[dict]:
+    combos = []
+    for namespaces in ([], ["team-a"], ["team-a", "kubeforge-system"]):
+        for election in (True, False):
+            for create_sa in (True, False):
+                for monitor in (True, False):
+                    combos.append({
+                        "watchNamespaces": namespaces,
+                        "replicas": 2 if election else 1,
+                        "leaderElection": {"enabled": election},
+                        "podDisruptionBudget": {"enabled": election},
+                        "serviceAccount": {"create": create_sa, "name": "" if create_sa else "existing"},
+                        "metrics": {"serviceMonitor": {"enabled": monitor}},
+                    })  # fmt: skip
+    return combos
+
+
+def test_every_values_combination_passes_the_schema_and_renders_valid_objects():
+    chart = helm.Chart.load(str(CHART))
+    for values in value_combinations():
+        chart.validate_schema(values)
+        docs = render(values)
+        keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+        assert len(keys) == len(set(keys)), f"duplicate objects for {values}"
+        for doc in docs:
+            if doc["kind"] != "ServiceMonitor":  # a Prometheus Operator CRD: not in the official schema
+                validate_manifest(doc)
+        roles = {
+            d["metadata"]["namespace"] for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "kubeforge"
+        }
+        assert roles == set(values["watchNamespaces"]), values
+        leader = [
+            d for d in docs if d["kind"] in ("Role", "RoleBinding") and d["metadata"]["name"].endswith("-election")
+        ]
+        assert len(leader) == (2 if values["leaderElection"]["enabled"] else 0), values
 
 
 def test_no_service_account_when_told_not_to_create_one():
@@ -134,6 +205,8 @@ def test_values_schema_rejects_a_wrong_value():
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(Exception, match="watchNamespaces"):
         chart.validate_schema({"watchNamespaces": ["Not A Namespace"]})
+    with pytest.raises(Exception, match="watchNamespaces"):  # one Role per namespace: no duplicates
+        chart.validate_schema({"watchNamespaces": ["team-a", "team-a"]})
     with pytest.raises(Exception, match="leaderElection"):
         chart.validate_schema({"leaderElection": {"leaseDurationSeconds": -1}})
 

@@ -1,7 +1,11 @@
 """The `kubeforge` command line.
 
-kubeforge crds [-o DIR]          print the CRDs (or write one file per CRD into DIR)
-kubeforge validate FILE...       check YAML files against the API; exit 1 on any problem
+kubeforge crds [-o DIR]                          print the CRDs (or write one file per CRD into DIR)
+kubeforge validate FILE...                       check YAML files against the API; exit 1 on any problem
+kubeforge plan FINETUNE.yaml --cluster NODES     plan a FineTuneJob against a cluster's nodes
+kubeforge render FINETUNE.yaml --cluster NODES   print the manifests the operator would apply for it
+kubeforge run FILE.yaml                          run FineTuneJobs, QuantizeJobs and a ModelService on
+                                                 this machine, in chain order (kubeforge.localrun)
 """
 
 from __future__ import annotations

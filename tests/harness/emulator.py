@@ -1,7 +1,7 @@
 """kmock's KubernetesEmulator, made faithful enough for kubeforge's operator tests.
 
-kmock 0.8's emulator stores objects and serves list/watch/patch, but (see
-shared/facts.md) lacks much of what a real API server does. This subclass adds:
+kmock 0.8's emulator stores objects and serves list/watch/patch, but lacks much of
+what a real API server does. This subclass adds:
 
 - metadata the server owns: uid, resourceVersion (one counter for the whole store),
   generation (bumped when anything but metadata/status changes), creationTimestamp,
@@ -142,7 +142,7 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     url: str = attrs.field(default="", init=False)  # set by the fixture once the server listens
     _created: dict[int, tuple] = attrs.field(factory=dict, init=False)  # id(request) -> stored key
     # Keep only this many recent requests (and every watch) in the log: kmock matches each new
-    # request against the whole log, so a long run otherwise measures the emulator (facts.md).
+    # request against the whole log, so a long run otherwise measures the emulator, not the operator.
     # None keeps everything, for tests that count requests.
     log_limit: int | None = attrs.field(default=None, init=False)
 

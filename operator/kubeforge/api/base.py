@@ -4,7 +4,7 @@
 - ``Rule``: a cross-field rule written once, in two forms that must agree: a CEL
   expression for the CRD (the API server evaluates it at admission) and a Python
   predicate over the validated model (``kubeforge validate`` and the operator
-  evaluate it). ``tests/test_rules.py`` checks both forms on the same objects.
+  evaluate it). ``tests/api/test_cel_rules.py`` checks both forms on the same objects.
 - ``Immutable``: fields that may not change after creation (a CEL transition rule
   in the CRD, ``immutable_changes`` for the operator).
 """

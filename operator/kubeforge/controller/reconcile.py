@@ -1,6 +1,8 @@
 """The glue between kopf and the pure decisions: read indexes, decide, apply, write status once.
 
-Nothing here decides anything; see finetune.py (decide) and admission.py.
+Nothing here decides anything: the decisions are controller/finetune.py (decide),
+quantize.py (decide_quantize) and service.py (decide_service), the validation of the
+objects api/validation.py (check), and every API call goes through controller/kube.py.
 """
 
 from __future__ import annotations
