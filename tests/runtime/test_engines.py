@@ -29,7 +29,6 @@ REFUSED = [
     ({"strategy": "megatron", "precision": "fp32", "device": "cuda"}, "compute.device cuda: the plan needs a CUDA"),
     ({"method": "lora", "precision": "fp8"}, "compute.precision fp8 trains training.method full only"),
     ({"method": "qlora", "strategy": "fsdp"}, "training.method qlora with parallel.strategy fsdp"),
-    ({"method": "qlora", "strategy": "zero3"}, "training.method qlora with parallel.strategy zero3"),
     ({"strategy": "zero3-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
 ]
 
