@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kubeforge.runtime import fetch
 from kubeforge.runtime.contract import (
     ComputeConfig,
     Contract,
@@ -19,6 +20,7 @@ from kubeforge.runtime.contract import (
     TrainingConfig,
 )
 from kubeforge.runtime.demo import task, tiny
+from tests.harness import s3server
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,26 @@ def tiny_model_128(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> tuple[Path, Path]:
     return task.write(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A fresh moto S3 server per test module (skips with the reason where .venv-s3 is missing)."""
+    if not s3server.available():
+        pytest.skip(s3server.MISSING)
+    with s3server.moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture()
+def s3_env(s3_endpoint, monkeypatch, tmp_path):
+    """A client of moto's server, with the AWS_* variables the runtime reads pointing at it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("KUBEFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    return fetch.s3_client("s3://x")[0]
 
 
 def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", steps: int = 30, world: int = 1,

@@ -15,29 +15,9 @@ from pathlib import Path
 import pytest
 
 from kubeforge.runtime import checkpoint, checkpoint_store, export, fetch
-from tests.harness import s3server
 from tests.runtime.conftest import make_contract
 
 MARKER = checkpoint_store.MARKER
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    if not s3server.available():
-        pytest.skip(s3server.MISSING)
-    with s3server.moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture()
-def s3_env(s3_endpoint, monkeypatch, tmp_path):
-    """A client of moto's server, with the AWS_* variables the runtime reads pointing at it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("KUBEFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    return fetch.s3_client("s3://x")[0]
 
 
 def written(root: Path, step: int, *, rank: int = 0, tmp: bool = False, main: bool = True) -> Path:

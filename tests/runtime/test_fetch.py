@@ -8,7 +8,6 @@ import pytest
 
 from kubeforge.runtime import export, fetch
 from kubeforge.runtime.contract import EXIT_USER_ERROR, Location
-from tests.harness import s3server
 from tests.harness.fakehub import COMMIT, serve_repo
 from tests.runtime.conftest import make_contract
 from tests.runtime.test_train import run_inline
@@ -49,25 +48,6 @@ def test_a_missing_hub_repository_is_a_user_error(tiny_model, task_data, tmp_pat
         code, summary = run_inline(contract, tmp_path)
     assert code == EXIT_USER_ERROR
     assert "hf://acme/nope: no such repository on the Hub" in summary["error"]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    if not s3server.available():
-        pytest.skip(s3server.MISSING)
-    with s3server.moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture()
-def s3_env(s3_endpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("KUBEFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    client, _, _ = fetch.s3_client("s3://x")
-    return client
 
 
 def test_train_from_s3_and_export_to_s3(s3_env, tiny_model, task_data, tmp_path):

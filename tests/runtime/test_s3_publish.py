@@ -12,26 +12,6 @@ import pytest
 from minio import Minio
 
 from kubeforge.runtime import export, fetch
-from tests.harness import s3server
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    if not s3server.available():
-        pytest.skip(s3server.MISSING)
-    with s3server.moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture()
-def s3_env(s3_endpoint, monkeypatch, tmp_path):
-    """A client of moto's server, with the AWS_* variables the runtime reads pointing at it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("KUBEFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    return fetch.s3_client("s3://x")[0]
 
 
 def artifact(folder: Path, seed: int = 0) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field
 
@@ -18,24 +18,13 @@ from kubeforge.api.base import (
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.uris import OutputUri, Uri
+from kubeforge.runtime.contract import Strategy as RuntimeStrategy
 
 Positive = Annotated[int, Field(gt=0)]
 
 Method = Literal["full", "lora", "qlora"]
 MEGATRON = ("megatron", "megatron-offload-optimizer")
-Strategy = Literal[
-    "auto",
-    "ddp",
-    "fsdp",
-    "zero1",
-    "zero2",
-    "zero2-offload-optimizer",
-    "zero3",
-    "zero3-offload-optimizer",
-    "zero3-offload",
-    "megatron",
-    "megatron-offload-optimizer",
-]  # "auto" and kubeforge.runtime.contract.Strategy (tests/api check they stay the same)
+Strategy = Literal[("auto", *get_args(RuntimeStrategy))]  # the runtime's strategies (contract.STRATEGIES), or auto
 Precision = Literal["auto", "bf16", "fp16", "fp8"]
 FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
 

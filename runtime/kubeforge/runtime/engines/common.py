@@ -109,6 +109,14 @@ def accumulate(
     return total
 
 
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any) -> None:
+    """Clip to norm 1, step, advance the schedule; gradients are zeroed in place (DDP's bucket views stay)."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -47,10 +47,7 @@ class DDPEngine:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         loss = common.accumulate(self.module, micro_batches, self.device, self.contract, self._sync)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=False)  # keep DDP's bucket views
+        common.optimizer_step(self.params, self.optimizer, self.scheduler)
         return loss
 
     def save(self, root: Path, step: int, extra: dict, main: bool) -> None:

@@ -82,10 +82,7 @@ class FSDPEngine:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         loss = common.accumulate(self.module, micro_batches, self.device, self.contract, self._sync)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        common.optimizer_step(self.params, self.optimizer, self.scheduler)
         return loss
 
     def _state(self) -> dict[str, Any]:
