@@ -88,9 +88,23 @@ class LoRAConfig(_Model):
     target_modules: tuple[str, ...] = ("all-linear",)
 
 
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "apo_zero", "apo_down", "sppo_hard"]
+
+
+class DPOConfig(_Model):
+    """Direct Preference Optimization (Rafailov et al. 2023); loss names as TRL's DPOConfig.loss_type
+    (and ms-swift, which passes them to TRL). The reference model is the starting model: its
+    log-probabilities of every pair are computed once before the first step (kept with the checkpoints)."""
+
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: DPOLoss = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # robust (cDPO) / sigmoid's conservative variant
+
+
 class TrainingConfig(_Model):
     method: Literal["full", "lora", "qlora"]
     objective: Literal["sft", "dpo"] = "sft"
+    dpo: DPOConfig = Field(default_factory=DPOConfig)  # read when objective is dpo
     lora: LoRAConfig | None = None
     epochs: float | None = None
     max_steps: int | None = None
@@ -203,7 +217,9 @@ class ParallelConfig(_Model):
     gpus_per_node: int = Field(default=1, gt=0)
     tensor_parallel: int = Field(default=1, gt=0)
     pipeline_parallel: int = Field(default=1, gt=0)
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # Megatron's: activations split along the sequence within a TP group
+    ulysses: int = Field(default=1, gt=0)  # DeepSpeed-Ulysses degree (DDP, FSDP, ZeRO): consecutive ranks
+    # split each sequence and exchange attention heads all-to-all; they read the same samples
 
     @property
     def world_size(self) -> int:
@@ -211,7 +227,7 @@ class ParallelConfig(_Model):
 
     @property
     def data_parallel(self) -> int:
-        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel * self.ulysses)
 
 
 class ComputeConfig(_Model):
