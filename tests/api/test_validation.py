@@ -74,8 +74,20 @@ FINETUNE_CASES = [
         ["spec.parallelism.strategy: tensorParallel and pipelineParallel above 1 need strategy megatron"],
     ),
     (
-        {"parallelism.strategy": "fsdp", "parallelism.sequenceParallel": True},
-        ["spec.parallelism.sequenceParallel: sequenceParallel needs strategy megatron"],
+        {"parallelism.strategy": "megatron", "parallelism.sequenceParallelSize": 2, "method": "full"},
+        ["spec.parallelism.sequenceParallelSize: sequenceParallelSize above 1 is the Ulysses degree"],
+    ),
+    (
+        {"parallelism.strategy": "fsdp", "parallelism.sequenceParallel": False, "parallelism.sequenceParallelSize": 2},
+        ["spec.parallelism.sequenceParallelSize: sequenceParallelSize above 1 is the Ulysses degree"],
+    ),
+    (
+        {"training.objective": "dpo", "dataset.format": "preference", "parallelism.sequenceParallelSize": 2},
+        ["spec.parallelism: objective dpo trains with ddp, fsdp or a zero stage"],
+    ),
+    (
+        {"training.dpo": {"beta": 0.2}},
+        ["spec.training.dpo: only applies to objective dpo"],
     ),
     (
         {"method": "qlora", "parallelism.strategy": "megatron"},

@@ -74,7 +74,8 @@ def test_plan_is_infeasible_with_a_reason_or_obeys_every_hard_rule(spec, invento
     if spec.resources.max_gpus:
         assert result.total_gpus <= spec.resources.max_gpus
     # parallelism
-    assert result.tensor_parallel * result.pipeline_parallel * result.data_parallel == result.total_gpus
+    assert result.tensor_parallel * result.pipeline_parallel * result.ulysses * result.data_parallel == result.total_gpus
+    assert result.gpus_per_node % result.ulysses == 0
     assert result.tensor_parallel <= pool.nvlink_domain
     assert arch.num_layers % result.pipeline_parallel == 0
     assert result.micro_batch_size * result.gradient_accumulation_steps * result.data_parallel == (

@@ -18,6 +18,7 @@ from kubeforge.api.base import (
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.uris import OutputUri, Uri
+from kubeforge.runtime.contract import DPOLoss
 from kubeforge.runtime.contract import Strategy as RuntimeStrategy
 
 Positive = Annotated[int, Field(gt=0)]
@@ -115,10 +116,26 @@ class LoRA(KubeModel):
     )
 
 
+class DPO(KubeModel):
+    """Direct Preference Optimization (Rafailov et al. 2023), loss names as TRL's and ms-swift's loss_type.
+    The reference model is the starting model: its log-probabilities are computed once before training."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the KL penalty to the reference model.")
+    loss_type: DPOLoss = Field(
+        default="sigmoid",
+        description="sigmoid (DPO), hinge (SLiC), ipo, robust (with labelSmoothing), exo_pair, nca_pair, "
+        "apo_zero, apo_down, sppo_hard.",
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (cDPO, robust)."
+    )
+
+
 class Training(KubeModel):
     objective: Literal["sft", "dpo"] = Field(
         default="sft", description="sft: next-token loss; dpo: preference optimisation (format preference)."
     )
+    dpo: DPO | None = Field(default=None, description="DPO settings (objective dpo).")
     epochs: float | None = Field(
         default=None, gt=0, le=1000, description="Passes over the data (default 1 unless maxSteps is set)."
     )
@@ -149,6 +166,12 @@ class Training(KubeModel):
 
     rules = (
         Rule(
+            cel="!has(self.dpo) || (has(self.objective) && self.objective == 'dpo')",
+            message="only applies to objective dpo",
+            check=lambda t: t.dpo is None or t.objective == "dpo",
+            field=".dpo",
+        ),
+        Rule(
             cel="!(has(self.epochs) && has(self.maxSteps))",
             message="set epochs or maxSteps, not both",
             check=lambda t: not (t.epochs is not None and t.max_steps is not None),
@@ -172,7 +195,19 @@ class Parallelism(KubeModel):
     strategy: Strategy = Field(default="auto", description="auto lets the planner choose.")
     tensor_parallel: Positive | None = Field(default=None, description="Megatron tensor parallel degree.")
     pipeline_parallel: Positive | None = Field(default=None, description="Megatron pipeline stages.")
-    sequence_parallel: bool | None = Field(default=None, description="Megatron sequence parallelism.")
+    sequence_parallel: bool | None = Field(
+        default=None,
+        description=(
+            "Split each sequence over several GPUs. Megatron strategies: Megatron sequence parallelism inside the "
+            "tensor-parallel group. Other strategies: DeepSpeed-Ulysses (attention heads exchanged all-to-all). "
+            "Default: the planner's choice (Ulysses only when activations at maxSeqLength do not fit otherwise)."
+        ),
+    )
+    sequence_parallel_size: Positive | None = Field(
+        default=None,
+        description="Ulysses degree: GPUs of one node that share each sequence (non-Megatron strategies; "
+        "default: the planner's choice).",
+    )
     precision: Precision = Field(default="auto", description="auto: fp8 on Hopper+, bf16 on Ampere+, else fp16.")
 
     rules = (
@@ -187,11 +222,16 @@ class Parallelism(KubeModel):
             field=".strategy",
         ),
         Rule(
-            cel="self.strategy in ['auto', 'megatron', 'megatron-offload-optimizer'] || !has(self.sequenceParallel) "
-            "|| !self.sequenceParallel",
-            message="sequenceParallel needs strategy megatron (or auto)",
-            check=lambda p: p.strategy in ("auto", *MEGATRON) or not p.sequence_parallel,
-            field=".sequenceParallel",
+            cel="!has(self.sequenceParallelSize) || self.sequenceParallelSize == 1 || "
+            "(!(self.strategy in ['megatron', 'megatron-offload-optimizer']) "
+            "&& (!has(self.sequenceParallel) || self.sequenceParallel))",
+            message="sequenceParallelSize above 1 is the Ulysses degree: it needs a non-Megatron strategy "
+            "and sequenceParallel not false",
+            check=lambda p: (
+                (p.sequence_parallel_size or 1) == 1
+                or (p.strategy not in MEGATRON and p.sequence_parallel is not False)
+            ),
+            field=".sequenceParallelSize",
         ),
     )
 
@@ -245,6 +285,18 @@ class FineTuneJobSpec(KubeModel):
             message="format preference goes with training.objective dpo, and dpo needs format preference",
             check=lambda s: (s.dataset.format == "preference") == (s.training.objective == "dpo"),
             field=".dataset.format",
+        ),
+        Rule(
+            cel="!has(self.training) || !has(self.training.objective) || self.training.objective != 'dpo' || "
+            "!has(self.parallelism) || ((!has(self.parallelism.strategy) || "
+            "!self.parallelism.strategy.startsWith('megatron')) && (!has(self.parallelism.sequenceParallelSize) "
+            "|| self.parallelism.sequenceParallelSize == 1))",
+            message="objective dpo trains with ddp, fsdp or a zero stage, without Ulysses sequence parallelism",
+            check=lambda s: (
+                s.training.objective != "dpo"
+                or (s.parallelism.strategy not in MEGATRON and (s.parallelism.sequence_parallel_size or 1) == 1)
+            ),
+            field=".parallelism",
         ),
     )
 

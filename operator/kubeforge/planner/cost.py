@@ -14,6 +14,9 @@
                 behind the backward pass (OVERLAP).
     tensor    = 4 all-reduces of the activations per layer and micro-batch, never hidden, over
                 NVLink (TP never leaves an NVLink domain).
+    ulysses   = DeepSpeed-Ulysses (degree u): per layer and micro-batch, q, k, v and the attention
+                output go all-to-all forward and again backward; each GPU sends (u-1)/u of its
+                slice, (2 q width + 2 kv width) x 2 bytes per token, never hidden, inside a node.
     offload   = parameters and gradients over PCIe, plus the host's Adam step (HOST_ADAM rate).
     latency   = kernel launches (LAYER_LAUNCH_SECONDS per layer and micro-batch, forward and
                 backward; tensor parallelism does not reduce it) and collective latencies
@@ -64,10 +67,19 @@ class StepTime:
     tensor_parallel: float
     offload: float
     latency: float = 0.0
+    ulysses: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.data_parallel + self.tensor_parallel + self.offload + self.latency
+        return (
+            self.compute
+            + self.bubble
+            + self.data_parallel
+            + self.tensor_parallel
+            + self.offload
+            + self.latency
+            + self.ulysses
+        )
 
 
 def flops_per_token(arch: Architecture, layout: Layout) -> float:
@@ -90,11 +102,11 @@ def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
 
 
 def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int) -> StepTime:
-    tokens = global_batch * layout.seq_len
+    tokens = global_batch * layout.sequences_per_example * layout.seq_len
     peak = pool.gpu.peak_tflops(layout.precision) * 1e12
     if layout.precision == "fp8":
         peak *= FP8_FRACTION
-    micro_tokens = layout.micro_batch * layout.seq_len
+    micro_tokens = layout.micro_batch * layout.sequences_per_example * layout.seq_len / layout.ulysses
     efficiency = EFFICIENCY[layout.strategy] * min(1.0, 0.75 + 0.25 * micro_tokens / 8192)
     efficiency *= TP_GEMM_EFFICIENCY ** math.log2(layout.tensor_parallel)
     compute = tokens * flops_per_token(arch, layout) / (layout.world * peak * efficiency)
@@ -122,8 +134,16 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
         per_microbatch = 4 * (arch.num_layers / p) * 2 * (t - 1) / t * micro_tokens * arch.hidden_size * 2
         tensor = per_microbatch * micro_batches / intra
 
+    u = layout.ulysses
+    ulysses = 0.0
+    if u > 1:
+        per_microbatch = 2 * arch.num_layers * (u - 1) / u * micro_tokens * (2 * arch.q_dim + 2 * arch.kv_dim) * 2
+        ulysses = per_microbatch * micro_batches / intra
+
     alpha = COLLECTIVE_LATENCY * (5 if layout.nodes > 1 else 1)
     collectives = 0.0
+    if u > 1:
+        collectives += 8 * arch.num_layers * micro_batches
     if d > 1:
         collectives += math.ceil(grad_bytes / layout.model_parallel / GRADIENT_BUCKET_BYTES) * math.log2(d)
         if sharded:
@@ -142,7 +162,16 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
         if where == "parameters":  # every step gathers the weights from host memory, forward and backward
             moved += 2 * base_weight_bytes(arch, layout.method) / layout.world
         offload = moved / pcie + trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
-    return StepTime(compute, bubble, data_parallel, tensor, offload, latency)
+    return StepTime(compute, bubble, data_parallel, tensor, offload, latency, ulysses)
+
+
+def reference_pass_seconds(arch: Architecture, layout: Layout, step: StepTime, steps_per_epoch: int | None) -> float:
+    """DPO's reference log-probabilities: one forward pass over every pair before training, i.e. the
+    forward share (2 of flops_per_token's 4 or 6 FLOPs per parameter) of one epoch's compute."""
+    if layout.objective != "dpo" or not steps_per_epoch:
+        return 0.0
+    per_param = (6.0 if layout.method == "full" else 4.0) + (2.0 if layout.gradient_checkpointing else 0.0)
+    return steps_per_epoch * step.compute * 2.0 / per_param
 
 
 def total_steps(epochs: float | None, max_steps: int | None, examples: int | None, global_batch: int) -> int | None:

@@ -77,6 +77,17 @@ def no_model_parallel(req: Request, pool: Pool, arch: Architecture, world: int) 
     return f"no tensor x pipeline split fits {world} GPU(s) of {pool.gpu.name}"
 
 
+def no_ulysses(req: Request, arch: Architecture, per_node: int) -> str:
+    """Why no Ulysses degree works on nodes of ``per_node`` GPUs."""
+    heads = f"{arch.num_attention_heads} attention and {arch.num_key_value_heads} key/value heads"
+    if req.sequence_parallel_size:
+        return (
+            f"sequenceParallelSize {req.sequence_parallel_size} must divide the model's {heads} and the "
+            f"{per_node} GPU(s) per node (a Ulysses group stays inside one node)"
+        )
+    return f"sequenceParallel: no Ulysses degree above 1 divides the model's {heads} and {per_node} GPU(s) per node"
+
+
 def infeasible_reason(
     req: Request, arch: Architecture, pools: list[Pool], candidates: list[Candidate], rejections: list[str]
 ) -> str:
@@ -143,7 +154,8 @@ def infeasible_details(
 def summary(arch: Architecture, best: Candidate) -> str:
     lay = best.layout
     return (
-        f"{NAMES[lay.strategy]} on {lay.world} x {best.pool.gpu.name} ({lay.nodes} node(s)), {lay.precision}, "
+        f"{NAMES[lay.strategy]}{f' with Ulysses x{lay.ulysses}' if lay.ulysses > 1 else ''} on {lay.world} x "
+        f"{best.pool.gpu.name} ({lay.nodes} node(s)), {lay.precision}, "
         f"{gib(best.memory.total)} of {gib(best.pool.memory_bytes)} per GPU"
     )
 
@@ -160,6 +172,13 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
         f"{lay.gradient_accumulation} x data parallel {lay.data_parallel}."
     )
     out.append(_checkpointing_sentence(arch, best))
+    if lay.ulysses > 1:
+        out.append(_ulysses_sentence(arch, best))
+    if lay.objective == "dpo":
+        out.append(
+            "DPO: each micro-batch element is a pair (chosen and rejected in one forward pass); the reference "
+            "model is the starting model's log-probabilities, computed once before training (no second model)."
+        )
     out.append(
         "Attention: flash_attention_2 (compute capability >= 8.0)."
         if pool.gpu.compute_capability >= (8, 0)
@@ -174,9 +193,22 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
     out.append(
         f"Estimated {t.total:.2f} s per step: compute {t.compute:.2f} s, pipeline bubble {t.bubble:.2f} s, "
         f"data-parallel traffic {t.data_parallel:.2f} s, tensor-parallel traffic {t.tensor_parallel:.2f} s, "
-        f"offload {t.offload:.2f} s, latency {t.latency:.3f} s."
+        f"offload {t.offload:.2f} s, latency {t.latency:.3f} s"
+        + (f", Ulysses all-to-all {t.ulysses:.2f} s." if lay.ulysses > 1 else ".")
     )
     return out
+
+
+def _ulysses_sentence(arch: Architecture, best: Candidate) -> str:
+    from kubeforge.planner.memory import activation_bytes
+
+    lay = best.layout
+    alone = activation_bytes(arch, replace(lay, ulysses=1, sequence_parallel=False))
+    return (
+        f"Ulysses sequence parallelism of degree {lay.ulysses}: each GPU holds 1/{lay.ulysses} of every "
+        f"{lay.seq_len}-token sequence and attends over all of it for {arch.num_attention_heads // lay.ulysses} "
+        f"of the {arch.num_attention_heads} heads; without it the activations would need {gib(alone)} per GPU."
+    )
 
 
 def _trainable(arch: Architecture, layout) -> int:

@@ -36,7 +36,11 @@ and outputs) + 8i (SwiGLU), after Korthikanti et al. 2022 ("Reducing Activation 
 tensor parallelism divides all but the 6h, sequence parallelism divides that too. With gradient
 checkpointing only each layer's input (2h) is kept, plus one layer recomputed at a time. Pipeline
 stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits add 6 bytes per token
-per vocabulary entry (bf16 logits and their fp32 softmax).
+per vocabulary entry (bf16 logits and their fp32 softmax). DeepSpeed-Ulysses (degree u) divides all
+of it by u: each GPU holds 1/u of every sequence, and attention holds the whole sequence for 1/u of
+the heads. DPO runs each pair's chosen and rejected sequences in one forward pass (twice the tokens
+of a micro-batch); its reference model is the starting model's log-probabilities, computed once
+before training (8 bytes per pair), so it adds no second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
@@ -77,6 +81,8 @@ class Layout:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
+    ulysses: int = 1  # DeepSpeed-Ulysses degree: GPUs sharing each sequence
+    objective: str = "sft"  # dpo: each micro-batch element is a pair (chosen and rejected sequences)
 
     @property
     def world(self) -> int:
@@ -88,7 +94,11 @@ class Layout:
 
     @property
     def data_parallel(self) -> int:
-        return self.world // self.model_parallel
+        return self.world // (self.model_parallel * self.ulysses)
+
+    @property
+    def sequences_per_example(self) -> int:
+        return 2 if self.objective == "dpo" else 1
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,9 @@ def _offload(states: States, offload: str, layout: Layout, optimizer_bytes: floa
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
     h, k, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size * arch.num_experts_per_token
     t, p = layout.tensor_parallel, layout.pipeline_parallel
-    tokens = layout.micro_batch * layout.seq_len
+    # Ulysses: each GPU keeps its slice of every sequence (attention sees the whole sequence for its
+    # heads/ulysses, the same bytes); DPO: chosen and rejected run in one forward pass
+    tokens = layout.micro_batch * layout.sequences_per_example * layout.seq_len / layout.ulysses
     shared = 6 * h / (t if layout.sequence_parallel else 1)
     split = (8 * h + 4 * k + 8 * i) / t
     per_layer = shared + split

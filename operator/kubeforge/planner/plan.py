@@ -80,6 +80,8 @@ class Plan:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    ulysses: int = 1  # DeepSpeed-Ulysses degree (non-Megatron engines)
+    objective: str = "sft"
     precision: str = ""
     global_batch_size: int = 0
     micro_batch_size: int = 0
@@ -94,6 +96,7 @@ class Plan:
     node_memory_bytes: int = 0
     estimated_step_seconds: float = 0.0
     total_steps: int | None = None
+    reference_seconds: float = 0.0  # DPO: the reference log-probabilities, computed once before training
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,7 +111,7 @@ class Plan:
 
     @property
     def data_parallel(self) -> int:
-        return self.total_gpus // max(1, self.tensor_parallel * self.pipeline_parallel)
+        return self.total_gpus // max(1, self.tensor_parallel * self.pipeline_parallel * self.ulysses)
 
     @property
     def zero_stage(self) -> int:
@@ -123,7 +126,7 @@ class Plan:
     def estimated_gpu_hours(self) -> float | None:
         if self.total_steps is None:
             return None
-        return self.estimated_step_seconds * self.total_steps * self.total_gpus / 3600
+        return (self.estimated_step_seconds * self.total_steps + self.reference_seconds) * self.total_gpus / 3600
 
     def _check(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -132,7 +135,8 @@ class Plan:
 
         need(self.nodes >= 1 and self.gpus_per_node >= 1, "at least one GPU")
         need(
-            self.tensor_parallel * self.pipeline_parallel * self.data_parallel == self.total_gpus, "tp x pp x dp = GPUs"
+            self.tensor_parallel * self.pipeline_parallel * self.ulysses * self.data_parallel == self.total_gpus,
+            "tp x pp x ulysses x dp = GPUs",
         )
         need(
             self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel == self.global_batch_size,
@@ -145,7 +149,14 @@ class Plan:
         need(self.precision != "fp32" or self.gpu_type == "cpu", "fp32 only on CPU")
         need(self.memory is not None and self.memory.total <= self.memory.available, "fits in GPU memory")
         need(self.offload == "none" or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
-        need(self.sequence_parallel is False or self.tensor_parallel > 1, "sequence parallel needs tensor parallel")
+        megatron = self.strategy in STRATEGIES and STRATEGIES[self.strategy].engine == "megatron"
+        need(
+            self.sequence_parallel is False or (self.tensor_parallel > 1 if megatron else self.ulysses > 1),
+            "sequence parallel needs tensor parallel (Megatron) or a Ulysses degree above 1",
+        )
+        need(self.ulysses == 1 or not megatron, "Ulysses only on the non-Megatron engines")
+        need(self.gpus_per_node % self.ulysses == 0, "a Ulysses group stays inside one node")
+        need(self.ulysses == 1 or self.objective != "dpo", "dpo trains without Ulysses")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -171,6 +182,8 @@ class Plan:
                 "pipelineParallel": self.pipeline_parallel,
                 "dataParallel": self.data_parallel,
                 "sequenceParallel": self.sequence_parallel,
+                "ulysses": self.ulysses,
+                "objective": self.objective,
                 "precision": self.precision,
                 "microBatchSize": self.micro_batch_size,
                 "gradientAccumulationSteps": self.gradient_accumulation_steps,

@@ -18,7 +18,12 @@ def table(plan: Plan) -> str:
             ("Nodes x GPUs", f"{plan.nodes} x {plan.gpus_per_node} = {plan.total_gpus}"),
             ("Strategy", plan.strategy + (f" (ZeRO stage {plan.zero_stage})" if plan.zero_stage else "")),
             ("TP x PP x DP", f"{plan.tensor_parallel} x {plan.pipeline_parallel} x {plan.data_parallel}"),
-            ("Sequence parallel", "yes" if plan.sequence_parallel else "no"),
+            (
+                "Sequence parallel",
+                f"Ulysses x {plan.ulysses}"
+                if plan.ulysses > 1
+                else ("Megatron (within TP)" if plan.sequence_parallel else "no"),
+            ),
             ("Precision", plan.precision),
             (
                 "Batch",

@@ -27,7 +27,7 @@ from kubeforge.api.finetune import FineTuneJobSpec
 from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner import explain
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.cost import StepTime, step_time, total_steps
+from kubeforge.planner.cost import StepTime, reference_pass_seconds, step_time, total_steps
 from kubeforge.planner.memory import Layout, Memory, estimate, trainable_parameters
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
 from kubeforge.runtime.contract import ENGINE_PRECISIONS
@@ -84,6 +84,8 @@ class Request:
     tensor_parallel: int | None
     pipeline_parallel: int | None
     sequence_parallel: bool | None
+    sequence_parallel_size: int | None
+    objective: str
     precision: str
     max_gpus: int | None
     gpu_type: str
@@ -107,6 +109,8 @@ class Request:
             tensor_parallel=par.tensor_parallel,
             pipeline_parallel=par.pipeline_parallel,
             sequence_parallel=par.sequence_parallel,
+            sequence_parallel_size=par.sequence_parallel_size,
+            objective=spec.training.objective,
             precision=par.precision,
             max_gpus=spec.resources.max_gpus,
             gpu_type=spec.resources.gpu_type,
@@ -207,15 +211,30 @@ def _powers(limit: int) -> list[int]:
 def strategies(req: Request) -> tuple[str, ...]:
     if req.strategy != "auto":
         return (req.strategy,)
-    megatron = tuple(s for s in STRATEGIES if FACTS[s].engine == "megatron")
-    if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1 or req.sequence_parallel:
-        return megatron
-    # Megatron trains method full only; the runtime shards QLoRA's NF4 weights with ZeRO-3, not with FSDP2
-    return tuple(
-        s
-        for s in STRATEGIES
-        if not (s in megatron and req.method != "full") and not (s == "fsdp" and req.method == "qlora")
-    )
+    if (req.tensor_parallel or 1) > 1 or (req.pipeline_parallel or 1) > 1:
+        return tuple(s for s in STRATEGIES if FACTS[s].engine == "megatron")
+
+    def allowed(strategy: str) -> bool:
+        if FACTS[strategy].engine == "megatron":  # full fine-tuning with the next-token loss, no Ulysses degree
+            return req.method == "full" and req.objective == "sft" and (req.sequence_parallel_size or 1) == 1
+        return not (strategy == "fsdp" and req.method == "qlora")  # the runtime shards NF4 with ZeRO-3 only
+
+    return tuple(s for s in STRATEGIES if allowed(s))
+
+
+def ulysses_options(req: Request, pool: Pool, arch: Architecture, engine: str, per_node: int) -> list[int]:
+    """Ulysses degrees to try: the spec's, else 1, and (sequenceParallel not false, sft) powers of two
+    inside one node that divide the attention and KV heads. Megatron has its own sequence parallelism."""
+    if engine == "megatron":
+        return [1]
+    heads = math.gcd(arch.num_attention_heads, arch.num_key_value_heads)
+    if req.sequence_parallel_size:
+        u = req.sequence_parallel_size
+        return [u] if u == 1 or (heads % u == 0 and per_node % u == 0) else []
+    if req.sequence_parallel is False or req.objective != "sft":
+        return [1]
+    more = [u for u in _powers(per_node) if u > 1 and heads % u == 0]
+    return more if req.sequence_parallel else [1, *more]
 
 
 def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: int) -> Iterator[tuple[int, int]]:
@@ -253,12 +272,23 @@ def enumerate_candidates(
             if megatron and not layouts and (req.strategy != "auto" or req.tensor_parallel or req.pipeline_parallel):
                 rejections.append(explain.no_model_parallel(req, pool, arch, world))
             for t, p in layouts:
-                d = world // (t * p)
-                sp_options = [req.sequence_parallel] if req.sequence_parallel is not None else [t > 1]
-                for sp in sp_options:
-                    if sp and t == 1:
-                        rejections.append("sequenceParallel needs tensorParallel > 1")
+                if megatron:
+                    sp_options = [req.sequence_parallel] if req.sequence_parallel is not None else [t > 1]
+                    if True in sp_options and t == 1:
+                        rejections.append("sequenceParallel with a Megatron strategy needs tensorParallel > 1")
                         continue
+                    splits = [(bool(sp), 1) for sp in sp_options]
+                else:
+                    options = ulysses_options(req, pool, arch, engine, per_node)
+                    if not options:
+                        rejections.append(explain.no_ulysses(req, arch, per_node))
+                        continue
+                    splits = [(u > 1, u) for u in options]
+                fit_without = False  # auto tries Ulysses only when nothing fits without it
+                for sp, u in splits:
+                    if u > 1 and fit_without and not (req.sequence_parallel or req.sequence_parallel_size):
+                        continue
+                    d = world // (t * p * u)
                     for mb in MICRO_BATCHES:
                         if req.global_batch % (mb * d):
                             continue
@@ -271,7 +301,7 @@ def enumerate_candidates(
                                 gpus_per_node=per_node,
                                 tensor_parallel=t,
                                 pipeline_parallel=p,
-                                sequence_parallel=bool(sp),
+                                sequence_parallel=sp,
                                 precision=layout_precision,
                                 micro_batch=mb,
                                 seq_len=req.seq_len,
@@ -280,9 +310,13 @@ def enumerate_candidates(
                                 lora_rank=req.lora_rank,
                                 lora_targets=req.lora_targets,
                                 lora_dropout=req.lora_dropout,
+                                ulysses=u,
+                                objective=req.objective,
                             )
                             memory = estimate(arch, layout)
-                            time = step_time(arch, layout, pool, req.global_batch) if fits(pool, memory) else NO_TIME
+                            ok = fits(pool, memory)
+                            fit_without = fit_without or (ok and u == 1)
+                            time = step_time(arch, layout, pool, req.global_batch) if ok else NO_TIME
                             yield Candidate(pool, layout, memory, time)
 
 
@@ -312,6 +346,10 @@ def choose(fitting: list[Candidate]) -> Candidate:
         fitting = in_memory
     elif any(FACTS[c.layout.strategy].offload == "optimizer" for c in fitting):  # optimizer before parameters
         fitting = [c for c in fitting if FACTS[c.layout.strategy].offload == "optimizer"]
+    # Ulysses only where the native engines' activations do not fit otherwise (a spec that asks for it
+    # has no such candidates); then it competes with Megatron on speed like any native layout
+    if any(c.layout.ulysses == 1 and FACTS[c.layout.strategy].engine != "megatron" for c in fitting):
+        fitting = [c for c in fitting if c.layout.ulysses == 1]
     native = [c for c in fitting if FACTS[c.layout.strategy].engine != "megatron"]
     if native and len(native) < len(fitting):
         best_native = min(c.time.total for c in native)
@@ -359,6 +397,8 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         tensor_parallel=layout.tensor_parallel,
         pipeline_parallel=layout.pipeline_parallel,
         sequence_parallel=layout.sequence_parallel,
+        ulysses=layout.ulysses,
+        objective=layout.objective,
         precision=layout.precision,
         global_batch_size=req.global_batch,
         micro_batch_size=layout.micro_batch,
@@ -380,6 +420,9 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         node_memory_bytes=pool.host_memory_bytes,
         estimated_step_seconds=best.time.total,
         total_steps=steps,
+        reference_seconds=reference_pass_seconds(
+            arch, layout, best.time, total_steps(1.0, None, req.examples, req.global_batch)
+        ),
     )
 
 
@@ -402,7 +445,7 @@ def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tup
             or req.pipeline_parallel
         ):
             alt = replace(req, method=method, strategy="auto", tensor_parallel=None, pipeline_parallel=None,
-                          sequence_parallel=None)  # fmt: skip
+                          sequence_parallel=None, sequence_parallel_size=None)  # fmt: skip
             tries.append((f"method: {method}, parallelism: auto", alt))
         else:
             tries.append((f"method: {method}", replace(req, method=method)))
@@ -410,9 +453,22 @@ def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tup
         tries.append(("remove resources.maxGPUs", replace(req, max_gpus=None)))
     if req.gpu_type.lower() != "auto" or req.node_selector:
         tries.append(("resources.gpuType: auto, no nodeSelector", replace(req, gpu_type="auto", node_selector=())))
-    explicit = req.strategy != "auto" or req.tensor_parallel or req.pipeline_parallel or req.precision != "auto"
+    explicit = (
+        req.strategy != "auto"
+        or req.tensor_parallel
+        or req.pipeline_parallel
+        or req.sequence_parallel_size
+        or req.precision != "auto"
+    )
     if explicit:
-        auto = replace(req, strategy="auto", tensor_parallel=None, pipeline_parallel=None, sequence_parallel=None)
+        auto = replace(
+            req,
+            strategy="auto",
+            tensor_parallel=None,
+            pipeline_parallel=None,
+            sequence_parallel=None,
+            sequence_parallel_size=None,
+        )
         tries.append(("parallelism: auto", replace(auto, precision="auto")))
     out = []
     for change, alt in tries:

@@ -11,6 +11,7 @@ from kubeforge.runtime.contract import (
     ComputeConfig,
     Contract,
     DataConfig,
+    DPOConfig,
     EvaluationConfig,
     JobIdentity,
     LoRAConfig,
@@ -50,6 +51,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
         training=TrainingConfig(
             method=spec.method,
             objective=spec.training.objective,
+            dpo=DPOConfig(**spec.training.dpo.model_dump()) if spec.training.dpo else DPOConfig(),
             lora=None
             if lora is None
             else LoRAConfig(
@@ -74,6 +76,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
             tensor_parallel=plan.tensor_parallel,
             pipeline_parallel=plan.pipeline_parallel,
             sequence_parallel=plan.sequence_parallel,
+            ulysses=plan.ulysses,
         ),
         compute=ComputeConfig(
             device=device,

@@ -1,0 +1,87 @@
+"""The seeds' recipes, end to end through `kubeforge plan` on the example clusters:
+
+    A10  -> QLoRA with FlashAttention-2, sharded (a 70B NF4 base does not fit one 24 GB card)
+    A100 -> Megatron tensor and pipeline parallelism (full fine-tuning of 70B)
+    H100 -> FP8 with Ulysses sequence parallelism for a long context (128k tokens)
+
+The jobs are examples/seeds/*.yaml; the README shows the three plans.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubeforge.cli import main
+from tests.builders import EXAMPLES
+
+SEEDS = EXAMPLES / "seeds"
+CLUSTERS = EXAMPLES / "clusters"
+
+ROWS = {
+    "a10-qlora-70b": dict(
+        cluster="a10-4x1",
+        method="qlora",
+        strategies={"zero3", "zero3-offload-optimizer", "zero3-offload"},  # NF4 shards: ZeRO-3 in this runtime
+        attention="flash_attention_2",
+        precision="bf16",
+        tp_pp=(1, 1),
+        ulysses=1,
+    ),
+    "a100-full-70b": dict(
+        cluster="a100-sxm4-80gb-2x8",
+        method="full",
+        strategies={"megatron", "megatron-offload-optimizer"},
+        attention="flash_attention_2",
+        precision="bf16",
+        tp_pp=None,  # both above 1: checked below
+        ulysses=1,
+    ),
+    "h100-long-context-8b": dict(
+        cluster="h100-4x8",
+        method="full",
+        strategies={"fsdp", "zero3", "zero2", "zero1", "ddp"},
+        attention="flash_attention_2",
+        precision="fp8",
+        tp_pp=(1, 1),
+        ulysses=None,  # above 1: checked below
+    ),
+}
+
+
+@pytest.mark.parametrize("job", sorted(ROWS))
+def test_the_seeds_recipe_holds_on_its_cluster(capsys, job):
+    row = ROWS[job]
+    code = main(["plan", str(SEEDS / f"{job}.yaml"), "--cluster", str(CLUSTERS / f"{row['cluster']}.yaml"),
+                 "--offline", "-o", "json"])  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and plan["feasible"], plan["reason"]
+    assert plan["method"] == row["method"]
+    assert plan["strategy"] in row["strategies"], plan["reason"]
+    assert plan["attention"] == row["attention"]
+    assert plan["precision"] == row["precision"]
+    if row["tp_pp"] is None:
+        assert plan["tensorParallel"] > 1 and plan["pipelineParallel"] > 1
+    else:
+        assert (plan["tensorParallel"], plan["pipelineParallel"]) == row["tp_pp"]
+    if row["ulysses"] is None:
+        assert plan["ulysses"] > 1 and plan["sequenceParallel"] is True
+        assert any("Ulysses sequence parallelism" in r for r in plan["reasons"])
+    else:
+        assert plan["ulysses"] == row["ulysses"]
+
+
+def test_the_long_context_job_needs_ulysses_because_nothing_fits_without_it(capsys, tmp_path):
+    """The same 128k job with sequenceParallel false: no native layout fits (the activations), so the
+    planner can only turn to Megatron's tensor parallelism; Ulysses was not chosen for speed alone."""
+    import yaml
+
+    doc = yaml.safe_load((SEEDS / "h100-long-context-8b.yaml").read_text())
+    doc["spec"]["parallelism"] = {"strategy": "fsdp", "sequenceParallel": False}
+    path = tmp_path / "no-sequence-parallel.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code = main(["plan", str(path), "--cluster", str(CLUSTERS / "h100-4x8.yaml"), "--offline", "-o", "json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 1 and not plan["feasible"]
+    assert "activations" in plan["reason"]
