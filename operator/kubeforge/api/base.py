@@ -133,11 +133,19 @@ class Credentials(KubeModel):
 class Toleration(KubeModel):
     """A Kubernetes toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(default=None, max_length=316)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    key: str | None = Field(
+        default=None, max_length=316, description="Taint key to tolerate (empty: all, with Exists)."
+    )
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal", description="Equal: key and value match; Exists: key."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate (empty: all)."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated (empty: forever)."
+    )
 
     rules = (
         Rule(
@@ -167,39 +175,52 @@ class Placement(KubeModel):
             "product (e.g. H100-80GB-HBM3, A100-SXM4-80GB, A10G) or a family (H100, A100, A10, cpu)."
         ),
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+    node_selector: dict[str, Annotated[str, Field(max_length=63, description="A label value.")]] = Field(
         default_factory=dict, description="Extra node labels the pods must match."
     )
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the pods tolerate (besides nvidia.com/gpu)."
+    )
 
 
 class Condition(KubeModel):
     """A condition, as the Kubernetes API conventions define it (metav1.Condition)."""
 
-    type: str = Field(max_length=316, pattern=CONDITION_TYPE)
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(min_length=1, max_length=1024, pattern=CONDITION_REASON)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
-    observed_generation: int | None = Field(default=None, ge=0)
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE, description="What the condition is about (CamelCase).")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=CONDITION_REASON, description="Why, in one CamelCase word."
+    )
+    message: str = Field(default="", max_length=32768, description="Why, for people.")
+    last_transition_time: str = Field(
+        description="When the status last changed.", json_schema_extra={"format": "date-time"}
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the condition was computed from."
+    )
 
 
 class ArtifactStatus(KubeModel):
     """A model artifact as the runtime wrote it (see kubeforge-artifact.json)."""
 
-    uri: str = Field(max_length=2048)
+    uri: str = Field(max_length=2048, description="Where the artifact is.")
     digest: str | None = Field(default=None, max_length=128, description="sha256 of the artifact's manifest file.")
-    size_bytes: int | None = Field(default=None, ge=0)
-    created_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    size_bytes: int | None = Field(default=None, ge=0, description="Bytes of its files.")
+    created_at: str | None = Field(
+        default=None, description="When it was written.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class CommonStatus(KubeModel):
     """What every kind reports."""
 
-    phase: str | None = None
+    phase: str | None = Field(default=None, description="Where the object is in its life cycle.")
     conditions: list[Condition] = Field(
         default_factory=list,
+        description="Conditions: Ready (with Reconciling and Stalled as kstatus reads them) and the kind's own.",
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    observed_generation: int | None = Field(default=None, ge=0)
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation this status was computed from."
+    )

@@ -38,9 +38,9 @@ def crd(kind: Kind) -> dict[str, Any]:
         "description": (kind.model.__doc__ or "").strip(),
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {"type": "string", "description": "kubeforge.io/v1alpha1."},
+            "kind": {"type": "string", "description": f"{kind.kind}."},
+            "metadata": {"type": "object", "description": "Standard object metadata (name, namespace, labels)."},
             "spec": structural_schema(spec_model),
             "status": structural_schema(status_model),
         },

@@ -34,16 +34,22 @@ class ModelArchitecture(KubeModel):
     """The architecture, for models the planner cannot look up (all optional)."""
 
     num_parameters: Positive | None = Field(default=None, description="Total parameter count.")
-    num_layers: Positive | None = None
-    hidden_size: Positive | None = None
-    num_attention_heads: Positive | None = None
-    num_key_value_heads: Positive | None = None
-    head_dim: Positive | None = None
-    intermediate_size: Positive | None = None
-    vocab_size: Positive | None = None
-    max_position_embeddings: Positive | None = None
+    num_layers: Positive | None = Field(default=None, description="Transformer blocks.")
+    hidden_size: Positive | None = Field(default=None, description="Width of the residual stream.")
+    num_attention_heads: Positive | None = Field(default=None, description="Query heads per layer.")
+    num_key_value_heads: Positive | None = Field(
+        default=None, description="Key/value heads per layer (GQA; default: numAttentionHeads)."
+    )
+    head_dim: Positive | None = Field(
+        default=None, description="Width of one head (default: hiddenSize / numAttentionHeads)."
+    )
+    intermediate_size: Positive | None = Field(default=None, description="Width of the MLP (per expert).")
+    vocab_size: Positive | None = Field(default=None, description="Tokens in the vocabulary.")
+    max_position_embeddings: Positive | None = Field(
+        default=None, description="Longest sequence the model was trained for."
+    )
     num_experts: Positive | None = Field(default=None, description="Experts per MoE layer (1 or unset: dense).")
-    num_experts_per_token: Positive | None = None
+    num_experts_per_token: Positive | None = Field(default=None, description="Experts each token is routed to (MoE).")
 
     rules = (
         Rule(
@@ -70,6 +76,8 @@ class ModelArchitecture(KubeModel):
 
 
 class ModelSource(KubeModel):
+    """The base model: where its weights are, and its architecture when the planner cannot look it up."""
+
     uri: Uri = Field(description="hf://org/name, pvc://claim/path, s3://bucket/prefix, or a local path.")
     revision: str | None = Field(
         default=None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// models."
@@ -89,6 +97,8 @@ class ModelSource(KubeModel):
 
 
 class Dataset(KubeModel):
+    """The training data: JSON lines, their format, and how sequences are built from them."""
+
     uri: Uri = Field(description="JSON lines file or folder: pvc://, s3://, hf:// or a local path.")
     format: Literal["messages", "alpaca", "text", "preference"] = Field(
         default="messages",
@@ -97,7 +107,9 @@ class Dataset(KubeModel):
             "text: {text}; preference: {prompt, chosen, rejected} (for objective dpo)."
         ),
     )
-    max_seq_length: int = Field(default=2048, gt=0, le=1048576)
+    max_seq_length: int = Field(
+        default=2048, gt=0, le=1048576, description="Longest sequence in tokens; longer examples are refused."
+    )
     packing: bool = Field(default=True, description="Pack several examples into each sequence.")
     num_examples: int | None = Field(
         default=None, gt=0, description="About how many examples the dataset holds (for the planner's job estimate)."
@@ -105,10 +117,12 @@ class Dataset(KubeModel):
 
 
 class LoRA(KubeModel):
-    rank: int = Field(default=16, gt=0, le=4096)
-    alpha: int = Field(default=32, gt=0, le=8192)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    """Low-rank adapters (Hu et al. 2021): only these train; the base stays frozen."""
+
+    rank: int = Field(default=16, gt=0, le=4096, description="Rank r of each adapter's two matrices.")
+    alpha: int = Field(default=32, gt=0, le=8192, description="Scaling: the update is multiplied by alpha / rank.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapters' input while training.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, description="A module name.")]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
@@ -132,6 +146,8 @@ class DPO(KubeModel):
 
 
 class Training(KubeModel):
+    """The objective, how long to train, and the optimizer's schedule."""
+
     objective: Literal["sft", "dpo"] = Field(
         default="sft", description="sft: next-token loss; dpo: preference optimisation (format preference)."
     )
@@ -144,13 +160,15 @@ class Training(KubeModel):
         default=None, gt=0, lt=1, description="Default: 2e-4 for lora/qlora, 1e-5 for full."
     )
     global_batch_size: int = Field(default=32, gt=0, le=65536, description="Sequences per optimizer step.")
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, description="Seeds data order, dropout and initialisation.")
     checkpoint_every: Positive | None = Field(
         default=None, description="Save a resumable checkpoint every N steps (default: once per epoch)."
     )
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of the steps with a linear warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, lt=1, description="AdamW's decoupled weight decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="How the learning rate decays after the warm-up."
+    )
 
     def learning_rate_for(self, method: str) -> float:
         """The rate to use: the spec's, else 2e-4 for lora/qlora and 1e-5 for full (as documented)."""
@@ -181,6 +199,8 @@ class Training(KubeModel):
 
 
 class FineTuneResources(Placement):
+    """Which GPUs the job may use, and how its pods are scheduled."""
+
     max_gpus: Positive | None = Field(
         default=None, alias="maxGPUs", description="Most GPUs the job may use (default: no limit)."
     )
@@ -192,6 +212,8 @@ class FineTuneResources(Placement):
 
 
 class Parallelism(KubeModel):
+    """How the job is split over GPUs; auto (the default everywhere) lets the planner choose."""
+
     strategy: Strategy = Field(default="auto", description="auto lets the planner choose.")
     tensor_parallel: Positive | None = Field(default=None, description="Megatron tensor parallel degree.")
     pipeline_parallel: Positive | None = Field(default=None, description="Megatron pipeline stages.")
@@ -237,6 +259,8 @@ class Parallelism(KubeModel):
 
 
 class Output(KubeModel):
+    """Where the exported model goes."""
+
     uri: OutputUri = Field(description="Where the artifact goes: pvc://claim/path, s3://bucket/prefix or a local path.")
     merge: bool = Field(default=True, description="Merge adapters into the weights (lora/qlora).")
 
@@ -246,7 +270,10 @@ class FineTuneJobSpec(KubeModel):
 
     model: Annotated[ModelSource, Immutable()]
     dataset: Annotated[Dataset, Immutable()]
-    method: Annotated[Method, Immutable()] = "lora"
+    method: Annotated[Method, Immutable()] = Field(
+        default="lora",
+        description="full: every weight trains; lora: adapters on a frozen base; qlora: on a 4-bit base.",
+    )
     lora: LoRA | None = Field(default=None, description="LoRA settings (method lora or qlora).")
     training: Training = Field(default_factory=Training)
     resources: FineTuneResources = Field(default_factory=FineTuneResources)
@@ -302,33 +329,47 @@ class FineTuneJobSpec(KubeModel):
 
 
 class Progress(KubeModel):
-    step: int = Field(default=0, ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
-    percent: int | None = Field(default=None, ge=0, le=100)
-    epoch: float | None = Field(default=None, ge=0)
-    loss: float | None = None
-    tokens_per_second: float | None = Field(default=None, ge=0)
-    eta_seconds: int | None = Field(default=None, ge=0)
-    updated_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    """What rank 0 of the trainer reports."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    percent: int | None = Field(default=None, ge=0, le=100, description="step / totalSteps in percent.")
+    epoch: float | None = Field(default=None, ge=0, description="Passes over the data so far.")
+    loss: float | None = Field(default=None, description="Training loss of the last step (mean over ranks).")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Training tokens per second, all ranks.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until the last step.")
+    updated_at: str | None = Field(
+        default=None, description="When the operator last read it.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class FineTuneArtifact(ArtifactStatus):
-    metrics: dict[str, float] = Field(default_factory=dict)
+    """The exported model and its training metrics."""
+
+    metrics: dict[str, Annotated[float, Field(description="A metric's value.")]] = Field(
+        default_factory=dict, description="Final metrics: train_loss, first_loss, steps, tokens_per_second, ..."
+    )
 
 
 class FineTuneJobStatus(CommonStatus):
     """What the operator observed: plan, progress and the exported artifact."""
 
-    phase: FineTunePhase | None = None
+    phase: FineTunePhase | None = Field(
+        default=None, description="Pending, Waiting (for its inputs or GPUs), Running, Succeeded or Failed."
+    )
     plan: dict[str, Any] | None = Field(
         default=None,
         description="The planner's decision (see `kubeforge plan -o json`).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    progress: Progress | None = None
-    artifact: FineTuneArtifact | None = None
-    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
-    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    progress: Progress | None = Field(default=None, description="Training progress while it runs.")
+    artifact: FineTuneArtifact | None = Field(default=None, description="The exported model, once succeeded.")
+    start_time: str | None = Field(
+        default=None, description="When the training pods started.", json_schema_extra={"format": "date-time"}
+    )
+    completion_time: str | None = Field(
+        default=None, description="When it succeeded or failed.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class FineTuneJob(KubeModel):

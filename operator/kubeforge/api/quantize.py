@@ -29,6 +29,8 @@ def count_set(*values: object) -> int:
 
 
 class QuantizeSource(KubeModel):
+    """What to quantize: a FineTuneJob's artifact or a location."""
+
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="Quantize what this FineTuneJob exported (waits until it succeeds)."
     )
@@ -44,17 +46,23 @@ class QuantizeSource(KubeModel):
 
 
 class Calibration(KubeModel):
+    """Data the calibrated methods (GPTQ, AWQ, int8) observe activations on."""
+
     dataset_uri: Uri | None = Field(
         default=None, description="JSON lines to calibrate on (default: the source FineTuneJob's dataset)."
     )
-    samples: int = Field(default=256, gt=0, le=65536)
-    max_seq_length: int = Field(default=2048, gt=0, le=1048576)
+    samples: int = Field(default=256, gt=0, le=65536, description="Examples to calibrate on.")
+    max_seq_length: int = Field(default=2048, gt=0, le=1048576, description="Tokens per calibration example.")
 
 
 class EvaluationGate(KubeModel):
-    metric: Literal["perplexity", "exact-match"] = "perplexity"
+    """An accuracy check of the quantized model against the source: the job fails past maxDegradation."""
+
+    metric: Literal["perplexity", "exact-match"] = Field(
+        default="perplexity", description="perplexity on held-out text, or exact-match of greedy answers."
+    )
     dataset_uri: Uri | None = Field(default=None, description="Held-out examples (default: calibration data).")
-    samples: int = Field(default=128, gt=0, le=65536)
+    samples: int = Field(default=128, gt=0, le=65536, description="Held-out examples to evaluate.")
     max_degradation: float = Field(
         ge=0,
         le=1,
@@ -66,7 +74,9 @@ class EvaluationGate(KubeModel):
 
 
 class QuantizeOutput(KubeModel):
-    uri: OutputUri
+    """Where the quantized artifact goes."""
+
+    uri: OutputUri = Field(description="pvc://claim/path, s3://bucket/prefix or a local path.")
 
 
 class QuantizeJobSpec(KubeModel):
@@ -76,8 +86,8 @@ class QuantizeJobSpec(KubeModel):
     method: Annotated[QuantizeMethod, Immutable()] = Field(
         description="fp8: dynamic FP8 (no calibration); w4a16-gptq / w4a16-awq: int4 weights; w8a8-int8."
     )
-    calibration: Calibration | None = None
-    evaluation: EvaluationGate | None = None
+    calibration: Calibration | None = Field(default=None, description="Calibration data (calibrated methods).")
+    evaluation: EvaluationGate | None = Field(default=None, description="Accuracy gate (default: none).")
     output: Annotated[QuantizeOutput, Immutable()]
     resources: Placement = Field(default_factory=Placement)
     image: str | None = Field(default=None, max_length=512, description="Quantizer image override.")
@@ -105,26 +115,40 @@ class QuantizeJobSpec(KubeModel):
 
 
 class QuantizeProgress(KubeModel):
-    stage: str | None = Field(default=None, max_length=64)
-    percent: int | None = Field(default=None, ge=0, le=100)
+    """What the quantizer reports."""
+
+    stage: str | None = Field(
+        default=None, max_length=64, description="fetch, calibrate, quantize, evaluate or publish."
+    )
+    percent: int | None = Field(default=None, ge=0, le=100, description="Of the whole job, roughly.")
 
 
 class SourceStatus(KubeModel):
-    uri: str | None = Field(default=None, max_length=2048)
-    digest: str | None = Field(default=None, max_length=128)
+    """The artifact being quantized, resolved."""
+
+    uri: str | None = Field(default=None, max_length=2048, description="Where the source artifact is.")
+    digest: str | None = Field(default=None, max_length=128, description="Its manifest's sha256.")
 
 
 class QuantizeJobStatus(CommonStatus):
     """What the operator observed: source, progress, artifact and metrics."""
 
-    phase: QuantizePhase | None = None
-    source: SourceStatus | None = None
-    gpus: int | None = Field(default=None, ge=0)
-    progress: QuantizeProgress | None = None
-    artifact: ArtifactStatus | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
-    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    phase: QuantizePhase | None = Field(
+        default=None, description="Pending, Waiting (for its source), Running, Succeeded or Failed."
+    )
+    source: SourceStatus | None = Field(default=None, description="The source artifact, once resolved.")
+    gpus: int | None = Field(default=None, ge=0, description="GPUs the quantizer pod requests.")
+    progress: QuantizeProgress | None = Field(default=None, description="Progress while it runs.")
+    artifact: ArtifactStatus | None = Field(default=None, description="The quantized artifact, once succeeded.")
+    metrics: dict[str, Annotated[float, Field(description="A metric's value.")]] = Field(
+        default_factory=dict, description="The evaluation gate's numbers (source and quantized)."
+    )
+    start_time: str | None = Field(
+        default=None, description="When the quantizer started.", json_schema_extra={"format": "date-time"}
+    )
+    completion_time: str | None = Field(
+        default=None, description="When it succeeded or failed.", json_schema_extra={"format": "date-time"}
+    )
 
 
 class QuantizeJob(KubeModel):

@@ -36,6 +36,8 @@ TensorParallel = Annotated[int | Literal["auto"], BeforeValidator(_tensor_parall
 
 
 class ServiceSource(KubeModel):
+    """What to serve: a QuantizeJob's or FineTuneJob's artifact, or a location."""
+
     quantize_job_ref: LocalObjectRef | None = Field(default=None, description="Serve this QuantizeJob's artifact.")
     fine_tune_job_ref: LocalObjectRef | None = Field(default=None, description="Serve this FineTuneJob's artifact.")
     uri: Uri | None = Field(default=None, description="Or an artifact location: pvc://, s3://, hf://, local.")
@@ -51,16 +53,22 @@ class ServiceSource(KubeModel):
 
 
 class EngineOptions(KubeModel):
+    """Settings passed to the serving engine."""
+
     max_model_len: int | None = Field(default=None, gt=0, le=10485760, description="Context length to serve.")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use (weights + KV cache)."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse the KV cache of shared prompt prefixes.")
 
 
 class Adapter(KubeModel):
+    """A LoRA adapter served next to the base model under its own name."""
+
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")] = Field(
         description="The model name clients ask for."
     )
-    uri: Uri
+    uri: Uri = Field(description="Where the adapter is: pvc://, s3://, hf:// or a local path.")
 
 
 class ServiceAuth(KubeModel):
@@ -75,9 +83,9 @@ class ServiceAuth(KubeModel):
 class ModelServiceSpec(KubeModel):
     """The artifact to serve, the engine, and how many replicas of it."""
 
-    source: ServiceSource
+    source: ServiceSource = Field(description="The artifact to serve.")
     engine: Engine = Field(default="auto", description="auto: vLLM on GPUs, transformers on CPU.")
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int = Field(default=1, ge=0, le=1000, description="Engine replicas behind the Service.")
     served_model_name: str | None = Field(
         default=None, max_length=128, description="Model name in the OpenAI API (default: the object's name)."
     )
@@ -87,9 +95,10 @@ class ModelServiceSpec(KubeModel):
         description="GPUs per replica: 'auto' (the smallest power of two that holds weights and KV cache) or a number.",
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
-    engine_options: EngineOptions = Field(default_factory=EngineOptions)
+    engine_options: EngineOptions = Field(default_factory=EngineOptions, description="Engine settings.")
     adapters: list[Adapter] = Field(
         default_factory=list,
+        description="LoRA adapters served with the base (vllm, sglang).",
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -124,13 +133,17 @@ class ModelServiceSpec(KubeModel):
 class ModelServiceStatus(CommonStatus):
     """What the operator observed: the live artifact, its endpoint and ready replicas."""
 
-    phase: ServicePhase | None = None
-    engine: str | None = Field(default=None, max_length=32)
+    phase: ServicePhase | None = Field(
+        default=None, description="Pending, Waiting (for its source), Deploying, Ready or Failed."
+    )
+    engine: str | None = Field(
+        default=None, max_length=32, description="The engine chosen: vllm, sglang or transformers."
+    )
     endpoint: str | None = Field(default=None, max_length=1024, description="In-cluster OpenAI base URL.")
-    served_artifact: ArtifactStatus | None = None
-    gpus: int | None = Field(default=None, ge=0)
-    replicas: int | None = Field(default=None, ge=0)
-    ready_replicas: int | None = Field(default=None, ge=0)
+    served_artifact: ArtifactStatus | None = Field(default=None, description="The artifact the replicas serve.")
+    gpus: int | None = Field(default=None, ge=0, description="GPUs per replica.")
+    replicas: int | None = Field(default=None, ge=0, description="Replicas asked for.")
+    ready_replicas: int | None = Field(default=None, ge=0, description="Replicas answering.")
 
 
 class ModelService(KubeModel):
