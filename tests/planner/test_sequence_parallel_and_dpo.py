@@ -85,3 +85,21 @@ def test_a_dpo_plan_never_uses_megatron_or_ulysses_and_counts_the_reference_pass
     assert any("DPO" in r for r in result.reasons)
     sft = planned(job(**{"dataset.numExamples": 1000}), cluster(H100x8))
     assert result.estimated_step_seconds > sft.estimated_step_seconds
+
+
+def test_a_plan_estimated_past_max_hours_is_infeasible_with_the_time_in_the_reason():
+    one_a10 = cluster(("NVIDIA-A10", 1, 1))
+    long = {"model": {"uri": "hf://mistralai/Mistral-7B-v0.3"}, "dataset.maxSeqLength": 2048,
+            "training.globalBatchSize": 16, "training.maxSteps": DELETE, "training.epochs": 3,
+            "dataset.numExamples": 2_000_000}  # fmt: skip
+    result = planned(job(**long), one_a10)
+    assert not result.feasible
+    assert "hours" in result.reason and "over 168 hours" in result.reason and "resources.maxHours" in result.reason
+    allowed = planned(job(**long, **{"resources.maxHours": 8760}), one_a10)
+    assert allowed.feasible, allowed.reason
+    assert allowed.estimated_step_seconds * allowed.total_steps / 3600 > 168
+
+
+def test_unknown_run_length_is_never_refused_for_time():
+    result = planned(job(**{"training.maxSteps": DELETE, "dataset.numExamples": DELETE}), cluster(("NVIDIA-A10", 1, 1)))
+    assert result.total_steps is None and result.feasible

@@ -204,6 +204,13 @@ class FineTuneResources(Placement):
     max_gpus: Positive | None = Field(
         default=None, alias="maxGPUs", description="Most GPUs the job may use (default: no limit)."
     )
+    max_hours: float | None = Field(
+        default=None,
+        gt=0,
+        le=8760,
+        description="Longest estimated run the planner accepts, in hours (default: 168, a week); a plan estimated "
+        "to take longer is infeasible, with the time in the reason. Needs maxSteps or dataset.numExamples.",
+    )
     queue: DNSLabel | None = Field(default=None, description="Kueue LocalQueue: the gang is admitted all-or-nothing.")
     gang: Literal["auto", "job", "jobset"] = Field(
         default="auto",

@@ -77,6 +77,20 @@ def no_model_parallel(req: Request, pool: Pool, arch: Architecture, world: int) 
     return f"no tensor x pipeline split fits {world} GPU(s) of {pool.gpu.name}"
 
 
+def too_slow_reason(req: Request, arch: Architecture, fitting: list[Candidate], hours: float | None) -> str:
+    """Every fitting layout takes longer than resources.maxHours (default a week)."""
+    from kubeforge.planner.search import DEFAULT_MAX_HOURS
+
+    fastest = min(fitting, key=lambda c: c.time.total)
+    limit = req.max_hours or DEFAULT_MAX_HOURS
+    source = "resources.maxHours" if req.max_hours else "the default limit (set resources.maxHours to allow more)"
+    return (
+        f"{req.method} fine-tuning of a {params(arch.total_parameters)}-parameter model fits, but the fastest layout "
+        f"({summary(arch, fastest)}) is estimated at {hours or 0:.0f} hours ({(hours or 0) / 24:.1f} days), "
+        f"over {limit:g} hours, {source}"
+    )
+
+
 def no_ulysses(req: Request, arch: Architecture, per_node: int) -> str:
     """Why no Ulysses degree works on nodes of ``per_node`` GPUs."""
     heads = f"{arch.num_attention_heads} attention and {arch.num_key_value_heads} key/value heads"

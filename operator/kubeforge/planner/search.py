@@ -52,6 +52,7 @@ STRATEGIES = (
     "zero3-offload",
 )
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_MAX_HOURS = 168.0  # a week: longer estimates are infeasible unless resources.maxHours says otherwise
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Request:
     objective: str
     precision: str
     max_gpus: int | None
+    max_hours: float | None
     gpu_type: str
     node_selector: tuple[tuple[str, str], ...]
     lora_rank: int
@@ -113,6 +115,7 @@ class Request:
             objective=spec.training.objective,
             precision=par.precision,
             max_gpus=spec.resources.max_gpus,
+            max_hours=spec.resources.max_hours,
             gpu_type=spec.resources.gpu_type,
             node_selector=tuple(sorted(spec.resources.node_selector.items())),
             lora_rank=lora.rank if lora else 16,
@@ -150,8 +153,31 @@ def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alte
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         details = explain.infeasible_details(req, arch, candidates, rejections)
         return Plan(False, reason, tuple(notes + details), alts)
-    best = choose(fitting)
-    return build(req, arch, best, fitting, notes)
+    in_time = [c for c in fitting if within_time(req, arch, c)]
+    if not in_time:
+        reason = explain.too_slow_reason(req, arch, fitting, run_hours(req, arch, min(fitting, key=_wall)))
+        alts = _alternatives(req, inventory, arch) if alternatives else ()
+        return Plan(False, reason, tuple(notes), alts)
+    best = choose(in_time)
+    return build(req, arch, best, in_time, notes)
+
+
+def run_hours(req: Request, arch: Architecture, c: Candidate) -> float | None:
+    """Estimated wall-clock hours of the whole run (None when the number of steps is unknown)."""
+    steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
+    if steps is None:
+        return None
+    per_epoch = total_steps(1.0, None, req.examples, req.global_batch)
+    return (c.time.total * steps + reference_pass_seconds(arch, c.layout, c.time, per_epoch)) / 3600
+
+
+def within_time(req: Request, arch: Architecture, c: Candidate) -> bool:
+    hours = run_hours(req, arch, c)
+    return hours is None or hours <= (req.max_hours or DEFAULT_MAX_HOURS)
+
+
+def _wall(c: Candidate) -> float:
+    return c.time.total
 
 
 def allowed_pools(req: Request, inventory: Inventory) -> tuple[list[Pool], list[str]]:
