@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 @dataclass(frozen=True)
 class Architecture:
+    """What the planner needs of a model; derived counts are computed once per instance (cached)."""
+
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -39,15 +42,15 @@ class Architecture:
     num_parameters: int = 0  # 0: computed
     source: str = ""
 
-    @property
+    @cached_property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
-    @property
+    @cached_property
     def q_dim(self) -> int:
         return self.num_attention_heads * self.head_size
 
-    @property
+    @cached_property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_size
 
@@ -64,37 +67,37 @@ class Architecture:
             "down_proj": (i, h),
         }
 
-    @property
+    @cached_property
     def attention_params_per_layer(self) -> int:
         shapes = self.module_shapes()
         weights = sum(a * b for name, (a, b) in shapes.items() if name in ("q_proj", "k_proj", "v_proj", "o_proj"))
         bias = (self.q_dim + 2 * self.kv_dim) if self.attention_bias else 0
         return weights + bias
 
-    @property
+    @cached_property
     def mlp_params_per_expert(self) -> int:
         return 3 * self.hidden_size * self.intermediate_size
 
-    @property
+    @cached_property
     def params_per_layer(self) -> int:
         router = self.hidden_size * self.num_experts if self.num_experts > 1 else 0
         norms = 2 * self.hidden_size
         return self.attention_params_per_layer + self.mlp_params_per_expert * self.num_experts + router + norms
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
 
-    @property
+    @cached_property
     def computed_parameters(self) -> int:
         head = 0 if self.tie_word_embeddings else self.embedding_params
         return self.embedding_params + head + self.num_layers * self.params_per_layer + self.hidden_size
 
-    @property
+    @cached_property
     def total_parameters(self) -> int:
         return self.num_parameters or self.computed_parameters
 
-    @property
+    @cached_property
     def active_parameters(self) -> int:
         """Parameters one token passes through (MoE: only its experts)."""
         if self.num_experts <= 1:
@@ -102,7 +105,7 @@ class Architecture:
         inactive = (self.num_experts - self.num_experts_per_token) * self.mlp_params_per_expert * self.num_layers
         return self.total_parameters - inactive
 
-    @property
+    @cached_property
     def linear_parameters(self) -> int:
         """Parameters in the transformer layers' linear modules (what QLoRA quantizes to 4 bits)."""
         return self.num_layers * (
@@ -110,13 +113,16 @@ class Architecture:
             + self.mlp_params_per_expert * self.num_experts
         )
 
-    @property
+    @cached_property
     def largest_layer_parameters(self) -> int:
         """The largest single module (DeepSpeed's 'largest layer'): usually the embedding."""
         return max(self.embedding_params, max(a * b for a, b in self.module_shapes().values()))
 
     def lora_parameters(self, rank: int, targets: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
         """Trainable LoRA parameters and the target names this architecture does not know."""
+        return _lora_parameters(self, rank, tuple(targets))
+
+    def _count_lora(self, rank: int, targets: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
         shapes = self.module_shapes()
         names = LINEAR_MODULES if "all-linear" in targets else targets
         unknown = tuple(t for t in names if t not in shapes)
@@ -222,3 +228,8 @@ def fetch_hub_config(repo: str, revision: str, timeout: float = 10.0) -> Archite
     except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError):
         return None
     return from_hf_config(config, url)
+
+
+@cache
+def _lora_parameters(arch: Architecture, rank: int, targets: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    return arch._count_lora(rank, targets)

@@ -223,8 +223,10 @@ def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float
     return out + FRAGMENTATION * subtotal
 
 
-def estimate(arch: Architecture, layout: Layout) -> Memory:
-    states = model_states(arch, layout)
+def estimate(arch: Architecture, layout: Layout, states: States | None = None) -> Memory:
+    """``states``: model_states(arch, layout), when the caller already has it (it does not depend on the
+    micro-batch or on gradient checkpointing)."""
+    states = states if states is not None else model_states(arch, layout)
     acts = activation_bytes(arch, layout)
     subtotal = states.weights + states.gradients + states.optimizer + states.gathered + acts
     return Memory(

@@ -28,7 +28,7 @@ from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner import explain
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.cost import StepTime, reference_pass_seconds, step_time, total_steps
-from kubeforge.planner.memory import Layout, Memory, estimate, trainable_parameters
+from kubeforge.planner.memory import Layout, Memory, estimate, model_states, trainable_parameters
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
 from kubeforge.runtime.contract import ENGINE_PRECISIONS
 from kubeforge.runtime.contract import STRATEGIES as FACTS
@@ -61,10 +61,7 @@ class Candidate:
     layout: Layout
     memory: Memory
     time: StepTime  # estimated only for candidates that fit (a zero StepTime otherwise)
-
-    @property
-    def fits(self) -> bool:
-        return fits(self.pool, self.memory)
+    fits: bool
 
     @property
     def pressure(self) -> float:
@@ -315,11 +312,15 @@ def enumerate_candidates(
                     if u > 1 and fit_without and not (req.sequence_parallel or req.sequence_parallel_size):
                         continue
                     d = world // (t * p * u)
+                    states = None  # the same for every micro-batch and checkpointing choice
                     for mb in MICRO_BATCHES:
                         if req.global_batch % (mb * d):
                             continue
                         accumulation = req.global_batch // (mb * d)
+                        lean_fits = False  # memory grows with the micro-batch: stop at the first that cannot fit
                         for checkpointing in (False, True):
+                            if checkpointing and lean_fits:
+                                break  # recomputing the forward pass only costs time when the layout fits without it
                             layout = Layout(
                                 method=req.method,
                                 strategy=strategy,
@@ -339,11 +340,15 @@ def enumerate_candidates(
                                 ulysses=u,
                                 objective=req.objective,
                             )
-                            memory = estimate(arch, layout)
+                            states = states or model_states(arch, layout)
+                            memory = estimate(arch, layout, states)
                             ok = fits(pool, memory)
                             fit_without = fit_without or (ok and u == 1)
+                            lean_fits = lean_fits or ok
                             time = step_time(arch, layout, pool, req.global_batch) if ok else NO_TIME
-                            yield Candidate(pool, layout, memory, time)
+                            yield Candidate(pool, layout, memory, time, ok)
+                        if not lean_fits:
+                            break
 
 
 NO_TIME = StepTime(0.0, 0.0, 0.0, 0.0, 0.0)

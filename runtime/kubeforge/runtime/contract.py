@@ -12,6 +12,7 @@ uses (``train`` gets ``TrainingConfig``, the exporter gets ``OutputConfig``...).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,7 @@ class PrecisionPolicy:
         return NF4_BYTES if dtype == "nf4" else BYTES[dtype]
 
 
+@functools.cache
 def precision_policy(precision: str, method: str) -> PrecisionPolicy:
     compute = "bf16" if precision == "fp8" else precision
     frozen = "nf4" if method == "qlora" else compute
