@@ -14,8 +14,11 @@ from tests.planner.nodes import GFD, gfd_node
 MODELS = ["Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B", "Qwen/Qwen3-32B",
           "mistralai/Mixtral-8x7B-v0.1"]  # fmt: skip
 
+# products the planner does not know (GPUFacts from the labels alone): never a crash or a division by zero
+UNKNOWN = ["NVIDIA-GB300", "NVIDIA-Future-X1"]
+
 pool_specs = st.tuples(
-    st.sampled_from(sorted(GFD)),
+    st.sampled_from(sorted(GFD) + UNKNOWN),
     st.sampled_from([1, 2, 4, 8]),
     st.integers(min_value=1, max_value=6),
     st.sampled_from([64, 256, 1024, 2048]),
@@ -27,7 +30,10 @@ def inventories(draw):
     specs = draw(st.lists(pool_specs, min_size=1, max_size=3, unique_by=lambda s: (s[0], s[1])))
     nodes = []
     for product, gpus, count, host in specs:
-        nodes += [gfd_node(f"{product}-{gpus}-{i}".lower(), product, gpus, host_gib=host) for i in range(count)]
+        clique = {"nvidia.com/gpu.clique": f"{product.lower()}.1"} if draw(st.booleans()) else {}
+        nodes += [
+            gfd_node(f"{product}-{gpus}-{i}".lower(), product, gpus, host_gib=host, labels=clique) for i in range(count)
+        ]
     if draw(st.booleans()):
         nodes[0] = gfd_node(nodes[0]["metadata"]["name"], specs[0][0], specs[0][1], cordoned=True)
     return pools_from_nodes(nodes)
@@ -50,7 +56,13 @@ def specs(draw):
         "resources.maxGPUs": draw(st.sampled_from([DELETE, 1, 4, 8, 16])),
         "resources.queue": DELETE,
     }
-    if (strategy == "megatron" or (strategy == "auto" and method == "full")) and draw(st.booleans()):
+    if draw(st.booleans()) and strategy != "megatron":  # DPO: the API keeps it off Megatron
+        changes.update({"training.objective": "dpo", "dataset.format": "preference"})
+    elif strategy != "megatron" and draw(st.booleans()):  # Ulysses: asked for, or a given degree
+        changes["parallelism.sequenceParallel"] = True
+        changes["parallelism.sequenceParallelSize"] = draw(st.sampled_from([DELETE, 2, 4]))
+    ulysses = "parallelism.sequenceParallelSize" in changes or "training.objective" in changes
+    if (strategy == "megatron" or (strategy == "auto" and method == "full")) and not ulysses and draw(st.booleans()):
         changes["parallelism.tensorParallel"] = draw(st.sampled_from([1, 2, 4, 8]))
         changes["parallelism.pipelineParallel"] = draw(st.sampled_from([1, 2, 4]))
     return parse(finetune(**changes)).spec
@@ -74,7 +86,9 @@ def test_plan_is_infeasible_with_a_reason_or_obeys_every_hard_rule(spec, invento
     if spec.resources.max_gpus:
         assert result.total_gpus <= spec.resources.max_gpus
     # parallelism
-    assert result.tensor_parallel * result.pipeline_parallel * result.ulysses * result.data_parallel == result.total_gpus
+    assert (
+        result.tensor_parallel * result.pipeline_parallel * result.ulysses * result.data_parallel == result.total_gpus
+    )
     assert result.gpus_per_node % result.ulysses == 0
     assert result.tensor_parallel <= pool.nvlink_domain
     assert arch.num_layers % result.pipeline_parallel == 0
@@ -100,3 +114,10 @@ def test_plan_is_infeasible_with_a_reason_or_obeys_every_hard_rule(spec, invento
     if par.pipeline_parallel:
         assert result.pipeline_parallel == par.pipeline_parallel
     assert result.method == spec.method
+    assert result.objective == spec.training.objective
+    if result.objective == "dpo":
+        assert result.ulysses == 1 and not result.strategy.startswith("megatron")
+    if par.sequence_parallel_size:
+        assert result.ulysses == par.sequence_parallel_size
+    if par.sequence_parallel is not None and not result.strategy.startswith("megatron"):
+        assert (result.ulysses > 1) == par.sequence_parallel

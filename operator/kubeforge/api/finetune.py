@@ -253,12 +253,19 @@ class Parallelism(KubeModel):
         Rule(
             cel="!has(self.sequenceParallelSize) || self.sequenceParallelSize == 1 || "
             "(!(self.strategy in ['megatron', 'megatron-offload-optimizer']) "
-            "&& (!has(self.sequenceParallel) || self.sequenceParallel))",
+            "&& (!has(self.sequenceParallel) || self.sequenceParallel) "
+            "&& (!has(self.tensorParallel) || self.tensorParallel == 1) "
+            "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
             message="sequenceParallelSize above 1 is the Ulysses degree: it needs a non-Megatron strategy "
-            "and sequenceParallel not false",
+            "(no tensorParallel or pipelineParallel above 1) and sequenceParallel not false",
             check=lambda p: (
                 (p.sequence_parallel_size or 1) == 1
-                or (p.strategy not in MEGATRON and p.sequence_parallel is not False)
+                or (
+                    p.strategy not in MEGATRON
+                    and p.sequence_parallel is not False
+                    and (p.tensor_parallel or 1) == 1
+                    and (p.pipeline_parallel or 1) == 1
+                )
             ),
             field=".sequenceParallelSize",
         ),
@@ -323,12 +330,22 @@ class FineTuneJobSpec(KubeModel):
         Rule(
             cel="!has(self.training) || !has(self.training.objective) || self.training.objective != 'dpo' || "
             "!has(self.parallelism) || ((!has(self.parallelism.strategy) || "
-            "!self.parallelism.strategy.startsWith('megatron')) && (!has(self.parallelism.sequenceParallelSize) "
-            "|| self.parallelism.sequenceParallelSize == 1))",
-            message="objective dpo trains with ddp, fsdp or a zero stage, without Ulysses sequence parallelism",
+            "!self.parallelism.strategy.startsWith('megatron')) "
+            "&& (!has(self.parallelism.tensorParallel) || self.parallelism.tensorParallel == 1) "
+            "&& (!has(self.parallelism.pipelineParallel) || self.parallelism.pipelineParallel == 1) "
+            "&& (!has(self.parallelism.sequenceParallel) || !self.parallelism.sequenceParallel) "
+            "&& (!has(self.parallelism.sequenceParallelSize) || self.parallelism.sequenceParallelSize == 1))",
+            message="objective dpo trains with ddp, fsdp or a zero stage (no tensorParallel or pipelineParallel "
+            "above 1), without sequence parallelism",
             check=lambda s: (
                 s.training.objective != "dpo"
-                or (s.parallelism.strategy not in MEGATRON and (s.parallelism.sequence_parallel_size or 1) == 1)
+                or (
+                    s.parallelism.strategy not in MEGATRON
+                    and (s.parallelism.tensor_parallel or 1) == 1
+                    and (s.parallelism.pipeline_parallel or 1) == 1
+                    and not s.parallelism.sequence_parallel
+                    and (s.parallelism.sequence_parallel_size or 1) == 1
+                )
             ),
             field=".parallelism",
         ),
