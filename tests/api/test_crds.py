@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,16 @@ def test_names_columns_and_subresources(kind):
         if column["jsonPath"].startswith(".metadata"):
             continue
         node = schema
-        for part in column["jsonPath"].strip(".").split("."):
+        path = re.sub(r"\[\?\(.*?\)\]", "[]", column["jsonPath"])  # a filter such as [?(@.type=="Ready")]
+        for part in path.strip(".").split("."):
             if node.get("x-kubernetes-preserve-unknown-fields"):
                 break
-            assert part in node.get("properties", {}), f"printer column {column['name']}: no {column['jsonPath']}"
-            node = node["properties"][part]
+            name = part.removesuffix("[]")
+            assert name in node.get("properties", {}), f"printer column {column['name']}: no {column['jsonPath']}"
+            node = node["properties"][name]
+            if part.endswith("[]"):
+                assert node["type"] == "array", f"printer column {column['name']}: {name} is not a list"
+                node = node["items"]
 
 
 def test_short_names_are_the_documented_ones():

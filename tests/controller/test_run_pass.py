@@ -35,7 +35,7 @@ def version(rv: str, status: dict[str, Any] | None = None) -> dict[str, Any]:
 def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
     """A two-step object: nothing -> Created (phase Waiting) -> Started (phase Running)."""
     old = dict(obj.get("status") or {})
-    state = State(old, 1, "2026-01-01T00:00:00Z")
+    state = State(old, 1, "2026-01-01T00:00:00Z", "FineTuneJob")
     state.set("Created", "True", "Created", "created")
     state.phase = "Waiting"
     if old.get("phase"):

@@ -23,7 +23,9 @@ def test_ulysses_divides_activations_by_its_degree():
     arch = resolve(long_job(8192).model)
     one = Layout("full", "fsdp", 1, 8, seq_len=65536, gradient_checkpointing=True)
     for u in (2, 4, 8):
-        assert activation_bytes(arch, replace(one, ulysses=u, sequence_parallel=True)) * u == activation_bytes(arch, one)
+        assert activation_bytes(arch, replace(one, ulysses=u, sequence_parallel=True)) * u == activation_bytes(
+            arch, one
+        )
 
 
 def test_short_sequences_never_get_ulysses_long_ones_do():

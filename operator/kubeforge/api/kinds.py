@@ -33,6 +33,10 @@ class Column:
 
 
 AGE = Column("Age", ".metadata.creationTimestamp", "date")
+READY = Column(
+    "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Whether the object reached its goal"
+)
+REASON = Column("Reason", '.status.conditions[?(@.type=="Ready")].reason', description="Why it is (not) Ready")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ FINETUNEJOB = Kind(
     model=FineTuneJob,
     columns=(
         Column("Phase", ".status.phase"),
+        READY,
+        REASON,
         Column("Model", ".spec.model.uri"),
         Column("Method", ".spec.method"),
         Column("GPUs", ".status.plan.totalGPUs", "integer", "GPUs in the planned gang"),
@@ -74,6 +80,8 @@ QUANTIZEJOB = Kind(
     model=QuantizeJob,
     columns=(
         Column("Phase", ".status.phase"),
+        READY,
+        REASON,
         Column("Model", ".status.source.uri", description="The artifact being quantized"),
         Column("Method", ".spec.method"),
         Column("GPUs", ".status.gpus", "integer"),
@@ -90,10 +98,12 @@ MODELSERVICE = Kind(
     model=ModelService,
     columns=(
         Column("Phase", ".status.phase"),
+        READY,
+        REASON,
         Column("Model", ".status.servedArtifact.uri", description="The artifact being served"),
         Column("Engine", ".status.engine"),
         Column("GPUs", ".status.gpus", "integer", "GPUs per replica"),
-        Column("Ready", ".status.readyReplicas", "integer", "Replicas ready to serve"),
+        Column("Replicas", ".status.readyReplicas", "integer", "Replicas ready to serve"),
         Column("Endpoint", ".status.endpoint", priority=1),
         AGE,
     ),

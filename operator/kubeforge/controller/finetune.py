@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.api.finetune import FineTuneJob
+from kubeforge.api.kinds import FINETUNEJOB
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import find
 from kubeforge.controller.state import (
@@ -69,7 +70,7 @@ def decide(obs: Observed) -> Decision:
     old = dict(obs.body.get("status") or {})
     meta = obs.body.get("metadata") or {}
     generation = meta.get("generation")
-    state = State(old, generation, obs.now)
+    state = State(old, generation, obs.now, FINETUNEJOB.kind)
 
     user_part = {k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body}
     job, problems = check(user_part)

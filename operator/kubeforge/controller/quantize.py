@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubeforge.api.kinds import QUANTIZEJOB
 from kubeforge.api.quantize import QuantizeJob
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import find
@@ -50,7 +51,7 @@ class QuantizeObserved:
 def decide_quantize(obs: QuantizeObserved) -> Decision:
     old = dict(obs.body.get("status") or {})
     meta = obs.body.get("metadata") or {}
-    state = State(old, meta.get("generation"), obs.now)
+    state = State(old, meta.get("generation"), obs.now, QUANTIZEJOB.kind)
     job, problems = check({k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body})
     batch = of_kind(obs.children, "Job")
     if problems or not isinstance(job, QuantizeJob):

@@ -8,7 +8,8 @@
 4. Deployment and Service are applied where missing or different: a new artifact
    digest changes the pod template and the Deployment rolls over to it;
 5. status from the Deployment: readyReplicas, and servedArtifact once every replica
-   runs the new template (until then the old artifact is still the one served).
+   runs the new template (until then the old artifact is still the one served);
+   RolledOut=False from the pass that applies a new template until it runs everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubeforge.api.kinds import MODELSERVICE
 from kubeforge.api.service import ModelService
 from kubeforge.api.validation import check
 from kubeforge.controller.sources import SOURCE_READY, Lookup, resolve
@@ -59,7 +61,7 @@ def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Mapping[str, Any] 
 def decide_service(obs: ServiceObserved) -> Decision:
     old = dict(obs.body.get("status") or {})
     meta = obs.body.get("metadata") or {}
-    state = State(old, meta.get("generation"), obs.now)
+    state = State(old, meta.get("generation"), obs.now, MODELSERVICE.kind)
     svc, problems = check({k: obs.body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obs.body})
     deployment = of_kind(obs.children, "Deployment") or of_kind(obs.children, "LeaderWorkerSet")
     if problems or not isinstance(svc, ModelService):
@@ -115,6 +117,8 @@ def decide_service(obs: ServiceObserved) -> Decision:
         state.phase = "Deploying"
         return state.decision(old, apply)
     _follow(state, deployment, svc)
+    if any(d["kind"] == deployment.get("kind") for d in apply):  # what runs is about to change
+        state.set(ROLLED_OUT, "False", "RollingOut", "applying the new pod template")
     return state.decision(old, apply)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from kubeforge.controller.conditions import condition, set_condition
 from kubeforge.controller.diff import is_subset
+from kubeforge.controller.readiness import SUMMARY, summarize
 from kubeforge.runtime.contract import read_termination_message
 
 ACCEPTED, PLANNED, FAILED = "Accepted", "Planned", "Failed"
@@ -32,7 +33,10 @@ class Decision:
 
 
 class State:
-    def __init__(self, old: dict[str, Any], generation: int | None, now: str):
+    """The status a pass builds: the kind's own conditions and phase, then (in ``decision``) the summary."""
+
+    def __init__(self, old: dict[str, Any], generation: int | None, now: str, kind: str):
+        self.kind = kind
         self.status: dict[str, Any] = {k: v for k, v in old.items() if k not in ("conditions", "phase")}
         self.conditions: list[dict[str, Any]] = list(old.get("conditions") or [])
         self.phase: str | None = old.get("phase")
@@ -48,13 +52,24 @@ class State:
     def decision(self, old: Mapping[str, Any], apply: list[dict[str, Any]] | None = None) -> Decision:
         status = dict(self.status)
         status["phase"] = self.phase or "Pending"
-        status["conditions"] = self.conditions
+        status["conditions"] = self.summarized(status)
         status["observedGeneration"] = self.generation
         return Decision(status=status, apply=apply or [], events=events(old, status))
+
+    def summarized(self, status: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Ready, Reconciling and Stalled from the phase just decided (readiness.py), first; then the kind's own."""
+        own = [c for c in self.conditions if c.get("type") not in SUMMARY]
+        summary = summarize(self.kind, status["phase"], own, status)
+        derived = [c for c in self.conditions if c.get("type") in SUMMARY]
+        for type_, v in summary.items():
+            derived = set_condition(derived, condition(type_, v.status, v.reason, v.message, self.generation, self.now))
+        return sorted(derived, key=lambda c: SUMMARY.index(c["type"])) + own
 
 
 def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     """One Event per transition from the status as written (``old``) to the new one.
+
+    Ready, Reconciling and Stalled post none: they restate the phase, which has its own.
 
     Each is keyed by the written status it starts from and where it goes: a pass that
     recomputes the same transition (its status write failed, the process restarted, two
@@ -65,6 +80,8 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     origin = written_state(old)
     before = {c["type"]: c for c in old.get("conditions") or []}
     for c in new["conditions"]:
+        if c["type"] in SUMMARY:
+            continue
         prior = before.get(c["type"])
         if prior is None or prior.get("status") != c["status"] or prior.get("reason") != c["reason"]:
             bad = (c["status"] == "False" and c["type"] in (ACCEPTED, PLANNED, "SourceReady")) or (
