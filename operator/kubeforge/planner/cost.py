@@ -15,8 +15,9 @@
     tensor    = 4 all-reduces of the activations per layer and micro-batch, never hidden, over
                 NVLink (TP never leaves an NVLink domain).
     ulysses   = DeepSpeed-Ulysses (degree u): per layer and micro-batch, q, k, v and the attention
-                output go all-to-all forward and again backward; each GPU sends (u-1)/u of its
-                slice, (2 q width + 2 kv width) x 2 bytes per token, never hidden, inside a node.
+                output go all-to-all forward and again backward (and in the recomputed forward with
+                checkpointing); each GPU sends (u-1)/u of its slice, (2 q width + 2 kv width) x 2
+                bytes per token, never hidden, inside a node.
     offload   = parameters and gradients over PCIe, plus the host's Adam step (HOST_ADAM rate).
     latency   = kernel launches (LAYER_LAUNCH_SECONDS per layer and micro-batch, forward and
                 backward; tensor parallelism does not reduce it) and collective latencies
@@ -137,7 +138,8 @@ def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int)
     u = layout.ulysses
     ulysses = 0.0
     if u > 1:
-        per_microbatch = 2 * arch.num_layers * (u - 1) / u * micro_tokens * (2 * arch.q_dim + 2 * arch.kv_dim) * 2
+        passes = 3 if layout.gradient_checkpointing else 2  # forward, backward (and the recomputed forward)
+        per_microbatch = passes * arch.num_layers * (u - 1) / u * micro_tokens * (2 * arch.q_dim + 2 * arch.kv_dim) * 2
         ulysses = per_microbatch * micro_batches / intra
 
     alpha = COLLECTIVE_LATENCY * (5 if layout.nodes > 1 else 1)
