@@ -50,6 +50,7 @@ def trainer(model: Path, data: Path, out: Path, method: str, steps: int) -> dict
     items = kdata.pack(kdata.tokenize(kdata.read_examples(data, "messages", tokenizer), tokenizer, SEQ, str(data)),
                        SEQ, tokenizer.pad_token_id)  # fmt: skip
     llm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+    llm.config.use_cache = False  # packed rows: transformers finds example boundaries only without a KV cache
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -62,7 +63,7 @@ def trainer(model: Path, data: Path, out: Path, method: str, steps: int) -> dict
 
     def collate(batch):
         out = kdata.collate(batch, tokenizer.pad_token_id)
-        tokens["n"] += int(out["attention_mask"].sum())
+        tokens["n"] += kdata.batch_tokens(out)
         return out
 
     args = TrainingArguments(

@@ -7,16 +7,10 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 
+from tests.chart.charting import CHART, render
 from tests.harness.manifests import documents, validate_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "kubeforge"
-
-
-def render(values: dict | None = None) -> list[dict]:
-    chart = helm.Chart.load(str(CHART))
-    out = chart.render(values or {}, name="kubeforge", namespace="kubeforge-system", is_install=True)
-    return documents(out.values())
 
 
 def by_kind(docs: list[dict]) -> dict[str, dict]:
@@ -33,7 +27,8 @@ def test_lint_is_clean():
     "values",
     [
         {},
-        {"watchNamespaces": ["team-a", "team-b"], "image": {"repository": "registry.local/kf", "tag": "dev"}},
+        {"watchNamespaces": ["team-a", "team-b"], "image": {"registry": "registry.local", "repository": "kf"}},
+        {"image": {"registry": "", "repository": "registry.local/kf", "tag": "dev"}, "imageRegistry": "mirror.local"},
         {"serviceAccount": {"create": False, "name": "existing"}, "tolerations": [{"operator": "Exists"}]},
         {"replicas": 3, "podDisruptionBudget": {"minAvailable": "50%"}, "leaderElection": {"leaseName": "kf"}},
         {"replicas": 1, "leaderElection": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},

@@ -32,3 +32,44 @@ app.kubernetes.io/component: operator
 {{- define "kubeforge.leaseName" -}}
 {{- default (include "kubeforge.fullname" .) .Values.leaderElection.leaseName -}}
 {{- end -}}
+
+{{- /* The operator's image: registry (imageRegistry, a mirror, wins) / repository, then @digest or :tag. */ -}}
+{{- define "kubeforge.image" -}}
+{{- $registry := .Values.imageRegistry | default .Values.image.registry -}}
+{{- $name := .Values.image.repository -}}
+{{- if $registry -}}{{- $name = printf "%s/%s" $registry $name -}}{{- end -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" $name .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $name (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* The workload images, as the operator reads them (kubeforge.render.images.from_env): the global
+registry and each image's non-empty fields; the operator fills the rest with its pinned defaults. */ -}}
+{{- define "kubeforge.imageEnv" -}}
+{{- with .Values.imageRegistry }}
+- name: KUBEFORGE_IMAGE_REGISTRY
+  value: {{ . | quote }}
+{{- end }}
+{{- range $name, $image := .Values.images }}
+{{- range $field := list "registry" "repository" "tag" "digest" }}
+{{- with get $image $field }}
+- name: {{ printf "KUBEFORGE_IMAGE_%s_%s" (upper $name) (upper $field) }}
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- /* Labels of the trainer pods the operator renders, and their progress port: they must match
+operator/kubeforge/render/labels.py (MANAGED_BY, OWNER_KIND, COMPONENT as render/finetune.py sets
+them) and PROGRESS_PORT in runtime/kubeforge/runtime/contract.py; tests/chart/test_network_policy.py
+renders a FineTuneJob and fails when they do not. */ -}}
+{{- define "kubeforge.trainerSelector" -}}
+app.kubernetes.io/managed-by: kubeforge
+app.kubernetes.io/component: trainer
+kubeforge.io/owner-kind: FineTuneJob
+{{- end -}}
+
+{{- define "kubeforge.progressPort" -}}8642{{- end -}}

@@ -7,6 +7,10 @@ renew within ``--renew-deadline`` exits at once (its pod restarts as a standby),
 before any standby can see the Lease expire (``--lease-duration``), so two never act at
 once. A leader stopped gracefully (SIGTERM) releases the Lease for an immediate handover.
 kopf's own peering is not used: peers of equal priority, as replicas are, both keep acting.
+
+The images of the pods it renders are kubeforge.render.images' defaults, overridden from the
+environment: ``KUBEFORGE_IMAGE_REGISTRY`` (a mirror for all) and ``KUBEFORGE_IMAGE_<NAME>_<FIELD>``
+(see ``images.from_env``); a bad value stops the operator at startup.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from aiohttp import web
 
 import kubeforge.controller.handlers  # noqa: F401  (registers the handlers)
 from kubeforge.controller.kube import Kube, LeaseLock
+from kubeforge.render import images
 
 log = logging.getLogger("kubeforge.leader")
 
@@ -45,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.leader_elect and not args.renew_deadline + 2 * args.retry_period < args.lease_duration:
         parser.error("--renew-deadline + 2 x --retry-period must be shorter than --lease-duration")
+    try:  # the workload images: the chart's `images` and `imageRegistry` values, as KUBEFORGE_IMAGE_* variables
+        images.configure(images.from_env(os.environ))
+    except ValueError as err:
+        parser.error(str(err))
     kopf.configure(verbose=args.verbose)  # kopf's own log format, with [namespace/name] prefixes
+    logging.getLogger("kubeforge.images").info(
+        "images: %s", ", ".join(f"{k}={v}" for k, v in vars(images.configured()).items())
+    )
     return asyncio.run(run(args))
 
 

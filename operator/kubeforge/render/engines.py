@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubeforge.render.images import SERVER_IMAGE, SGLANG_IMAGE, VLLM_IMAGE
+from kubeforge.render.images import configured
 
 SERVING_PORT = 8000
 SERVING_PORT_NAME = "openai"
@@ -65,7 +65,7 @@ def launch(
         if adapters:
             args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
                      "--lora-modules", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
-        return EngineLaunch(image or VLLM_IMAGE, ["vllm", "serve"], args, api_key_env="VLLM_API_KEY")
+        return EngineLaunch(image or configured().vllm, ["vllm", "serve"], args, api_key_env="VLLM_API_KEY")
     if engine == "sglang":
         args = [
             "--model-path", model_path,
@@ -83,7 +83,7 @@ def launch(
             args += ["--enable-lora", "--max-loras-per-batch", str(len(adapters)),
                      "--max-lora-rank", str(max_lora_rank),
                      "--lora-paths", *(f"{name}={path}" for name, path in adapters)]  # fmt: skip
-        return EngineLaunch(image or SGLANG_IMAGE, ["python3", "-m", "sglang.launch_server"], args,
+        return EngineLaunch(image or configured().sglang, ["python3", "-m", "sglang.launch_server"], args,
                             api_key_args=("--api-key", f"$({API_KEY_ENV})"))  # fmt: skip
     if engine == "transformers":
         args = ["--model", model_path, "--served-model-name", served_name,
@@ -91,5 +91,5 @@ def launch(
                 "--port", str(SERVING_PORT)]  # fmt: skip
         if max_model_len:
             args += ["--max-model-len", str(max_model_len)]
-        return EngineLaunch(image or SERVER_IMAGE, ["python", "-m", "kubeforge.runtime.serve"], args)
+        return EngineLaunch(image or configured().server, ["python", "-m", "kubeforge.runtime.serve"], args)
     raise ValueError(f"unknown engine {engine!r}")

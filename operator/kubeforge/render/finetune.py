@@ -20,7 +20,7 @@ from kubeforge.api.finetune import FineTuneJob
 from kubeforge.planner.plan import Plan
 from kubeforge.render import labels as L
 from kubeforge.render.contract import finetune_contract
-from kubeforge.render.images import TRAINER_IMAGE, TRAINER_UID
+from kubeforge.render.images import TRAINER_UID, configured
 from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
 from kubeforge.render.objects import (
@@ -162,7 +162,7 @@ def _pod_template(
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or TRAINER_IMAGE,
+        "image": spec.image or configured().trainer,
         "imagePullPolicy": "IfNotPresent",
         "command": ["torchrun"],
         "args": [

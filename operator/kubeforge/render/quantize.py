@@ -13,7 +13,7 @@ from typing import Any
 from kubeforge.api.quantize import CALIBRATED_METHODS, QuantizeJob
 from kubeforge.render import labels as L
 from kubeforge.render.contract import quantize_contract
-from kubeforge.render.images import QUANTIZER_IMAGE, TRAINER_UID
+from kubeforge.render.images import TRAINER_UID, configured
 from kubeforge.render.mounts import claim_mounts, claim_volume_mounts, claim_volumes
 from kubeforge.render.names import JOB_NAME_MAX, child_name
 from kubeforge.render.objects import (
@@ -69,7 +69,7 @@ def render_quantize(
         resources["limits"][L.GPU_RESOURCE] = "1"
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or QUANTIZER_IMAGE,
+        "image": spec.image or configured().quantizer,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubeforge.runtime.quantize"],
         "args": ["--config", CONFIG_PATH],

@@ -17,7 +17,7 @@ from kubeforge.api.uris import parse_uri
 from kubeforge.planner.serving import ServingPlan
 from kubeforge.render import labels as L
 from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch
-from kubeforge.render.images import FETCHER_IMAGE, SERVER_IMAGE, TRAINER_UID
+from kubeforge.render.images import TRAINER_UID, configured
 from kubeforge.render.mounts import claim_mounts, location
 from kubeforge.render.names import child_name
 from kubeforge.render.objects import (
@@ -75,7 +75,7 @@ def render_service(
         volumes.append({"name": "model", "emptyDir": {}})
         fetcher: dict[str, Any] = {
             "name": "fetch-model",
-            "image": FETCHER_IMAGE,
+            "image": configured().fetcher,
             "command": ["python", "-m", "kubeforge.runtime.fetch"],
             "args": [literal(artifact_uri), MODEL_DIR],
             "env": [{"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"}, *secret_env],
@@ -122,7 +122,7 @@ def render_service(
         "env": [
             {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
-            *([] if engine.image == SERVER_IMAGE else foreign_image_env()),
+            *([] if engine.image == configured().server else foreign_image_env()),
             *key_env,
         ],
         "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
