@@ -123,8 +123,16 @@ def test_rbac_covers_our_kinds_and_their_status():
     assert ("", "nodes", "list") in granted
     assert ("batch", "jobs", "create") in granted and ("batch", "jobs", "patch") in granted
     assert ("", "events", "create") in granted
-    # nothing deletes (children go by garbage collection); update is the finalizers check only
-    assert not [g for g in granted if g[2] in ("delete", "deletecollection", "*")]
+    # children go by garbage collection, except a ModelService's optional ones (its autoscaler and route),
+    # deleted when its spec stops asking for them; update is the finalizers check only
+    optional = {
+        ("autoscaling", "horizontalpodautoscalers"),
+        ("keda.sh", "scaledobjects"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("inference.networking.k8s.io", "inferencepools"),
+    }
+    assert {(g[0], g[1]) for g in granted if g[2] == "delete"} == optional
+    assert not [g for g in granted if g[2] in ("deletecollection", "*")]
     assert all(resource.endswith("/finalizers") for _, resource, verb in granted if verb == "update")
 
 

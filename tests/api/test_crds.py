@@ -76,7 +76,16 @@ def test_names_columns_and_subresources(kind):
     assert names["categories"] == [CATEGORY]
     version = doc["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+             "labelSelectorPath": ".status.selector"}  # fmt: skip
+    # kubectl scale msvc, and an HPA or KEDA aimed at a ModelService, go through the scale subresource
+    expected = {"status": {}, "scale": scale} if kind.kind == "ModelService" else {"status": {}}
+    assert version["subresources"] == expected
+    for path in version["subresources"].get("scale", {}).values():  # each path is a field of the schema
+        node = version["schema"]["openAPIV3Schema"]
+        for part in path.strip(".").split("."):
+            node = node["properties"][part]
+        assert node["type"] == ("string" if path == ".status.selector" else "integer"), path
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[0] == "Phase" and "Model" in columns and "GPUs" in columns and columns[-1] == "Age"
     schema = version["schema"]["openAPIV3Schema"]

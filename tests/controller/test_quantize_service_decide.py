@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import json
 
+from kubeforge.controller.kube import Kube
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
+from kubeforge.controller.reconcile import run_pass
+from kubeforge.controller.retry import ApiError, Policy
 from kubeforge.controller.service import ServiceObserved, decide_service
+from kubeforge.controller.state import Decision
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner.catalog import lookup as catalog
 from kubeforge.render import labels as L
@@ -247,3 +251,283 @@ def test_every_status_written_fits_the_crd_status_schema():
                                            children=[rolled(deployment, 1, 2), svc]))  # fmt: skip
     for status in (d.status, ready.status):
         ModelServiceStatus.model_validate(status)
+
+
+# ---------------------------------------------------------------- QuantizeJob sizing (planner/quantize_size.py)
+
+
+def sized(method: str, *, architecture=QWEN, error: str | None = None, inventory=H100):
+    doc = live(quantize(method=method))
+    return decide_quantize(QuantizeObserved(doc, NOW, lookup_of(FTJ_DONE), architecture=architecture,
+                                            architecture_error=error, inventory=inventory))  # fmt: skip
+
+
+def test_quantizejob_is_sized_from_its_source_model_and_says_how():
+    from kubeforge.api.quantize import QuantizeJobStatus
+
+    d = sized("w4a16-gptq")  # Qwen3-8B, 256 x 2048 calibration (the defaults), on the H100 cluster
+    resources = d.status["resources"]
+    assert resources["sizedFrom"] == "model" and resources["memory"] == "34Gi" and resources["gpus"] == 1
+    assert resources["gpuType"] == "H100-SXM-80GB" and resources["gpuMemory"] == "5.6Gi"
+    assert cond(d.status, "Planned")["reason"] == "Sized"
+    assert cond(d.status, "Planned")["message"] == resources["reason"] and "weights 15.3 GiB" in resources["reason"]
+    pod = d.apply[1]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "34Gi", L.GPU_RESOURCE: "1"},
+        "limits": {"memory": "34Gi", L.GPU_RESOURCE: "1"},
+    }
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]} in terms[0][
+        "matchExpressions"
+    ]
+    for child in d.apply:
+        assert_valid(child)
+    assert QuantizeJobStatus.model_validate(d.status).model_dump(by_alias=True, exclude_none=True)["resources"] == (
+        resources
+    )
+    fp8 = sized("fp8")  # on the CPU, float32: 4 bytes a parameter
+    assert fp8.status["resources"]["memory"] == "52Gi" and fp8.status["gpus"] == 0
+    assert "affinity" not in fp8.apply[1]["spec"]["template"]["spec"]
+    assert json.loads(fp8.apply[0]["data"][CONFIG_FILE])["compute"]["device"] == "cpu"
+
+
+def test_a_quantizejob_of_unknown_size_gets_the_defaults_and_an_event_says_so():
+    why = "pvc://models/support-bot is not in the planner's catalog and no config.json of it is reachable"
+    d = sized("w4a16-gptq", architecture=None, error=why)
+    reason = f"default resources (4 CPUs, 32 GiB, one GPU of any type): {why}"
+    assert d.status["resources"] == {"sizedFrom": "defaults", "cpu": "4", "memory": "32Gi", "gpus": 1, "reason": reason}
+    planned = cond(d.status, "Planned")
+    assert (planned["status"], planned["reason"]) == ("True", "DefaultResources") and why in planned["message"]
+    assert any(e.reason == "DefaultResources" and why in e.message for e in d.events)
+    resources = d.apply[1]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"] == {"memory": "32Gi", L.GPU_RESOURCE: "1"}  # as before sizing
+
+
+def test_a_quantizejob_no_pool_can_hold_waits_with_a_reason_and_creates_nothing():
+    d = sized("w4a16-awq", inventory=example_cluster("a10-4x1.yaml"))  # AWQ caches 256 x 2048 tokens on the GPU
+    assert d.apply == [] and d.status["phase"] == "Pending"
+    planned = cond(d.status, "Planned")
+    assert (planned["status"], planned["reason"]) == ("False", "Infeasible")
+    assert "would fit" in planned["message"] and cond(d.status, "Stalled")["status"] == "True"
+    assert any(e.type == "Warning" and e.reason == "Infeasible" for e in d.events)
+
+
+def test_the_source_model_is_the_finetunejobs_base_model_or_the_uris():
+    from kubeforge.controller.reconcile import source_architecture
+
+    arch, why = source_architecture(quantize()["spec"], lookup_of(FTJ_DONE))  # its FineTuneJob trains Qwen3-8B
+    assert arch is not None and arch.total_parameters == QWEN.total_parameters and why is None
+    arch, why = source_architecture(quantize(source={"uri": "pvc://models/x"})["spec"], lookup_of())
+    assert arch is None and why.startswith("pvc://models/x is not in the planner's catalog")
+    assert source_architecture(quantize()["spec"], lookup_of()) == (None, None)  # no FineTuneJob (yet)
+
+
+# ---------------------------------------------------------------- ModelService: autoscaling and routing
+
+SCALING = {"minReplicas": 2, "maxReplicas": 8, "target": {"waitingRequestsPerReplica": 4}}
+ROUTE = {"gateway": {"name": "gw"}, "endpointPicker": {"name": "epp"}}
+
+
+def scaled(doc: dict, *, children=(), **apis: bool) -> ServiceObserved:
+    return ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), H100, QWEN, children=list(children), **apis)
+
+
+def kinds(objs: list[dict]) -> list[str]:
+    return [o["kind"] for o in objs]
+
+
+def serving_at(deployment: dict, replicas: int, managed: list | None = None) -> dict:
+    """The Deployment as stored after an autoscaler set ``replicas``, rolled out and ready."""
+    deployment = copy.deepcopy(deployment)
+    deployment["metadata"].update(generation=1, managedFields=managed or [])
+    deployment["spec"]["replicas"] = replicas
+    deployment["status"] = {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                            "availableReplicas": replicas, "readyReplicas": replicas}  # fmt: skip
+    return deployment
+
+
+def test_with_autoscaling_the_operator_leaves_the_replica_count_to_the_autoscaler():
+    doc = live(service(autoscaling=SCALING))
+    first = decide_service(scaled(doc))
+    deployment, svc, hpa = first.apply
+    assert kinds(first.apply) == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert cond(first.status, "Autoscaling")["reason"] == "HorizontalPodAutoscaler"
+    assert first.status["selector"] == ("app.kubernetes.io/component=engine,kubeforge.io/owner-kind=ModelService,"
+                                        "kubeforge.io/owner-name=support-bot")  # fmt: skip
+    for child in first.apply:
+        assert_valid(child)
+    # the HPA set 5 replicas: not drift, nothing applied; the status reports what the workload has
+    after = decide_service(scaled(live(doc, status=first.status), children=[serving_at(deployment, 5), svc, hpa]))
+    assert after.apply == [] and after.delete == [] and after.handover == []
+    assert after.status["replicas"] == 5 and after.status["phase"] == "Ready"
+    assert cond(after.status, "RolledOut")["status"] == "True"
+    # a new artifact: the new pod template is applied, still without replicas
+    newer = copy.deepcopy(QJ_DONE)
+    newer["status"]["artifact"]["digest"] = "sha256:q2"
+    rolling = decide_service(ServiceObserved(live(doc, status=after.status), NOW, lookup_of(FTJ_DONE, newer), H100,
+                                             QWEN, children=[serving_at(deployment, 5), svc, hpa]))  # fmt: skip
+    assert kinds(rolling.apply) == ["Deployment"] and "replicas" not in rolling.apply[0]["spec"]
+    assert cond(rolling.status, "RolledOut")["status"] == "False"
+
+
+def test_without_autoscaling_spec_replicas_is_applied_again():
+    """What `kubectl scale msvc` changes (spec.replicas) reaches the Deployment; a change made on the
+    Deployment itself is drift, corrected."""
+    first = decide_service(scaled(live(service(replicas=2))))
+    deployment, svc = first.apply
+    assert deployment["spec"]["replicas"] == 2
+    drifted = decide_service(scaled(live(service(replicas=2), status=first.status),
+                                    children=[serving_at(deployment, 5), svc]))  # fmt: skip
+    assert kinds(drifted.apply) == ["Deployment"] and drifted.apply[0]["spec"]["replicas"] == 2
+    assert cond(drifted.status, "RolledOut")["status"] == "True"  # the pod template did not change
+    scaled_up = decide_service(scaled(live(service(replicas=3), generation=2, status=first.status),
+                                      children=[serving_at(deployment, 2), svc]))  # fmt: skip
+    assert kinds(scaled_up.apply) == ["Deployment"] and scaled_up.apply[0]["spec"]["replicas"] == 3
+
+
+def test_switching_autoscaling_on_hands_the_replicas_over_first():
+    """The live Deployment lists replicas among kubeforge's applied fields: the pass applies them (at the live
+    value) as the handover manager, then the Deployment without them, so the count is not reset to 1."""
+    plain = decide_service(scaled(live(service(replicas=6))))
+    deployment, svc = plain.apply
+    ours = [{"manager": "kubeforge", "operation": "Apply", "apiVersion": "apps/v1",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {}}}}]  # fmt: skip
+    doc = live(service(replicas=6, autoscaling=SCALING), generation=2, status=plain.status)
+    d = decide_service(scaled(doc, children=[serving_at(deployment, 6, ours), svc]))
+    assert d.handover == [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": deployment["metadata"]["name"], "namespace": "team-a"}, "spec": {"replicas": 6}}]  # fmt: skip
+    assert kinds(d.apply) == ["Deployment", "HorizontalPodAutoscaler"] and "replicas" not in d.apply[0]["spec"]
+    assert cond(d.status, "RolledOut")["status"] == "True"  # an apply, but the same pod template
+    # once kubeforge's apply no longer lists replicas (the handover manager, or the HPA, holds them): nothing more
+    handover = {"manager": "kubeforge-handover", "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+    theirs = [{**ours[0], "fieldsV1": {"f:spec": {"f:template": {}}}}, handover]
+    later = decide_service(scaled(doc, children=[serving_at(deployment, 6, theirs), svc, d.apply[1]]))
+    assert later.handover == [] and later.apply == []
+    # without autoscaling there is never a handover
+    fixed = decide_service(scaled(live(service(replicas=6)), children=[serving_at(deployment, 6, ours), svc]))
+    assert fixed.handover == []
+
+
+def test_keda_replaces_the_hpa_and_removing_autoscaling_deletes_the_autoscaler():
+    doc = live(service(autoscaling=SCALING))
+    hpa_pass = decide_service(scaled(doc))
+    deployment, svc, hpa = hpa_pass.apply
+    keda_hpa = copy.deepcopy(hpa)  # KEDA's own HPA: it carries its ScaledObject's labels, so ours
+    keda_hpa["metadata"]["name"] = f"keda-hpa-{hpa['metadata']['name']}"
+    kids = [serving_at(deployment, 3), svc, hpa, keda_hpa]
+    keda = decide_service(scaled(live(doc, status=hpa_pass.status), children=kids, keda_available=True))
+    assert kinds(keda.apply) == ["ScaledObject"] and cond(keda.status, "Autoscaling")["reason"] == "ScaledObject"
+    assert keda.delete == [{"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                            "metadata": {"name": hpa["metadata"]["name"], "namespace": "team-a"}}]  # fmt: skip
+    off = live(service(replicas=2), generation=2, status=keda.status)
+    d = decide_service(scaled(off, children=[serving_at(deployment, 3), svc, keda.apply[0], keda_hpa],
+                              keda_available=True))  # fmt: skip
+    assert kinds(d.delete) == ["ScaledObject"]  # KEDA removes its HPA with it; that one is never ours to delete
+    assert kinds(d.apply) == ["Deployment"] and d.apply[0]["spec"]["replicas"] == 2
+    assert cond(d.status, "Autoscaling") is None
+
+
+def test_autoscaling_on_a_cpu_cluster_falls_back_to_spec_replicas():
+    doc = live(service(engine="auto", replicas=2, autoscaling=SCALING))
+    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), Inventory((), ()), QWEN))
+    assert kinds(d.apply) == ["Deployment", "Service"] and d.apply[0]["spec"]["replicas"] == 2
+    assert cond(d.status, "Autoscaling")["status"] == "False"
+    assert cond(d.status, "Autoscaling")["reason"] == "EngineHasNoMetrics"
+
+
+def test_route_renders_where_the_apis_are_and_goes_with_the_spec():
+    doc = live(service(route=ROUTE))
+    nothing = decide_service(scaled(doc))
+    assert kinds(nothing.apply) == ["Deployment", "Service"]
+    assert cond(nothing.status, "Routed")["reason"] == "GatewayAPINotInstalled"
+    plain = decide_service(scaled(doc, gateway_available=True))
+    assert kinds(plain.apply) == ["Deployment", "Service", "HTTPRoute"]
+    assert cond(plain.status, "Routed")["reason"] == "InferencePoolNotInstalled"
+    pooled = decide_service(scaled(doc, gateway_available=True, inference_pool_available=True))
+    deployment, svc, pool, route = pooled.apply
+    assert kinds(pooled.apply) == ["Deployment", "Service", "InferencePool", "HTTPRoute"]
+    assert route["spec"]["rules"][0]["backendRefs"][0]["kind"] == "InferencePool"
+    assert cond(pooled.status, "Routed")["reason"] == "InferencePool"
+    kids = [serving_at(deployment, 2), svc, pool, route]
+    steady = decide_service(scaled(live(doc, status=pooled.status), children=kids, gateway_available=True,
+                                   inference_pool_available=True))  # fmt: skip
+    assert steady.apply == [] and steady.delete == []
+    no_picker = live(service(route={"gateway": {"name": "gw"}}), generation=2, status=steady.status)
+    d = decide_service(scaled(no_picker, children=kids, gateway_available=True, inference_pool_available=True))
+    assert kinds(d.delete) == ["InferencePool"] and kinds(d.apply) == ["HTTPRoute"]
+    assert d.apply[0]["spec"]["rules"][0]["backendRefs"][0]["kind"] == "Service"
+    gone = decide_service(scaled(live(service(), generation=3, status=d.status), children=kids,
+                                 gateway_available=True, inference_pool_available=True))  # fmt: skip
+    assert kinds(gone.delete) == ["HTTPRoute", "InferencePool"] and gone.apply == []
+    assert cond(gone.status, "Routed") is None
+
+
+def test_statuses_with_autoscaling_and_routing_fit_the_crd_status_schema():
+    from kubeforge.api.service import ModelServiceStatus
+
+    doc = live(service(autoscaling=SCALING, route=ROUTE))
+    d = decide_service(scaled(doc, keda_available=True, gateway_available=True, inference_pool_available=True))
+    deployment, svc, *rest = d.apply
+    everything = {"keda_available": True, "gateway_available": True, "inference_pool_available": True}
+    after = decide_service(scaled(live(doc, status=d.status), children=[serving_at(deployment, 4), svc, *rest],
+                                  **everything))  # fmt: skip
+    for status in (d.status, after.status):
+        ModelServiceStatus.model_validate(status)
+    assert {c["type"] for c in after.status["conditions"]} >= {"Autoscaling", "Routed"}
+
+
+class RecordingKube(Kube):
+    """controller/kube.Kube with its one HTTP attempt replaced: records each request, answers from ``answers``."""
+
+    def __init__(self, answers: dict[str, int] | None = None):
+        super().__init__(api_client=object(), policy=Policy(base=0.001, cap=0.001, deadline=1.0), timeout=1.0)
+        self.answers = answers or {}
+        self.calls: list[tuple] = []
+
+    def request(self, method, path, body=None, query=None, content_type="application/json"):
+        self.calls.append((method, path, dict(query or []), content_type, body))
+        status = self.answers.get(method, 200)
+        if status >= 400:
+            raise ApiError(status, "Conflict" if status == 409 else "NotFound", "{}")
+        return body
+
+
+def test_the_handover_applies_without_force_and_a_conflict_means_someone_owns_it():
+    obj = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "team-a"},
+           "spec": {"replicas": 6}}  # fmt: skip
+    kube = RecordingKube()
+    assert kube.hand_over(obj) is True
+    ((method, path, query, content_type, body),) = kube.calls
+    assert (method, path) == ("PATCH", "/apis/apps/v1/namespaces/team-a/deployments/d")
+    assert query == {"fieldManager": "kubeforge-handover"} and content_type == "application/apply-patch+yaml"
+    assert body == obj
+    assert RecordingKube({"PATCH": 409}).hand_over(obj) is False  # an autoscaler holds another value already
+
+
+def test_children_are_deleted_by_path_and_a_missing_one_is_no_error():
+    obj = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "s", "namespace": "team-a"}}
+    kube = RecordingKube()
+    assert kube.delete(obj) is True
+    assert kube.calls[0][:2] == ("DELETE", "/apis/keda.sh/v1alpha1/namespaces/team-a/scaledobjects/s")
+    assert kube.calls[0][4] == {"propagationPolicy": "Background"}
+    assert RecordingKube({"DELETE": 404}).delete(obj) is False
+
+
+def test_a_pass_deletes_then_hands_over_then_applies():
+    """KEDA refuses a ScaledObject for a workload an HPA scales: the HPA goes first; the handover must
+    precede the apply that drops replicas."""
+    body = live(service())
+    body["metadata"]["resourceVersion"] = "1"
+    workload = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "team-a"}}
+    decision = Decision(status={}, apply=[workload],
+                        delete=[{**workload, "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"}],
+                        handover=[{**workload, "spec": {"replicas": 3}}])  # fmt: skip
+    kube = RecordingKube()
+    run_pass(body, [], lambda obj, children: decision, kube)
+    assert [(m, q.get("fieldManager"), p.rsplit("/", 2)[-2]) for m, p, q, _, _ in kube.calls] == [
+        ("DELETE", None, "horizontalpodautoscalers"),
+        ("PATCH", "kubeforge-handover", "deployments"),
+        ("PATCH", "kubeforge", "deployments"),
+    ]

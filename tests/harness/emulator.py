@@ -18,7 +18,10 @@ what a real API server does. This subclass adds:
   exists is collected at once; finalizers hold a deletion until removed;
 - discovery of the built-in kinds kubeforge creates (and coordination.k8s.io Leases, for
   leader election) and of our CRDs, read from crds/;
-- an optional cap on the request log (``log_limit``) for long or busy runs.
+- an optional cap on the request log (``log_limit``) for long or busy runs;
+- the scale subresource (GET, merge PATCH, PUT of an autoscaling/v1 Scale) of Deployments and of
+  CRDs that declare one (their specReplicasPath, statusReplicasPath, labelSelectorPath), as
+  `kubectl scale` and the HPA controller use it; HorizontalPodAutoscalers are served (no controller).
 
 What it still lacks (tests must not rely on these):
 - server-side apply has no field ownership: an apply merges like a merge patch, fields
@@ -44,6 +47,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import attrs
 import kmock
 import yaml
@@ -66,9 +70,14 @@ BUILTINS: tuple[tuple[str, str, str, bool, tuple[str, ...], tuple[str, ...]], ..
     ("v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("status",), ("pvc",)),
     ("batch/v1", "jobs", "Job", True, ("status",), ()),
     ("apps/v1", "deployments", "Deployment", True, ("status", "scale"), ("deploy",)),
+    ("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", True, ("status",), ("hpa",)),
     ("events.k8s.io/v1", "events", "Event", True, (), ("ev",)),
     ("coordination.k8s.io/v1", "leases", "Lease", True, (), ()),  # the operator's leader election
 )
+
+# (specReplicasPath, statusReplicasPath, labelSelectorPath) of the built-in kinds with a scale subresource;
+# a Deployment's selector is its spec.selector, in string form
+BUILTIN_SCALE = {"apps/v1/deployments": (".spec.replicas", ".status.replicas", None)}
 
 APPLY = "application/apply-patch+yaml"
 JSON_PATCH = "application/json-patch+json"
@@ -145,6 +154,8 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     # request against the whole log, so a long run otherwise measures the emulator, not the operator.
     # None keeps everything, for tests that count requests.
     log_limit: int | None = attrs.field(default=None, init=False)
+    # "group/version/plural" -> (specReplicasPath, statusReplicasPath, labelSelectorPath or None)
+    _scale_paths: dict[str, tuple[str, str, str | None]] = attrs.field(factory=lambda: dict(BUILTIN_SCALE), init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -180,6 +191,13 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         spec = crd["spec"]
         names = spec["names"]
         for version in spec["versions"]:
+            scale = (version.get("subresources") or {}).get("scale")
+            if scale:
+                self._scale_paths[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
+                    scale["specReplicasPath"],
+                    scale["statusReplicasPath"],
+                    scale.get("labelSelectorPath"),
+                )
             self.declare(
                 f"{spec['group']}/{version['name']}",
                 names["plural"],
@@ -214,6 +232,11 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request):  # type: ignore[override]
         self._trim_log()
+        if request.resource is not None and request.subresource == "scale":
+            try:
+                return aiohttp.web.json_response(await self._scale(request))
+            except kmock.KubernetesError as err:
+                return await self._render_error(err)
         if request.resource is not None and request.subresource in (None, "status"):
             try:
                 async with self._lock:
@@ -381,6 +404,33 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             if any(ref.get("uid") == uid for ref in refs):
                 await self._delete(dep_key[0], dep_key[1], dep_key[2], None)
 
+    # ------------------------------------------------------------ the scale subresource
+
+    async def _scale(self, request: rendering.Request) -> dict[str, Any]:
+        """GET, merge PATCH or PUT of an object's autoscaling/v1 Scale: spec.replicas is written to the
+        object's specReplicasPath (a change of spec: generation moves, watchers see MODIFIED)."""
+        paths = next((p for known, p in self._scale_paths.items() if known == request.resource), None)
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if paths is None or request.name is None:
+                raise _error(404, "NotFound", f"{request.resource.plural} have no scale subresource")
+            if key not in self._objects or self._objects[key].deleted:
+                raise _error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
+            old = copy.deepcopy(self._objects[key].raw)
+            if request.method in (kmock.method.PATCH, kmock.method.PUT):
+                scale = _scale_of(old, paths)
+                data = request.data
+                if not isinstance(data, Mapping):
+                    raise _error(400, "BadRequest", "a Scale patch must be a JSON object")
+                changed = apply_merge_patch(scale, data) if request.method == kmock.method.PATCH else dict(data)
+                replicas = (changed.get("spec") or {}).get("replicas")
+                if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+                    raise _error(422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}")
+                new = copy.deepcopy(old)
+                _set_path(new, paths[0], replicas)
+                await self._store(key, old, new, status_only=False)
+            return _scale_of(self._objects[key].raw, paths)
+
     # ------------------------------------------------------------ responses
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
@@ -457,6 +507,37 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
             for (r, ns, _), obj in self._objects.items()
             if r == res and not obj.deleted and (namespace is None or ns == namespace)
         ]
+
+
+def _get_path(obj: Mapping[str, Any], path: str) -> Any:
+    for part in path.strip(".").split("."):
+        obj = obj.get(part) if isinstance(obj, Mapping) else None
+    return obj
+
+
+def _set_path(obj: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.strip(".").split(".")
+    for part in parents:
+        obj = obj.setdefault(part, {})
+    obj[last] = value
+
+
+def _scale_of(obj: Mapping[str, Any], paths: tuple[str, str, str | None]) -> dict[str, Any]:
+    spec_path, status_path, selector_path = paths
+    if selector_path is None:  # a Deployment: its spec.selector, as a string
+        labels = (_get_path(obj, ".spec.selector") or {}).get("matchLabels") or {}
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    else:
+        selector = _get_path(obj, selector_path) or ""
+    meta = obj.get("metadata") or {}
+    kept = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {k: meta[k] for k in kept if k in meta},
+        "spec": {"replicas": int(_get_path(obj, spec_path) or 0)},
+        "status": {"replicas": int(_get_path(obj, status_path) or 0), "selector": selector},
+    }
 
 
 def load_crds(folder: Path) -> list[dict[str, Any]]:

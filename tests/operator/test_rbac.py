@@ -32,6 +32,8 @@ WORK_NAMESPACE = "team-a"  # where the scenario's objects live
 OURS = ("finetunejobs", "quantizejobs", "modelservices")
 CHILDREN = (("", "configmaps"), ("", "services"), ("batch", "jobs"), ("apps", "deployments"),
             ("jobset.x-k8s.io", "jobsets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"))  # fmt: skip
+OPTIONAL = (("keda.sh", "scaledobjects"), ("gateway.networking.k8s.io", "httproutes"),
+            ("inference.networking.k8s.io", "inferencepools"))  # fmt: skip
 
 
 class Call(NamedTuple):
@@ -67,6 +69,21 @@ UNSEEN: tuple[tuple[str, tuple[Call, ...]], ...] = (
             Call(verb, group, plural, WORK_NAMESPACE)
             for group, plural in (("jobset.x-k8s.io", "jobsets"), ("leaderworkerset.x-k8s.io", "leaderworkersets"))
             for verb in ("list", "watch", "create", "patch")
+        ),
+    ),
+    (
+        "a ModelService's autoscaler and route exist only when its spec asks (the scenario's does not): "
+        "applied, followed, re-read after a 409 and deleted when no longer asked for; the emulator serves "
+        "HorizontalPodAutoscalers (the scenario shows their list and watch) but not KEDA, the Gateway API "
+        "or its Inference Extension (tests/operator/test_service_autoscaling.py runs them)",
+        tuple(
+            Call(verb, "autoscaling", "horizontalpodautoscalers", WORK_NAMESPACE)
+            for verb in ("get", "create", "patch", "delete")
+        )
+        + tuple(
+            Call(verb, group, plural, WORK_NAMESPACE)
+            for group, plural in OPTIONAL
+            for verb in ("get", "list", "watch", "create", "patch", "delete")
         ),
     ),
 )

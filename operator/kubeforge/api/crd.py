@@ -65,7 +65,7 @@ def crd(kind: Kind) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": kind.subresources,
                     "additionalPrinterColumns": [c.dump() for c in kind.columns],
                     "schema": {"openAPIV3Schema": schema},
                 }

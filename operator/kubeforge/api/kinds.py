@@ -40,6 +40,19 @@ REASON = Column("Reason", '.status.conditions[?(@.type=="Ready")].reason', descr
 
 
 @dataclass(frozen=True)
+class Scale:
+    """The scale subresource: where `kubectl scale`, an HPA or KEDA read and write the replica count."""
+
+    spec_replicas: str
+    status_replicas: str
+    label_selector: str
+
+    def dump(self) -> dict[str, str]:
+        return {"specReplicasPath": self.spec_replicas, "statusReplicasPath": self.status_replicas,
+                "labelSelectorPath": self.label_selector}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Kind:
     kind: str
     plural: str
@@ -47,6 +60,14 @@ class Kind:
     short_names: tuple[str, ...]
     model: type[KubeModel]
     columns: tuple[Column, ...]
+    scale: Scale | None = None
+
+    @property
+    def subresources(self) -> dict[str, object]:
+        out: dict[str, object] = {"status": {}}
+        if self.scale is not None:
+            out["scale"] = self.scale.dump()
+        return out
 
     @property
     def crd_name(self) -> str:
@@ -107,6 +128,9 @@ MODELSERVICE = Kind(
         Column("Endpoint", ".status.endpoint", priority=1),
         AGE,
     ),
+    # .status.replicas is the workload's replica count as the operator last saw it, .status.selector its
+    # pods' selector: an HPA on the ModelService reads both; `kubectl scale msvc` writes .spec.replicas.
+    scale=Scale(".spec.replicas", ".status.replicas", ".status.selector"),
 )
 
 KINDS: tuple[Kind, ...] = (FINETUNEJOB, QUANTIZEJOB, MODELSERVICE)

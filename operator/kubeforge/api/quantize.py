@@ -130,6 +130,32 @@ class SourceStatus(KubeModel):
     digest: str | None = Field(default=None, max_length=128, description="Its manifest's sha256.")
 
 
+class QuantizeResources(KubeModel):
+    """What the quantizer pod requests, sized from the model (planner/quantize_size.py) or, where the
+    model's architecture is unknown, the defaults."""
+
+    sized_from: Literal["model", "defaults"] = Field(
+        description="model: estimated from the architecture; defaults: the architecture is unknown (fixed request)."
+    )
+    cpu: str = Field(max_length=16, description="CPU cores requested.")
+    memory: str = Field(
+        max_length=32,
+        description="Host memory requested and its limit (a quantity): the weights as loaded, the quantized copy, "
+        "calibration activations, a margin and the runtime.",
+    )
+    gpus: int = Field(ge=0, description="GPUs requested: one for the calibrated methods, none for fp8.")
+    gpu_type: str | None = Field(
+        default=None, max_length=128, description="The GPU the pod is placed on (absent: any GPU, or none)."
+    )
+    gpu_memory: str | None = Field(
+        default=None,
+        max_length=32,
+        description="GPU memory one layer's calibration needs (a quantity): the layer, GPTQ's Hessians or "
+        "AWQ's activation cache, one sample's activations and the CUDA reserve.",
+    )
+    reason: str = Field(default="", max_length=4096, description="How the request was reached, term by term.")
+
+
 class QuantizeJobStatus(CommonStatus):
     """What the operator observed: source, progress, artifact and metrics."""
 
@@ -138,6 +164,9 @@ class QuantizeJobStatus(CommonStatus):
     )
     source: SourceStatus | None = Field(default=None, description="The source artifact, once resolved.")
     gpus: int | None = Field(default=None, ge=0, description="GPUs the quantizer pod requests.")
+    resources: QuantizeResources | None = Field(
+        default=None, description="The quantizer pod's requests and how they were sized, once it is rendered."
+    )
     progress: QuantizeProgress | None = Field(default=None, description="Progress while it runs.")
     artifact: ArtifactStatus | None = Field(default=None, description="The quantized artifact, once succeeded.")
     metrics: dict[str, Annotated[float, Field(description="A metric's value.")]] = Field(

@@ -7,14 +7,19 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field
 
 from kubeforge.api.base import (
+    DNS1123_SUBDOMAIN,
     ArtifactStatus,
     CommonStatus,
     Credentials,
+    DNSLabel,
+    DNSSubdomain,
     KubeModel,
     LocalObjectRef,
     Placement,
     Rule,
     SecretKeyRef,
+    checked_pattern,
+    crd_pattern,
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.quantize import count_set
@@ -80,12 +85,156 @@ class ServiceAuth(KubeModel):
     )
 
 
+class ScalingTarget(KubeModel):
+    """The engine metric the autoscaler holds at its target: set exactly one."""
+
+    waiting_requests_per_replica: float | None = Field(
+        default=None,
+        gt=0,
+        le=10000,
+        description=(
+            "Requests queued in the engine, per replica (vllm:num_requests_waiting, sglang:num_queue_reqs): "
+            "more replicas when the queue grows."
+        ),
+    )
+    kv_cache_usage: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=(
+            "Mean KV-cache usage of the replicas, 0 to 1 (vllm:kv_cache_usage_perc, sglang:token_usage): "
+            "more replicas before the cache is full and requests are preempted."
+        ),
+    )
+    time_to_first_token_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=600,
+        description=(
+            "90th percentile of the time to first token over the last 2 minutes, in seconds "
+            "(vllm:time_to_first_token_seconds, sglang:time_to_first_token_seconds histograms)."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel="(has(self.waitingRequestsPerReplica) ? 1 : 0) + (has(self.kvCacheUsage) ? 1 : 0) "
+            "+ (has(self.timeToFirstTokenSeconds) ? 1 : 0) == 1",
+            message="set exactly one of waitingRequestsPerReplica, kvCacheUsage and timeToFirstTokenSeconds",
+            check=lambda t: (
+                count_set(t.waiting_requests_per_replica, t.kv_cache_usage, t.time_to_first_token_seconds) == 1
+            ),
+        ),
+    )
+
+
+class Autoscaling(KubeModel):
+    """Scale the engine replicas on an engine metric: a KEDA ScaledObject where KEDA is installed, else a
+    HorizontalPodAutoscaler on the metric as the Prometheus adapter serves it. While it is set the
+    autoscaler owns the replica count and spec.replicas is not used."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas (at least 1).")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    target: ScalingTarget = Field(description="The engine metric and its target value.")
+    prometheus_address: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description=(
+            "Prometheus that KEDA queries (default http://prometheus-operated.monitoring.svc:9090, the "
+            "prometheus-operator's); not used with a HorizontalPodAutoscaler, whose metrics come from the "
+            "Prometheus adapter."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must not exceed maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+            field=".minReplicas",
+        ),
+    )
+
+
+HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+PATH_PREFIX = r"^/$|^(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+$"
+Hostname = Annotated[
+    str,
+    Field(min_length=1, max_length=253, description="A host name, or a wildcard (*.example.com)."),
+    crd_pattern(HOSTNAME),
+    checked_pattern(HOSTNAME, "a host name (lower-case DNS name, optionally starting with '*.')"),
+]
+
+
+class GatewayRef(KubeModel):
+    """The Gateway (Gateway API) the route attaches to."""
+
+    name: DNSSubdomain = Field(description="Name of the Gateway.")
+    namespace: DNSLabel | None = Field(
+        default=None, description="Namespace of the Gateway (default: the ModelService's; its listeners must allow it)."
+    )
+    section_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description="One listener of the Gateway (default: every listener that allows the route).",
+    )
+
+
+class EndpointPicker(KubeModel):
+    """The Gateway API Inference Extension's Endpoint Picker (EPP) Service that chooses a replica per request."""
+
+    name: DNSLabel = Field(description="Name of the Endpoint Picker's Service in the ModelService's namespace.")
+    port: int = Field(default=9002, ge=1, le=65535, description="Its Service port (the EPP's ext-proc port).")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose",
+        description="When the picker does not answer: FailClose refuses the request, FailOpen sends it to any replica.",
+    )
+
+
+class Route(KubeModel):
+    """Expose the OpenAI endpoint through a Gateway: an HTTPRoute to the Service, or to an InferencePool
+    (Gateway API Inference Extension) where its CRD is installed and an Endpoint Picker is named."""
+
+    gateway: GatewayRef = Field(description="The Gateway the HTTPRoute attaches to.")
+    hostnames: list[Hostname] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Host names the route answers (default: those of the Gateway's listeners).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    path_prefix: str = Field(
+        default="/",
+        max_length=1024,
+        pattern=PATH_PREFIX,
+        description="Requests under this path go to the model (e.g. /support-bot; default /).",
+    )
+    strip_path_prefix: bool = Field(
+        default=True,
+        description="Remove pathPrefix before the request reaches the engine, whose API is under /v1.",
+    )
+    endpoint_picker: EndpointPicker | None = Field(
+        default=None,
+        description=(
+            "Route through an InferencePool whose Endpoint Picker picks the replica (by queue and KV-cache "
+            "load); used where the InferencePool CRD (inference.networking.k8s.io/v1) is installed."
+        ),
+    )
+
+
 class ModelServiceSpec(KubeModel):
     """The artifact to serve, the engine, and how many replicas of it."""
 
     source: ServiceSource = Field(description="The artifact to serve.")
     engine: Engine = Field(default="auto", description="auto: vLLM on GPUs, transformers on CPU.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Engine replicas behind the Service.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Engine replicas behind the Service (the scale subresource's; not used while autoscaling is set).",
+    )
     served_model_name: str | None = Field(
         default=None, max_length=128, description="Model name in the OpenAI API (default: the object's name)."
     )
@@ -105,6 +254,10 @@ class ModelServiceSpec(KubeModel):
     image: str | None = Field(default=None, max_length=512, description="Engine image override.")
     credentials: Credentials | None = None
     auth: ServiceAuth | None = Field(default=None, description="API key for the OpenAI endpoint (default: none).")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Scale the replicas on an engine metric (default: spec.replicas, fixed)."
+    )
+    route: Route | None = Field(default=None, description="Expose the endpoint through a Gateway (default: none).")
 
     rules = (
         Rule(
@@ -127,6 +280,20 @@ class ModelServiceSpec(KubeModel):
             check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
             field=".adapters",
         ),
+        Rule(
+            cel="!has(self.autoscaling) || self.engine != 'transformers'",
+            message="autoscaling needs engine vllm or sglang (the transformers server exports no engine metrics)",
+            check=lambda s: s.autoscaling is None or s.engine != "transformers",
+            field=".autoscaling",
+        ),
+        # A transition rule (the API server only): `kubectl scale` while the autoscaler owns the count fails
+        # loudly rather than being ignored. Python sees one object, never the old one.
+        Rule(
+            cel="!has(self.autoscaling) || !has(oldSelf.autoscaling) || self.replicas == oldSelf.replicas",
+            message="replicas cannot change while autoscaling is set: change autoscaling.minReplicas/maxReplicas",
+            check=lambda s: True,
+            field=".replicas",
+        ),
     )
 
 
@@ -144,6 +311,11 @@ class ModelServiceStatus(CommonStatus):
     gpus: int | None = Field(default=None, ge=0, description="GPUs per replica.")
     replicas: int | None = Field(default=None, ge=0, description="Replicas asked for.")
     ready_replicas: int | None = Field(default=None, ge=0, description="Replicas answering.")
+    selector: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Label selector of the engine pods (the scale subresource's, for kubectl scale and autoscalers).",
+    )
 
 
 class ModelService(KubeModel):

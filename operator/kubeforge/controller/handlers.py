@@ -144,6 +144,28 @@ def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, A
     return {owner_key(body): dict(body)}
 
 
+# A ModelService's optional children: its autoscaler (KEDA's own HPA carries its ScaledObject's labels,
+# so it shows here too: controller/service.py tells them apart by name) and its route.
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=OURS)
+def owned_horizontalpodautoscalers(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
+@kopf.index("keda.sh", "v1alpha1", "scaledobjects", labels=OURS)
+def owned_scaledobjects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
+@kopf.index("gateway.networking.k8s.io", "v1", "httproutes", labels=OURS)
+def owned_httproutes(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
+@kopf.index("inference.networking.k8s.io", "v1", "inferencepools", labels=OURS)
+def owned_inferencepools(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+    return {owner_key(body): dict(body)}
+
+
 @kopf.on.resume(*QUANTIZEJOBS)
 @kopf.on.create(*QUANTIZEJOBS)
 @kopf.on.update(*QUANTIZEJOBS)
@@ -151,13 +173,14 @@ def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, A
 def quantizejob(
     body: kopf.Body,
     memo: kopf.Memo,
+    gpu_nodes: kopf.Index,
     kubeforge_objects: kopf.Index,
     owned_configmaps: kopf.Index,
     owned_jobs: kopf.Index,
     owned_pods: kopf.Index,
     **_: Any,
 ) -> None:
-    """Wait for the source, run the quantizer, follow it (controller/quantize.py decides)."""
+    """Wait for the source, size and run the quantizer, follow it (controller/quantize.py decides)."""
     key = L.owner_key(body.metadata.namespace, "QuantizeJob", body.metadata.name or "")
     with metrics.measured("QuantizeJob"):
         decision = reconcile_quantizejob(
@@ -166,6 +189,7 @@ def quantizejob(
             children=[c for index in (owned_configmaps, owned_jobs) for c in index.get(key, [])],
             pods=owned_pods.get(key, []),
             kube=memo.kube,
+            nodes=gpu_nodes.get(None, []),
         )
     _report("QuantizeJob", body, decision)
 
@@ -182,18 +206,22 @@ def modelservice(
     owned_services: kopf.Index,
     owned_deployments: kopf.Index,
     owned_leaderworkersets: kopf.Index,
+    owned_horizontalpodautoscalers: kopf.Index,
+    owned_scaledobjects: kopf.Index,
+    owned_httproutes: kopf.Index,
+    owned_inferencepools: kopf.Index,
     **_: Any,
 ) -> None:
     """Wait for the artifact, plan, deploy, roll over to new artifacts (controller/service.py decides)."""
     key = L.owner_key(body.metadata.namespace, "ModelService", body.metadata.name or "")
+    indexes = (owned_services, owned_deployments, owned_leaderworkersets, owned_horizontalpodautoscalers,
+               owned_scaledobjects, owned_httproutes, owned_inferencepools)  # fmt: skip
     with metrics.measured("ModelService"):
         decision = reconcile_modelservice(
             body,
             lookup=lookup_in(kubeforge_objects, body.metadata.namespace),
             nodes=gpu_nodes.get(None, []),
-            children=[
-                c for index in (owned_services, owned_deployments, owned_leaderworkersets) for c in index.get(key, [])
-            ],
+            children=[c for index in indexes for c in index.get(key, [])],
             kube=memo.kube,
         )
     _report("ModelService", body, decision)

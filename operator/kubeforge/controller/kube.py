@@ -25,7 +25,7 @@ from kubernetes.config.config_exception import ConfigException
 from kubeforge.controller import retry
 from kubeforge.controller.diff import is_subset
 from kubeforge.controller.retry import UNREACHABLE, ApiError, Policy
-from kubeforge.render.labels import FIELD_MANAGER
+from kubeforge.render.labels import FIELD_MANAGER, HANDOVER_FIELD_MANAGER
 
 __all__ = ["ApiError", "Kube", "LeaseLock", "Policy", "object_path"]
 
@@ -38,6 +38,10 @@ PLURALS = {
     "JobSet": "jobsets",
     "Deployment": "deployments",
     "LeaderWorkerSet": "leaderworkersets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "ScaledObject": "scaledobjects",
+    "HTTPRoute": "httproutes",
+    "InferencePool": "inferencepools",
     "FineTuneJob": "finetunejobs",
     "QuantizeJob": "quantizejobs",
     "ModelService": "modelservices",
@@ -135,6 +139,35 @@ class Kube:
             return False
 
         return self._retried(f"apply {path}", once, on_conflict=reread)
+
+    def hand_over(self, obj: Mapping[str, Any]) -> bool:
+        """Apply ``obj`` (a few fields of a child) as HANDOVER_FIELD_MANAGER, without force: the handover
+        manager then holds those fields, at these values, when kubeforge stops applying them (see
+        controller/service.py). A conflict means another manager (an autoscaler) owns them with another
+        value already, which is all the handover is for: False, and nothing written."""
+        path = object_path(obj)
+
+        def once() -> bool:
+            self.request("PATCH", path, body=dict(obj), query=[("fieldManager", HANDOVER_FIELD_MANAGER)],
+                         content_type="application/apply-patch+yaml")  # fmt: skip
+            return True
+
+        return bool(self._retried(f"hand over {path}", once, on_conflict=lambda: True))
+
+    def delete(self, obj: Mapping[str, Any]) -> bool:
+        """Delete a child (its dependents in the background); False when it was gone already."""
+        path = object_path(obj)
+
+        def once() -> bool:
+            try:
+                self.request("DELETE", path, body={"propagationPolicy": "Background"})
+            except ApiError as err:
+                if err.status == 404:
+                    return False
+                raise
+            return True
+
+        return bool(self._retried(f"delete {path}", once))
 
     def patch_status(
         self,

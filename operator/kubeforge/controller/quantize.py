@@ -4,9 +4,14 @@
 2. the source: a FineTuneJob that has not succeeded yet keeps the job Waiting with
    SourceReady=False/WaitingForSource; one that failed fails it (SourceFailed); a URI is
    ready at once;
-3. the children (contract ConfigMap, Job) are rendered once the source is ready and
+3. the pod is sized from the source model's architecture and the GPU pools
+   (planner/quantize_size.py): Planned=True/Sized with the estimate, Planned=True/
+   DefaultResources where the architecture is unknown (the fixed defaults), Planned=False/
+   Infeasible where no pool holds it (nothing is created; it waits for the inventory or a
+   new spec); status.resources says what the pod requests and why;
+4. the children (contract ConfigMap, Job) are rendered once the source is ready and
    applied where missing; the calibration data defaults to the FineTuneJob's dataset;
-4. the phase follows the Job: Complete -> Succeeded with the artifact and metrics from
+5. the phase follows the Job: Complete -> Succeeded with the artifact and metrics from
    the pod's termination message, Failed -> Failed with its reason and message.
 """
 
@@ -17,13 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.api.kinds import QUANTIZEJOB
-from kubeforge.api.quantize import QuantizeJob
+from kubeforge.api.quantize import Calibration, QuantizeJob
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import find
 from kubeforge.controller.sources import SOURCE_READY, Lookup, resolve
 from kubeforge.controller.state import (
     ACCEPTED,
     FAILED,
+    PLANNED,
     TERMINAL,
     Decision,
     State,
@@ -34,7 +40,10 @@ from kubeforge.controller.state import (
     of_kind,
     termination,
 )
-from kubeforge.render.quantize import needs_gpu, render_quantize
+from kubeforge.inventory.pools import Inventory
+from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.quantize_size import QuantizeSizing, size_quantize
+from kubeforge.render.quantize import render_quantize, resources_status
 
 RUNNING, SUCCEEDED = "Running", "Succeeded"
 
@@ -46,6 +55,9 @@ class QuantizeObserved:
     lookup: Lookup
     children: Sequence[Mapping[str, Any]] = ()
     pods: Sequence[Mapping[str, Any]] = ()
+    architecture: Architecture | None = None  # of the source's base model, when known
+    architecture_error: str | None = None  # why it is not known
+    inventory: Inventory | None = None  # the GPU pools (None: not observed; one GPU of any type)
 
 
 def decide_quantize(obs: QuantizeObserved) -> Decision:
@@ -78,15 +90,38 @@ def decide_quantize(obs: QuantizeObserved) -> Decision:
         state.status["source"] = source.status()
         upstream = obs.lookup("FineTuneJob", ref.name) if ref else None
         training_data = ((upstream or {}).get("spec") or {}).get("dataset", {}).get("uri")
+        sizing = size(job, obs)
+        state.status["resources"] = resources_status(sizing)
+        state.status["gpus"] = sizing.gpus
+        if not sizing.feasible:
+            state.set(PLANNED, "False", "Infeasible", sizing.reason)
+            state.phase = "Pending"
+            return state.decision(old)
+        state.set(PLANNED, "True", "Sized" if sizing.sized_from == "model" else "DefaultResources", sizing.reason)
         desired = render_quantize(job, source_uri=source.uri or "", default_data_uri=training_data,
-                                  uid=meta.get("uid"))  # fmt: skip
-        state.status["gpus"] = 1 if needs_gpu(job.spec.method) else 0
+                                  uid=meta.get("uid"), sizing=sizing)  # fmt: skip
         state.set(RUNNING, "False", "Creating", "creating the quantization Job")
         state.phase = "Pending"
         return state.decision(old, [d for d in desired if not exists_equal(d, obs.children)])
 
     _follow(state, batch, obs)
     return state.decision(old)
+
+
+def size(job: QuantizeJob, obs: QuantizeObserved) -> QuantizeSizing:
+    """The quantizer pod's resources: from the source model where its architecture is known."""
+    cal = job.spec.calibration or Calibration()  # its defaults, as the contract's
+    why = obs.architecture_error or "the source model's architecture is unknown (no catalog entry, no config.json)"
+    return size_quantize(
+        job.spec.method,
+        obs.architecture,
+        samples=cal.samples,
+        max_seq_length=cal.max_seq_length,
+        inventory=obs.inventory,
+        gpu_type=job.spec.resources.gpu_type,
+        node_selector=job.spec.resources.node_selector,
+        unknown=why,
+    )
 
 
 def latest_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

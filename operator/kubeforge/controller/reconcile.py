@@ -33,6 +33,7 @@ from kubeforge.controller.state import Decision
 from kubeforge.inventory.pools import Inventory, pools_from_nodes
 from kubeforge.planner import ArchitectureUnknown, resolve
 from kubeforge.planner.architecture import Architecture
+from kubeforge.render import autoscaling, routing
 from kubeforge.runtime.contract import PROGRESS_PATH, PROGRESS_PORT, PROGRESS_PORT_NAME
 
 log = logging.getLogger("kubeforge.reconcile")
@@ -239,6 +240,11 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
                                                   kube.identity))  # fmt: skip
             log.info("event %s of %s %s (%s)", event.reason, (body.get("metadata") or {}).get("name"),
                      "posted" if posted else "was posted before", event.key)  # fmt: skip
+        _delete(decision, kube)
+        for obj in decision.handover:
+            held = kube.hand_over(obj)
+            log.info("handover of %s %s/%s: %s", obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"],
+                     "held" if held else "owned by another manager already")  # fmt: skip
         _remember(body, _apply(decision, kube))
         if status_changed(decision, body):
             kube.patch_status(object_path(body), decision.status, _version(body), body.get("status") or {})
@@ -258,17 +264,34 @@ def lookup_in(index: Mapping[Any, Iterable[Mapping[str, Any]]], namespace: str |
     return lookup
 
 
+def source_architecture(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Architecture | None, str | None]:
+    """The architecture of the model a QuantizeJob spec quantizes (its FineTuneJob's base model, or its URI's),
+    or why it is unknown."""
+    base, _ = lineage(spec, lookup)
+    if not base:
+        return None, None  # the source is not there yet: nothing is sized before it is
+    try:
+        model = ModelSource.model_validate(base)
+    except ValueError:
+        return None, f"the source model {base.get('uri')!r} is not a model location"
+    arch, _ = architecture_of(model)
+    if arch is None:
+        return None, f"{model.uri} is not in the planner's catalog and no config.json of it is reachable"
+    return arch, None
+
+
 def reconcile_quantizejob(
     body: Mapping[str, Any], *, lookup: Lookup, children: Iterable[Mapping[str, Any]],
-    pods: Iterable[Mapping[str, Any]], kube: Kube,
+    pods: Iterable[Mapping[str, Any]], kube: Kube, nodes: Iterable[Mapping[str, Any]] | None = None,
 ) -> Decision:  # fmt: skip
     body = snapshot(body)
     children, pods = list(children), list(pods)
+    arch, arch_error = source_architecture(body.get("spec") or {}, lookup)
+    pools = inventory(nodes) if nodes is not None else None
 
     def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
-        return decide_quantize(
-            QuantizeObserved(body=obj, now=now_rfc3339(), lookup=lookup, children=children, pods=pods)
-        )
+        seen = QuantizeObserved(obj, now_rfc3339(), lookup, children, pods, arch, arch_error, pools)
+        return decide_quantize(seen)
 
     return run_pass(body, children, decide_from, kube)
 
@@ -286,12 +309,20 @@ def reconcile_modelservice(
         except ValueError:  # not a valid model source: the service is planned without the model's size
             arch = None
     lws_available = kube.serves("leaderworkerset.x-k8s.io/v1", "leaderworkersets")
+    spec = body.get("spec") or {}  # the optional APIs are looked up only for the objects that use them
+    keda = bool(spec.get("autoscaling")) and kube.serves(autoscaling.KEDA_API, "scaledobjects")
+    gateway = bool(spec.get("route")) and kube.serves(routing.GATEWAY_API, "httproutes")
+    picker = bool((spec.get("route") or {}).get("endpointPicker"))
+    pool = picker and kube.serves(routing.INFERENCE_API, "inferencepools")
     pools, children = inventory(nodes), list(children)
 
     def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
         return decide_service(
             ServiceObserved(
                 leaderworkerset_available=lws_available,
+                keda_available=keda,
+                gateway_available=gateway,
+                inference_pool_available=pool,
                 body=obj,
                 now=now_rfc3339(),
                 lookup=lookup,
@@ -302,6 +333,20 @@ def reconcile_modelservice(
         )
 
     return run_pass(body, children, decide_from, kube)
+
+
+def _delete(decision: Decision, kube: Kube) -> None:
+    for obj in decision.delete:
+        gone = kube.delete(obj)
+        log.info("deleted %s %s/%s%s", obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"],
+                 "" if gone else " (it was gone)")  # fmt: skip
+        forget(obj)
+
+
+def forget(obj: Mapping[str, Any]) -> None:
+    """Drop a deleted child from what this process remembers applying (read-your-writes)."""
+    for _, recent in _applied.values():
+        recent.pop((obj.get("kind", ""), (obj.get("metadata") or {}).get("name", "")), None)
 
 
 def _apply(decision: Decision, kube: Kube) -> list[Mapping[str, Any]]:

@@ -6,30 +6,63 @@
    if it failed, a service that already serves keeps serving, one that does not fails;
 3. a serving plan (engine, GPUs per replica) for the artifact's base model;
 4. Deployment and Service are applied where missing or different: a new artifact
-   digest changes the pod template and the Deployment rolls over to it;
+   digest changes the pod template and the Deployment rolls over to it; with them the
+   optional autoscaler (ScaledObject where KEDA is installed, else HorizontalPodAutoscaler)
+   and route (HTTPRoute, to an InferencePool where that CRD is installed and an Endpoint
+   Picker is named); one the spec no longer asks for is deleted (before anything is applied:
+   KEDA refuses a ScaledObject for a workload an HPA already scales);
 5. status from the Deployment: readyReplicas, and servedArtifact once every replica
    runs the new template (until then the old artifact is still the one served);
-   RolledOut=False from the pass that applies a new template until it runs everywhere.
+   RolledOut=False from the pass that applies a new template until it runs everywhere;
+   Autoscaling and Routed conditions say what was made of spec.autoscaling and spec.route.
+
+Replicas, and who owns them. kubeforge applies its children by server-side apply with force,
+as field manager ``kubeforge``: every field it applies it owns, and each apply (a new pod
+template, a drift correction) sets it again. Without autoscaling the workload's ``replicas`` is
+spec.replicas (which `kubectl scale msvc` changes through the scale subresource). With an
+autoscaler, the HPA (KEDA's or ours) sets ``replicas`` through the workload's scale subresource;
+if kubeforge kept applying it they would fight, each pass undoing the autoscaler's choice. So
+the rendered workload has no ``replicas`` (render_service), and ``exists_equal`` ignores it: a
+replica count changed by the autoscaler (or by anyone) is neither drift nor reset.
+
+Dropping a field from an apply removes it when no other manager owns it, and a Deployment's
+``replicas`` then defaults to 1: a service at 6 replicas would drop to 1 the moment autoscaling
+is switched on, until the HPA scaled it back up. Kubernetes' documented handover avoids that
+(server-side apply, "Transferring ownership"): while the live workload still lists ``replicas``
+among kubeforge's applied fields, the pass first applies just ``replicas``, at its live value,
+as a second manager (``kubeforge-handover``, without force: if an autoscaler already changed it,
+the conflict says it owns the field and nothing is needed), then applies the workload without
+``replicas``, so that kubeforge lets go while the handover manager still holds the value. The
+autoscaler's first change takes the field over from the handover manager.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubeforge.api.kinds import MODELSERVICE
 from kubeforge.api.service import ModelService
 from kubeforge.api.validation import check
+from kubeforge.controller.diff import is_subset
 from kubeforge.controller.sources import SOURCE_READY, Lookup, resolve
 from kubeforge.controller.state import ACCEPTED, FAILED, PLANNED, Decision, State, exists_equal, of_kind
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.serving import WEIGHT_BITS, plan_serving
 from kubeforge.render import labels as L
-from kubeforge.render.service import endpoint, render_service
+from kubeforge.render.service import (
+    ServingApis,
+    autoscaled,
+    endpoint,
+    optional_children,
+    render_service,
+    selector_string,
+)
 
 AVAILABLE, ROLLED_OUT = "Available", "RolledOut"
+AUTOSCALING, ROUTED = "Autoscaling", "Routed"
 
 
 @dataclass(frozen=True)
@@ -41,6 +74,14 @@ class ServiceObserved:
     architecture: Architecture | None = None  # of the base model the artifact came from, when known
     children: Sequence[Mapping[str, Any]] = ()
     leaderworkerset_available: bool = False
+    keda_available: bool = False  # scaledobjects.keda.sh
+    gateway_available: bool = False  # httproutes.gateway.networking.k8s.io
+    inference_pool_available: bool = False  # inferencepools.inference.networking.k8s.io
+
+    @property
+    def apis(self) -> ServingApis:
+        return ServingApis(keda=self.keda_available, gateway=self.gateway_available,
+                           inference_pool=self.inference_pool_available)  # fmt: skip
 
 
 def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Mapping[str, Any] | None, str | None]:
@@ -109,23 +150,112 @@ def decide_service(obs: ServiceObserved) -> Decision:
         return state.decision(old)
     state.set(PLANNED, "True", "Planned", plan.reason)
     desired = render_service(svc, plan, artifact_uri=source.uri or "", artifact_digest=source.digest,
-                             uid=meta.get("uid"))  # fmt: skip
+                             uid=meta.get("uid"), apis=obs.apis)  # fmt: skip
     apply = [d for d in desired if not exists_equal(d, obs.children)]
-    state.status.update(engine=plan.engine, gpus=plan.gpus_per_replica, endpoint=endpoint(name, namespace))
+    handover = replicas_handover(deployment, desired[0]) if autoscaled(svc, plan.engine) else []
+    if handover and desired[0] not in apply:
+        apply.insert(0, desired[0])  # the apply without replicas is what lets go of them
+    delete = stale_children(name, namespace, desired, obs.children)
+    serving = desired[1]["spec"]["selector"]  # the Service's: the pods that serve
+    state.status.update(engine=plan.engine, gpus=plan.gpus_per_replica, endpoint=endpoint(name, namespace),
+                        selector=selector_string(serving))  # fmt: skip
+    _autoscaling(state, svc, plan.engine, obs.apis)
+    _routing(state, svc, obs.apis)
     if deployment is None:
         state.set(AVAILABLE, "False", "Deploying", "creating the Deployment")
         state.phase = "Deploying"
-        return state.decision(old, apply)
+        return replace(state.decision(old, apply), delete=delete, handover=handover)
     _follow(state, deployment, svc)
-    if any(d["kind"] == deployment.get("kind") for d in apply):  # what runs is about to change
-        state.set(ROLLED_OUT, "False", "RollingOut", "applying the new pod template")
-    return state.decision(old, apply)
+    if any(d["kind"] == deployment.get("kind") and not is_subset(_template(d), _template(deployment)) for d in apply):
+        state.set(ROLLED_OUT, "False", "RollingOut", "applying the new pod template")  # what runs is about to change
+    return replace(state.decision(old, apply), delete=delete, handover=handover)
+
+
+def _template(workload: Mapping[str, Any]) -> Any:
+    spec = workload.get("spec") or {}
+    return spec.get("template") or spec.get("leaderWorkerTemplate")
+
+
+def stale_children(name: str, namespace: str, desired: Sequence[Mapping[str, Any]],
+                   children: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
+    """The optional children (autoscaler, route, pool) that exist but are no longer wanted: autoscaling
+    or the route removed from the spec, or KEDA installed since an HPA was made. Only the names kubeforge
+    gives them: KEDA's own HPA (keda-hpa-<name>) carries the ScaledObject's labels, ours, and must stay."""
+    wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
+    out = []
+    for kind, child in optional_children(name).items():
+        if (kind, child) in wanted:
+            continue
+        found = next((c for c in children if c.get("kind") == kind
+                      and (c.get("metadata") or {}).get("name") == child), None)  # fmt: skip
+        if found is not None:
+            out.append({"apiVersion": found.get("apiVersion"), "kind": kind,
+                        "metadata": {"name": child, "namespace": namespace}})  # fmt: skip
+    return out
+
+
+def replicas_handover(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[the live workload's replicas, to apply as HANDOVER_FIELD_MANAGER] while kubeforge's applied
+    fields still include spec.replicas (see the module docstring); [] once they do not."""
+    if live is None or "replicas" not in (live.get("spec") or {}):
+        return []
+    owned = any(
+        entry.get("manager") == L.FIELD_MANAGER
+        and entry.get("operation") == "Apply"
+        and not entry.get("subresource")
+        and "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        for entry in (live.get("metadata") or {}).get("managedFields") or []
+    )
+    if not owned:
+        return []
+    return [{"apiVersion": desired["apiVersion"], "kind": desired["kind"],
+             "metadata": {"name": desired["metadata"]["name"], "namespace": desired["metadata"]["namespace"]},
+             "spec": {"replicas": live["spec"]["replicas"]}}]  # fmt: skip
+
+
+def _autoscaling(state: State, svc: ModelService, engine: str, apis: ServingApis) -> None:
+    spec = svc.spec.autoscaling
+    if spec is None:
+        state.conditions = [c for c in state.conditions if c.get("type") != AUTOSCALING]
+        return
+    bounds = f"{spec.min_replicas} to {spec.max_replicas} replicas"
+    if not autoscaled(svc, engine):
+        message = f"the {engine} engine exports no serving metrics: spec.replicas ({svc.spec.replicas}) applies"
+        state.set(AUTOSCALING, "False", "EngineHasNoMetrics", message)
+    elif apis.keda:
+        state.set(AUTOSCALING, "True", "ScaledObject", f"KEDA scales the {engine} replicas, {bounds}")
+    else:
+        state.set(AUTOSCALING, "True", "HorizontalPodAutoscaler",
+                  f"a HorizontalPodAutoscaler scales the {engine} replicas, {bounds}, on the Prometheus "
+                  "adapter's metrics (KEDA is not installed)")  # fmt: skip
+
+
+def _routing(state: State, svc: ModelService, apis: ServingApis) -> None:
+    route = svc.spec.route
+    if route is None:
+        state.conditions = [c for c in state.conditions if c.get("type") != ROUTED]
+        return
+    gateway = f"{route.gateway.namespace + '/' if route.gateway.namespace else ''}{route.gateway.name}"
+    if not apis.gateway:
+        state.set(ROUTED, "False", "GatewayAPINotInstalled",
+                  "the Gateway API's HTTPRoute CRD (gateway.networking.k8s.io/v1) is not installed")  # fmt: skip
+    elif route.endpoint_picker is not None and apis.inference_pool:
+        state.set(ROUTED, "True", "InferencePool",
+                  f"an HTTPRoute on Gateway {gateway} sends requests to an InferencePool; Endpoint Picker "
+                  f"{route.endpoint_picker.name} chooses the replica")  # fmt: skip
+    elif route.endpoint_picker is not None:
+        state.set(ROUTED, "True", "InferencePoolNotInstalled",
+                  f"an HTTPRoute on Gateway {gateway} sends requests to the Service: the InferencePool CRD "
+                  "(inference.networking.k8s.io/v1) is not installed, so no Endpoint Picker is used")  # fmt: skip
+    else:
+        state.set(ROUTED, "True", "HTTPRoute", f"an HTTPRoute on Gateway {gateway} sends requests to the Service")
 
 
 def _follow(state: State, deployment: Mapping[str, Any], svc: ModelService) -> None:
     status = deployment.get("status") or {}
     spec = deployment.get("spec") or {}
-    want = int(spec.get("replicas", svc.spec.replicas) or 0)
+    # applied without replicas (an autoscaler's), a workload defaults to 1 until the autoscaler sets it
+    want = int(spec.get("replicas", 1 if svc.spec.autoscaling else svc.spec.replicas) or 0)
     ready = int(status.get("readyReplicas") or 0)
     state.status["replicas"] = want
     state.status["readyReplicas"] = ready

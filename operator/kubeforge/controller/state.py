@@ -30,6 +30,10 @@ class Decision:
     status: dict[str, Any]
     apply: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    # children to remove (apiVersion, kind, metadata.name/namespace), before anything is applied
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    # applied first, without force, under labels.HANDOVER_FIELD_MANAGER (see controller/service.py)
+    handover: list[dict[str, Any]] = field(default_factory=list)
 
 
 class State:

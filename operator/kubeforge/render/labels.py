@@ -6,6 +6,8 @@ from kubeforge.api.kinds import GROUP
 from kubeforge.render.names import owner_label
 
 FIELD_MANAGER = "kubeforge"
+# Holds a field kubeforge stops applying until its new owner (an autoscaler) writes it: see controller/service.py
+HANDOVER_FIELD_MANAGER = "kubeforge-handover"
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "kubeforge"

@@ -5,21 +5,28 @@ The artifact is mounted read-only from its PVC, or downloaded by an init contain
 template carries the artifact's digest: a new artifact changes the template, and the
 Deployment rolls the replicas over to it (maxUnavailable 0: the old ones serve until the
 new ones are ready).
+
+Optional children, where the spec asks and the cluster has the API (``ServingApis``):
+- spec.autoscaling: a KEDA ScaledObject, else a HorizontalPodAutoscaler (render/autoscaling.py), and then
+  no ``replicas`` in the workload's manifest (see ``render_service``);
+- spec.route: an HTTPRoute, to the Service or to an InferencePool (render/routing.py).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
-from kubeforge.api.service import ModelService
+from kubeforge.api.service import ModelService, Route
 from kubeforge.api.uris import parse_uri
 from kubeforge.planner.serving import ServingPlan
+from kubeforge.render import autoscaling, routing
 from kubeforge.render import labels as L
 from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch
 from kubeforge.render.images import TRAINER_UID, configured
 from kubeforge.render.mounts import claim_mounts, location
-from kubeforge.render.names import child_name
+from kubeforge.render.names import child_name, owner_label
 from kubeforge.render.objects import (
     container_security,
     foreign_image_env,
@@ -37,8 +44,43 @@ MODEL_DIR = "/mnt/model"
 CONTAINER = "engine"
 
 
+@dataclass(frozen=True)
+class ServingApis:
+    """Optional APIs the cluster serves (their CRDs installed) that change what a ModelService renders."""
+
+    keda: bool = False  # keda.sh/v1alpha1 ScaledObject
+    gateway: bool = False  # gateway.networking.k8s.io/v1 HTTPRoute
+    inference_pool: bool = False  # inference.networking.k8s.io/v1 InferencePool
+
+
 def service_names(name: str) -> dict[str, str]:
     return {"deployment": child_name(name, "engine"), "service": child_name(name, letter_first=True)}
+
+
+def optional_children(name: str) -> dict[str, str]:
+    """kind -> name of each child a ModelService has only when its spec (and the cluster) asks: the
+    autoscaler is named after the workload it scales, the route and pool after the Service."""
+    n = service_names(name)
+    return {"ScaledObject": n["deployment"], "HorizontalPodAutoscaler": n["deployment"],
+            "HTTPRoute": n["service"], "InferencePool": n["service"]}  # fmt: skip
+
+
+def autoscaled(svc: ModelService, engine: str) -> bool:
+    """Whether an autoscaler owns the replica count: asked for, and the engine exports the metrics."""
+    return svc.spec.autoscaling is not None and autoscaling.supports(engine)
+
+
+def pod_selector(name: str, leaders_only: bool) -> dict[str, str]:
+    """The labels that select the pods serving the OpenAI API (a LeaderWorkerSet's: its leaders)."""
+    selector = {L.OWNER_KIND: "ModelService", L.OWNER_NAME: owner_label(name), L.COMPONENT: "engine"}
+    if leaders_only:
+        selector[LWS_WORKER_INDEX] = "0"
+    return selector
+
+
+def selector_string(selector: dict[str, str]) -> str:
+    """A label selector in its string form, as the scale subresource reports it (status.selector)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 def endpoint(name: str, namespace: str) -> str:
@@ -46,8 +88,27 @@ def endpoint(name: str, namespace: str) -> str:
 
 
 def render_service(
-    svc: ModelService, plan: ServingPlan, *, artifact_uri: str, artifact_digest: str | None, uid: str | None = None
+    svc: ModelService,
+    plan: ServingPlan,
+    *,
+    artifact_uri: str,
+    artifact_digest: str | None,
+    uid: str | None = None,
+    apis: ServingApis = ServingApis(),
 ) -> list[dict[str, Any]]:
+    """The workload (Deployment, or LeaderWorkerSet when one replica spans nodes), its Service, then the
+    optional autoscaler, InferencePool and HTTPRoute.
+
+    Replicas and server-side apply: the operator applies with force as field manager ``kubeforge``, so
+    whatever it applies it owns and resets on every apply. With an autoscaler the workload's manifest
+    has no ``replicas`` at all: kubeforge then owns no opinion on the field, the HPA (or KEDA's HPA)
+    writes it through the scale subresource and owns it, and neither an apply of a new pod template nor
+    a resync pass puts it back to spec.replicas. (Were ``replicas`` applied, each pass would undo the
+    autoscaler's choice: a tug of war every resync.) Dropping a field one used to own removes it when no
+    other manager owns it, which for a Deployment means back to its default of 1: the controller hands
+    the field over first, see controller/service.py. Without an autoscaler ``replicas`` is
+    spec.replicas, which `kubectl scale msvc` sets through the ModelService's scale subresource.
+    """
     if not plan.feasible:
         raise ValueError("an infeasible serving plan has no children")
     name, namespace = svc.metadata.name or "", svc.metadata.namespace or "default"
@@ -56,7 +117,10 @@ def render_service(
     common = L.owner_labels("ModelService", name, uid)
     owner = owner_refs("ModelService", name, uid)
     spec = svc.spec
-    selector = {L.OWNER_KIND: "ModelService", L.OWNER_NAME: common[L.OWNER_NAME], L.COMPONENT: "engine"}
+    selector = pod_selector(name, leaders_only=False)
+    scaled = autoscaled(svc, plan.engine)
+    route = spec.route if apis.gateway else None
+    pooled = route is not None and route.endpoint_picker is not None and apis.inference_pool
 
     loc = location(artifact_uri)
     scheme = parse_uri(artifact_uri).scheme
@@ -118,7 +182,12 @@ def render_service(
         "imagePullPolicy": "IfNotPresent",
         "command": engine.command,
         # paths and names from the spec and the artifact's URI, then kubeforge's own API-key arguments
-        "args": [*(literal(a) for a in engine.args), *(engine.api_key_args if key_env else ())],
+        "args": [
+            *(literal(a) for a in engine.args),
+            *(engine.api_key_args if key_env else ()),
+            # SGLang exports its metrics only when told; the autoscaler and the Endpoint Picker read them
+            *(["--enable-metrics"] if plan.engine == "sglang" and (scaled or pooled) else []),
+        ],
         "env": [
             {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -156,20 +225,42 @@ def render_service(
         annotations[L.ARTIFACT_DIGEST] = artifact_digest
 
     if plan.nodes > 1:
-        lws = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations,
-                                 container["args"])  # fmt: skip
-        selector = {**selector, LWS_WORKER_INDEX: "0"}  # the OpenAI API is on the leaders
-        return [lws, _service(n["service"], namespace, common, owner, selector)]
-    deployment = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
-    deployment["metadata"]["annotations"] = dict(annotations)
-    deployment["spec"] = {
-        "replicas": spec.replicas,
-        "selector": {"matchLabels": selector},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-        "template": {"metadata": {"labels": {**common, L.COMPONENT: "engine"}, "annotations": annotations},
-                     "spec": pod},
-    }  # fmt: skip
-    return [deployment, _service(n["service"], namespace, common, owner, selector)]
+        workload = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations,
+                                      container["args"])  # fmt: skip
+        serving = pod_selector(name, leaders_only=True)  # the OpenAI API is on the leaders
+    else:
+        workload = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
+        workload["metadata"]["annotations"] = dict(annotations)
+        workload["spec"] = {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": {**common, L.COMPONENT: "engine"}, "annotations": annotations},
+                         "spec": pod},
+        }  # fmt: skip
+        serving = selector
+    if scaled:
+        del workload["spec"]["replicas"]  # the autoscaler's (see the docstring)
+    out = [workload, _service(n["service"], namespace, common, owner, serving)]
+    if scaled and spec.autoscaling is not None:
+        metadata = meta("", "", n["deployment"], namespace, common, "autoscaler", owner)["metadata"]
+        make = autoscaling.scaled_object if apis.keda else autoscaling.horizontal_pod_autoscaler
+        out.append(make(spec.autoscaling, plan.engine, workload, metadata))
+    if route is not None:
+        out += _route(route, pooled, n["service"], namespace, common, owner, serving)
+    return out
+
+
+def _route(route: Route, pooled: bool, service: str, namespace: str, common: dict, owner: list,
+           serving: dict[str, str]) -> list[dict[str, Any]]:  # fmt: skip
+    """[InferencePool, HTTPRoute to it] or [HTTPRoute to the Service]; both named after the Service."""
+    out, backend = [], routing.service_backend(service)
+    if pooled:
+        out.append(routing.inference_pool(route, meta("", "", service, namespace, common, "route", owner)["metadata"],
+                                          serving))  # fmt: skip
+        backend = routing.pool_backend(service)
+    out.append(routing.http_route(route, meta("", "", service, namespace, common, "route", owner)["metadata"], backend))
+    return out
 
 
 def _service(name: str, namespace: str, common: dict, owner: list, selector: dict) -> dict[str, Any]:
