@@ -1,4 +1,5 @@
-"""Quantization with llm-compressor on CPU: FP8 and GPTQ on the tiny model, the evaluation gate, refusals."""
+"""Quantization with llm-compressor on CPU: FP8 and GPTQ on the tiny model, the evaluation gate (the output is
+staged and promoted only when it passes), refusals."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def contract(model: Path, out: Path, method: str, data: tuple[Path, Path], *, ga
     )
 
 
+def earlier_artifact(out: Path) -> dict[str, bytes]:
+    """A good artifact already at the output (two shards, so a leftover shard would show), and its bytes."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text('{"earlier": true}')
+    for k in (1, 2):
+        (out / f"model-0000{k}-of-00002.safetensors").write_bytes(bytes([k]) * 1024)
+    export.write_manifest(out, {"method": "earlier"})
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name))
+
+
 def run(c: QuantizeContract, tmp_path: Path) -> tuple[int, dict]:
     config, term = tmp_path / "q.json", tmp_path / "term.json"
     config.write_text(c.to_json())
@@ -63,8 +78,11 @@ def reload_and_generate(folder: Path):
 
 def test_fp8_dynamic_writes_compressed_tensors_and_reloads(tiny_model, task_data, tmp_path):
     out = tmp_path / "fp8"
+    earlier_artifact(out)
     code, summary = run(contract(tiny_model, out, "fp8", task_data, gate=0.5), tmp_path)
     assert code == 0, summary
+    # the gate passed: the staged output replaced the earlier artifact as a whole, and no staging folder is left
+    assert siblings(out) == ["fp8"] and not list(out.glob("model-0000*-of-00002.safetensors"))
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "float-quantized"
     weights = q["config_groups"]["group_0"]["weights"]
@@ -98,10 +116,37 @@ def test_degradation_is_relative_for_perplexity_and_absolute_for_exact_match():
 def test_the_gate_fails_the_job_with_both_numbers(tiny_model_128, task_data, tmp_path):
     # FP8 raises this seeded model's held-out perplexity by ~0.3% (measured; on the hidden-64 model it
     # happens to lower it), so a limit of 0 must fail
-    code, summary = run(contract(tiny_model_128, tmp_path / "out", "fp8", task_data, gate=0.0), tmp_path)
+    out = tmp_path / "out"
+    earlier = earlier_artifact(out)
+    code, summary = run(contract(tiny_model_128, out, "fp8", task_data, gate=0.0), tmp_path)
     assert code == USER_ERROR
     assert summary["error"].startswith("evaluation gate: perplexity ")
     assert "before" in summary["error"] and "after quantization" in summary["error"]
+    # the earlier artifact is left as it was, and the quantized output that failed is gone
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == earlier
+    assert export.verify(out) == [] and siblings(out) == ["out"]
+
+
+def test_an_s3_output_is_staged_under_a_prefix_then_copied_in(tiny_model, task_data, tmp_path, s3_env):
+    from kubeforge.runtime import fetch
+
+    s3_env.make_bucket("q-out")
+    earlier = tmp_path / "earlier"
+    earlier_artifact(earlier)
+    export.publish(earlier, "s3://q-out/bot-fp8", {})
+    c = contract(tiny_model, tmp_path / "unused", "fp8", task_data)
+    c = c.model_copy(update={"output": QuantizeOutputConfig(location=Location(uri="s3://q-out/bot-fp8"))})
+    code, summary = run(c, tmp_path)
+    assert code == 0, summary
+    assert not [o.object_name for o in s3_env.list_objects("q-out", prefix="bot-fp8.staging-", recursive=True)]
+    back = fetch.download_s3("s3://q-out/bot-fp8", tmp_path / "back")
+    assert export.verify(back) == [] and export.digest(back) == summary["digest"]
+    assert export.read_manifest(back)["quantization"]["method"] == "fp8"
+
+
+def test_the_staging_tag_is_the_jobs():
+    assert quantize.staging_tag(JobIdentity(name="q", uid="1a2b3c4d-5e6f-0000-0000-000000000000")) == "1a2b3c4d"
+    assert quantize.staging_tag(JobIdentity(name="my.job")) == "my-job"
 
 
 @pytest.mark.parametrize(
@@ -122,3 +167,6 @@ def test_an_already_quantized_source_is_refused(tiny_model, task_data, tmp_path)
     assert run(contract(tiny_model, first, "fp8", task_data), tmp_path)[0] == 0
     code, summary = run(contract(first, tmp_path / "again", "fp8", task_data), tmp_path)
     assert code == USER_ERROR and "already quantized (compressed-tensors)" in summary["error"]
+    code, summary = run(contract(tiny_model, tiny_model, "fp8", task_data), tmp_path)  # it would replace its source
+    assert code == USER_ERROR and "is the source itself" in summary["error"]
+    assert (tiny_model / "config.json").exists()

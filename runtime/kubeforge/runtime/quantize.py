@@ -2,8 +2,14 @@
 
     read the contract -> fetch the source (and check its manifest) -> check the method fits
     the model -> [evaluate before] -> one-shot quantization (calibrated for GPTQ, AWQ, int8)
-    -> save in the compressed-tensors format vLLM and SGLang load natively -> [evaluate the
-    saved model after; fail with both numbers beyond the limit] -> kubeforge-artifact.json.
+    -> save in the compressed-tensors format vLLM and SGLang load natively, to a staging
+    place (export.staging_folder: <output>.staging-<tag>; s3: a local folder) -> [evaluate
+    the staged model after; beyond the limit, fail with both numbers and discard the staging
+    output: the output location is left as it was] -> kubeforge-artifact.json -> promote to the
+    output (rename; s3: a staging prefix, then a server-side copy, manifest last).
+
+Memory: the calibrated model is freed before the staged one is loaded for the gate, so the
+peak is the quantization's (planner/quantize_size.py sizes the pod from it).
 
 Methods (llm-compressor schemes):
 - fp8: FP8_DYNAMIC (per-channel FP8 weights, per-token dynamic FP8 activations; no data).
@@ -14,14 +20,16 @@ Methods (llm-compressor schemes):
 
 from __future__ import annotations
 
+import gc
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from kubeforge.runtime import data, entry, evaluate, export, fetch
-from kubeforge.runtime.contract import QuantizeContract, load_quantize
+from kubeforge.runtime.contract import JobIdentity, QuantizeContract, load_quantize
 from kubeforge.runtime.entry import UserError
 
 log = logging.getLogger("kubeforge.quantize")
@@ -114,6 +122,41 @@ def _cpu(contract: QuantizeContract) -> bool:
     return contract.compute.device == "cpu"
 
 
+def staging_tag(job: JobIdentity) -> str:
+    """The job's own tag for its staging output: the uid's first 8 characters (the name for local runs), so a
+    retried attempt finds, and clears, what an earlier one left."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", (job.uid or "")[:8] or job.name or "local")
+
+
+def release_model() -> None:
+    """Free the calibrated model: llm-compressor's session holds it until reset."""
+    from llmcompressor.core import active_session
+
+    active_session().reset()
+    gc.collect()
+
+
+def manifest_info(
+    contract: QuantizeContract, source: Path, quant: dict[str, Any], samples: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """What the artifact's manifest says besides its files."""
+    source_manifest = export.read_manifest(source)
+    calibration = contract.calibration
+    return {
+        "baseModel": (source_manifest or {}).get("baseModel", contract.source.uri),
+        "method": f"quantize:{contract.method}",
+        "source": {"uri": contract.source.uri, "digest": export.digest(source) if source_manifest else None},
+        "quantization": {
+            "method": contract.method,
+            "format": quant.get("format"),
+            "quant_method": quant.get("quant_method"),
+        },
+        "job": contract.job.model_dump(),
+        "calibration": {"uri": calibration.location.uri, "samples": samples} if calibration and samples else None,
+        "metrics": metrics,
+    }
+
+
 def run(contract: QuantizeContract) -> dict[str, Any]:
     import json
 
@@ -137,10 +180,15 @@ def run(contract: QuantizeContract) -> dict[str, Any]:
             f"{contract.source.uri}: already quantized ({config['quantization_config'].get('quant_method')})"
         )
     check_fit(contract.method, config, contract.compute.device)
+    out_location = contract.output.location
+    final = Path(out_location.local_path) if out_location.local_path else None
+    if final is not None and final.resolve() == source.resolve():
+        raise UserError(f"{out_location.uri} is the source itself: the quantized model replaces its output folder")
     tokenizer = AutoTokenizer.from_pretrained(source)
     dataset, seq_len = calibration_dataset(contract, tokenizer) if contract.method in CALIBRATED else (None, 0)
 
     before = measure(contract, source)
+    gc.collect()  # the source loaded for the measurement
     if before is not None:
         log.info("evaluation before: %s = %s", contract.evaluation.metric, before)
 
@@ -153,43 +201,42 @@ def run(contract: QuantizeContract) -> dict[str, Any]:
         kwargs.update(dataset=dataset, num_calibration_samples=len(dataset), max_seq_length=seq_len)
     oneshot(**kwargs)
 
-    out_location = contract.output.location
-    out = Path(out_location.local_path or fetch.staging_dir(out_location.uri))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
-    quant = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    tag = staging_tag(contract.job)
+    stage = export.staging_folder(final, tag) if final is not None else fetch.staging_dir(out_location.uri)
+    export.discard(stage)  # what an earlier attempt of this job left
+    try:
+        stage.mkdir(parents=True)
+        model.save_pretrained(stage, save_compressed=True)
+        tokenizer.save_pretrained(stage)
+        del model, kwargs
+        release_model()
+        quant = json.loads((stage / "config.json").read_text()).get("quantization_config", {})
 
-    metrics: dict[str, float] = {"quantize_seconds": round(time.monotonic() - started, 2)}
-    after = measure(contract, out)
-    if contract.evaluation is not None and before is not None and after is not None:
-        ev = contract.evaluation
-        lost = degradation(ev.metric, before, after)
-        metrics.update({f"{ev.metric}_before": before, f"{ev.metric}_after": after, "degradation": round(lost, 4)})
-        log.info("evaluation after: %s = %s (degradation %.4f, limit %.4f)", ev.metric, after, lost, ev.max_degradation)
-        if lost > ev.max_degradation:
-            raise UserError(
-                f"evaluation gate: {ev.metric} {before} before, {after} after quantization "
-                f"(degradation {lost:.4f} > maxDegradation {ev.max_degradation})"
-            )
-    source_manifest = export.read_manifest(source)
-    export.write_manifest(
-        out,
-        {
-            "baseModel": (source_manifest or {}).get("baseModel", contract.source.uri),
-            "method": f"quantize:{contract.method}",
-            "source": {"uri": contract.source.uri, "digest": export.digest(source) if source_manifest else None},
-            "quantization": {
-                "method": contract.method,
-                "format": quant.get("format"),
-                "quant_method": quant.get("quant_method"),
-            },
-            "job": contract.job.model_dump(),
-            "calibration": {"uri": contract.calibration.location.uri, "samples": len(dataset)} if dataset else None,
-            "metrics": metrics,
-        },
-    )
-    return export.publish(out, out_location.uri, metrics)
+        metrics: dict[str, float] = {"quantize_seconds": round(time.monotonic() - started, 2)}
+        after = measure(contract, stage)
+        if contract.evaluation is not None and before is not None and after is not None:
+            ev = contract.evaluation
+            lost = degradation(ev.metric, before, after)
+            metrics.update({f"{ev.metric}_before": before, f"{ev.metric}_after": after,
+                            "degradation": round(lost, 4)})  # fmt: skip
+            log.info("evaluation after: %s = %s (degradation %.4f, limit %.4f)", ev.metric, after, lost,
+                     ev.max_degradation)  # fmt: skip
+            if lost > ev.max_degradation:
+                raise UserError(
+                    f"evaluation gate: {ev.metric} {before} before, {after} after quantization "
+                    f"(degradation {lost:.4f} > maxDegradation {ev.max_degradation}); "
+                    f"{out_location.uri} is left as it was"
+                )
+        samples = 0 if dataset is None else len(dataset)
+        export.write_manifest(stage, manifest_info(contract, source, quant, samples, metrics))
+        if final is None:
+            export.promote_s3(stage, out_location.uri, tag)
+            return export.summary(stage, out_location.uri, metrics)
+        export.promote(stage, final)
+        return export.summary(final, out_location.uri, metrics)
+    except BaseException:
+        export.discard(stage)  # a failed gate or any error: the output location keeps what it had
+        raise
 
 
 if __name__ == "__main__":
