@@ -90,6 +90,14 @@ FINETUNE_CASES = [
         ["spec.training.dpo: only applies to objective dpo"],
     ),
     (
+        {"training.objective": "dpo", "dataset.format": "preference", "training.dpo": {"labelSmoothing": 0.1}},
+        ["spec.training.dpo.labelSmoothing: only loss types robust and exo_pair use labelSmoothing"],
+    ),
+    (
+        {"training.objective": "dpo", "dataset.format": "preference", "training.dpo": {"lossType": "exo_pair"}},
+        ["spec.training.dpo.labelSmoothing: loss type exo_pair needs labelSmoothing above 0"],
+    ),
+    (
         {"method": "qlora", "parallelism.strategy": "megatron"},
         ["spec.parallelism.strategy: Megatron (strategy megatron, tensorParallel or pipelineParallel above 1) trains"],
     ),

@@ -141,7 +141,28 @@ class DPO(KubeModel):
         "apo_zero, apo_down, sppo_hard.",
     )
     label_smoothing: float = Field(
-        default=0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (cDPO, robust)."
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed probability that a preference label is flipped: loss types robust (Chowdhury et al. "
+        "2024) and exo_pair (its epsilon, required above 0) read it, as in TRL; the others refuse it.",
+    )
+
+    rules = (
+        Rule(
+            cel="!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || "
+            "(has(self.lossType) && self.lossType in ['robust', 'exo_pair'])",
+            message="only loss types robust and exo_pair use labelSmoothing",
+            check=lambda d: d.label_smoothing == 0 or d.loss_type in ("robust", "exo_pair"),
+            field=".labelSmoothing",
+        ),
+        Rule(
+            cel="!has(self.lossType) || self.lossType != 'exo_pair' || "
+            "(has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+            message="loss type exo_pair needs labelSmoothing above 0 (EXO's epsilon, e.g. 0.001)",
+            check=lambda d: d.loss_type != "exo_pair" or d.label_smoothing > 0,
+            field=".labelSmoothing",
+        ),
     )
 
 

@@ -99,7 +99,7 @@ class DPOConfig(_Model):
 
     beta: float = Field(default=0.1, gt=0)
     loss_type: DPOLoss = "sigmoid"
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # robust (cDPO) / sigmoid's conservative variant
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # read by robust and exo_pair only (as TRL)
 
 
 class TrainingConfig(_Model):
