@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from kubeforge.runtime import data
@@ -50,6 +51,31 @@ def test_packing_fills_sequences_without_splitting_examples(tokenizer):
     ]
     packed = data.pack(items, 5, 0)
     assert [p.input_ids for p in packed] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    assert [p.examples for p in packed] == [(3, 2), (4,)]
+
+
+def test_collate_restarts_positions_per_example_and_never_learns_across_a_boundary():
+    """The layout of tests/runtime/test_packing.py's model checks: no attention_mask (transformers then
+    derives the examples from position_ids), right padding whose positions continue the last example."""
+    rows = [data.Tokenized([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], (3, 2)), data.Tokenized([6, 7, 8], [-100, 7, 8])]
+    batch = data.collate(rows, 0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, -100, -100]]
+    assert data.batch_tokens(batch) == 8
+
+    flat = data.collate(rows, 0, flatten=True)  # one row, no padding (flash-attention's varlen layout)
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert flat["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7, 8]]
+    assert data.batch_tokens(flat) == 8
+    # a plain dict (a preference batch, a batch moved to a device): the mask's ones, else every position
+    moved = dict(batch)
+    assert data.batch_tokens(moved) == 10
+    assert data.batch_tokens({**moved, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])}) == 5
+    with pytest.raises(ValueError, match="cannot hold examples"):
+        data.collate([data.Tokenized([1, 2, 3], [1, 2, 3], (2, 2))], 0)
 
 
 @pytest.mark.parametrize(

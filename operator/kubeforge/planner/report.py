@@ -17,7 +17,10 @@ def table(plan: Plan) -> str:
             ("GPU type", plan.gpu_type),
             ("Nodes x GPUs", f"{plan.nodes} x {plan.gpus_per_node} = {plan.total_gpus}"),
             ("Strategy", plan.strategy + (f" (ZeRO stage {plan.zero_stage})" if plan.zero_stage else "")),
-            ("TP x PP x DP", f"{plan.tensor_parallel} x {plan.pipeline_parallel} x {plan.data_parallel}"),
+            (
+                "TP x PP x SP x DP",
+                f"{plan.tensor_parallel} x {plan.pipeline_parallel} x {plan.ulysses} x {plan.data_parallel}",
+            ),
             (
                 "Sequence parallel",
                 f"Ulysses x {plan.ulysses}"

@@ -10,11 +10,16 @@ EXIT_INFRASTRUCTURE for anything else (the gang may be restarted and resumes).
 
 DDP (and a single process), FSDP2 and DeepSpeed ZeRO-1/2/3 (with CPU offload) run on CPU
 (gloo) and GPUs (NCCL); Megatron tensor/pipeline parallelism (mcore/) only on GPUs.
+
+Objectives (training.objective, objectives.py): sft, the next-token loss; dpo (not on Megatron), on
+preference pairs (preference.py), with the reference log-probs of every pair computed from the
+starting model before the first step and kept with the checkpoints (dpo.py).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 import os
@@ -24,7 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubeforge.runtime import checkpoint, checkpoint_store, data, engines, entry, export, fetch
+from kubeforge.runtime import (
+    checkpoint,
+    checkpoint_store,
+    data,
+    dpo,
+    engines,
+    entry,
+    export,
+    fetch,
+    objectives,
+    preference,
+)
 from kubeforge.runtime import progress as progress_mod
 from kubeforge.runtime.contract import STRATEGIES, Contract, load
 from kubeforge.runtime.engines import Dist, Setup
@@ -88,11 +104,11 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(model_dir)
     max_len = contract.dataset.max_seq_length
     data.check_model_length(max_len, getattr(config, "max_position_embeddings", None))
-    examples = data.read_examples(data_path, contract.dataset.format, tokenizer)
-    items = data.tokenize(examples, tokenizer, max_len, str(data_path))
-    if contract.dataset.packing:
-        items = data.pack(items, max_len, tokenizer.pad_token_id)
-    log.info("data: %d examples -> %d sequences (packing %s)", len(examples), len(items), contract.dataset.packing)
+    if contract.parallel.ulysses > 1:  # the heads must split over the group: refuse before loading weights
+        from kubeforge.runtime import ulysses
+
+        ulysses.check_config(config, contract.parallel.ulysses)
+    items = _training_items(contract, data_path, tokenizer, max_len)
 
     # 2. the engine: loads (each rank its share), wraps, and owns the optimizer and schedule
     t = contract.training
@@ -116,16 +132,25 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     )
 
     # 3. resume
-    start, losses = 0, []
+    start, losses, history = 0, [], {}
     found = checkpoint.latest(ckpt_root)
     if found is not None:
         state = engine.load(found)
-        start, losses = int(state["step"]), list(state.get("losses", []))
+        start, losses, history = int(state["step"]), list(state.get("losses", [])), dict(state.get("metrics", {}))
         log.info("resuming from %s at step %d", found, start)
+    # flash attention keeps packed examples apart only in a one-row batch (data.collate's docstring)
+    flatten = (
+        contract.compute.attention == "flash_attention_2"
+        and STRATEGIES[contract.parallel.strategy].engine != "megatron"
+    )
+    collate = functools.partial(data.collate, pad_id=tokenizer.pad_token_id, flatten=flatten)
+    if t.objective == "dpo":  # the reference log-probs, before the first step (or read back when resuming)
+        collate = dpo.start(engine, items, contract, dist=dist, device=device, pad_id=tokenizer.pad_token_id,
+                            root=ckpt_root, resumed_from=found, data_path=data_path)  # fmt: skip
     every = t.checkpoint_every or steps_per_epoch
     tracker = progress_mod.Progress(total, start)
     server = (
-        progress_mod.serve(tracker, contract.progress.port, contract.progress.path)
+        progress_mod.serve(tracker, contract.progress.port, contract.progress.path, job=contract.job)
         if (dist.main and contract.progress.port)
         else None
     )
@@ -134,17 +159,21 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     dp = contract.parallel.data_parallel
     for step in range(start, total):
         engine.model.train()
-        micro_batches = _micro_batches(items, step, steps_per_epoch, t, dp, engine.dp_rank, seed, tokenizer)
-        step_loss = _mean_across(engine.train_step(micro_batches), dist, device)
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        micro_batches = _micro_batches(items, step, steps_per_epoch, t, dp, engine.dp_rank, seed, collate)
+        step_loss, step_metrics = objectives.reduce_step(engine.train_step(micro_batches), dist.world, device)
+        step_tokens = sum(objectives.tokens(b) for b in micro_batches)
         losses.append(round(step_loss, 6))
-        tracker.update(step + 1, step_loss, step_tokens * dp, (step + 1) / steps_per_epoch)
+        for name, value in step_metrics.items():
+            history.setdefault(name, []).append(round(value, 6))
+        tracker.update(step + 1, step_loss, step_tokens * dp, (step + 1) / steps_per_epoch, step_metrics)
         if dist.main and ((step + 1) % max(1, total // 20) == 0 or step + 1 == total or step == start):
             log.info("%s", tracker.line())
         if (step + 1) % every == 0 or step + 1 == total:  # the last one lets a longer run continue
             _barrier(dist)
-            engine.save(ckpt_root, step + 1, {"losses": losses}, dist.main)
+            engine.save(ckpt_root, step + 1, {"losses": losses, "metrics": history}, dist.main)
             _barrier(dist)
+            if t.objective == "dpo" and dist.main:  # the reference travels with each checkpoint
+                dpo.copy_into(ckpt_root / f"{checkpoint.PREFIX}{step + 1:08d}", ckpt_root)
             if store:
                 _push_checkpoint(ckpt_root, store, step + 1, dist)
 
@@ -162,7 +191,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
             tied = getattr(model.config, "tie_word_embeddings", False)
             model.load_state_dict(_hf_names(full), strict=not tied)
         summary = _export(
-            contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started, start
+            contract, model, tokenizer, data_path, losses, total, tracker, time.monotonic() - started, start, history
         )
         checkpoint.prune(ckpt_root, keep=1)
         if store:
@@ -184,9 +213,27 @@ def _push_checkpoint(root: Path, store: str, step: int, dist: Dist) -> None:
         checkpoint_store.prune_remote(store, keep=2)
 
 
-def _micro_batches(items, step, steps_per_epoch, t, dp, dp_rank, seed, tokenizer) -> list[dict[str, Any]]:
+def _training_items(contract: Contract, data_path: Path, tokenizer, max_len: int) -> list[Any]:
+    """What the steps sample from: tokenized (and packed) sequences for sft, preference pairs for dpo."""
+    if contract.training.objective == "dpo":
+        pairs = preference.read_pairs(data_path, tokenizer, max_len)
+        log.info("data: %d preference pairs (packing does not apply to pairs)", len(pairs))
+        return pairs
+    examples = data.read_examples(data_path, contract.dataset.format, tokenizer)
+    items = data.tokenize(examples, tokenizer, max_len, str(data_path))
+    packing = contract.dataset.packing and STRATEGIES[contract.parallel.strategy].engine != "megatron"
+    if packing:
+        items = data.pack(items, max_len, tokenizer.pad_token_id)
+    elif contract.dataset.packing:  # see mcore/engine.py: keeping packed examples apart needs TE's THD format
+        log.info("data: packing off on Megatron (its local attention would attend across packed examples)")
+    log.info("data: %d examples -> %d sequences (packing %s)", len(examples), len(items), packing)
+    return items
+
+
+def _micro_batches(items, step, steps_per_epoch, t, dp, dp_rank, seed, collate) -> list[dict[str, Any]]:
     """This rank's micro-batches of one step: the global batch in a seeded per-epoch order, split over
-    data-parallel ranks (tensor and pipeline peers read the same samples)."""
+    data-parallel ranks (tensor and pipeline peers read the same samples). An item is a sequence (sft) or a
+    preference pair (dpo: micro_batch_size pairs make a micro-batch of twice as many rows)."""
     order = _epoch_order(len(items), seed, step // steps_per_epoch)
     within = (step % steps_per_epoch) * t.global_batch_size
     ids = [order[(within + i) % len(order)] for i in range(t.global_batch_size)]
@@ -195,7 +242,7 @@ def _micro_batches(items, step, steps_per_epoch, t, dp, dp_rank, seed, tokenizer
         [items[i] for i in ids[(micro * dp + dp_rank) * mb : (micro * dp + dp_rank + 1) * mb]]
         for micro in range(t.gradient_accumulation_steps)
     ]
-    return [data.collate(chunk, tokenizer.pad_token_id) for chunk in chunks]
+    return [collate(chunk) for chunk in chunks]
 
 
 def config_parameters(model) -> int:
@@ -218,7 +265,8 @@ def _whole_cpu_model(contract: Contract, model_dir: Path):
     return load_whole(contract.model_copy(update={"compute": compute}), model_dir, torch.device("cpu"))
 
 
-def _export(contract, model, tokenizer, data_path, losses, total, tracker, seconds, resumed_from) -> dict[str, Any]:
+def _export(contract, model, tokenizer, data_path, losses, total, tracker, seconds, resumed_from,
+            history) -> dict[str, Any]:  # fmt: skip
     out_location = contract.output.location
     out = Path(out_location.local_path) if out_location.local_path else Path(contract.output.checkpoint_dir).parent
     model.eval()
@@ -232,7 +280,13 @@ def _export(contract, model, tokenizer, data_path, losses, total, tracker, secon
         "resumed_from_step": resumed_from,
         "train_seconds": round(seconds, 2),
         "tokens_per_second": tracker.snapshot()["tokensPerSecond"],
+        **{name: values[-1] for name, values in history.items() if values},  # the last step's (dpo: TRL's names)
     }
+    extra = {}
+    if contract.training.objective == "dpo":
+        d = contract.training.dpo
+        extra["dpo"] = {"beta": d.beta, "lossType": d.loss_type, "labelSmoothing": d.label_smoothing,
+                        "metrics": history}  # fmt: skip
     export.write_manifest(
         out,
         {
@@ -244,6 +298,7 @@ def _export(contract, model, tokenizer, data_path, losses, total, tracker, secon
             "dataset": {"uri": contract.dataset.location.uri, "digest": data.digest(data_path)},
             "metrics": {k: v for k, v in metrics.items() if v is not None},
             "losses": losses,
+            **extra,
         },
     )
     return export.publish(out, out_location.uri, metrics)
@@ -308,17 +363,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
-
-
-def _mean_across(value: float, dist: Dist, device) -> float:
-    if dist.world == 1:
-        return value
-    import torch
-    import torch.distributed as td
-
-    tensor = torch.tensor([value], device=device)
-    td.all_reduce(tensor)
-    return float(tensor.item()) / dist.world
 
 
 def _barrier(dist: Dist) -> None:

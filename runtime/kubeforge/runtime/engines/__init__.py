@@ -58,6 +58,8 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
         )
     if engine == "megatron" and method != "full":
         raise UserError(f"parallel.strategy {strategy} trains training.method full only, not {method}")
+    _check_objective(contract, engine)
+    _check_ulysses(contract, engine)
     if contract.compute.device == "cuda" and not cuda:
         raise UserError("compute.device cuda: the plan needs a CUDA GPU and none is visible")
     why = unsupported_precision(strategy, precision)
@@ -84,6 +86,54 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
         )
 
 
+def _check_objective(contract: Contract, engine: str) -> None:
+    t, strategy, fmt = contract.training, contract.parallel.strategy, contract.dataset.format
+    if (t.objective == "dpo") != (fmt == "preference"):
+        raise UserError(
+            f"training.objective {t.objective} with dataset.format {fmt}: objective dpo reads format preference "
+            "(prompt, chosen, rejected), and format preference is for objective dpo"
+        )
+    if t.objective != "dpo":
+        return
+    if engine == "megatron":
+        raise UserError(
+            f"training.objective dpo: parallel.strategy {strategy} trains objective sft only; "
+            "use ddp, fsdp or a zero stage"
+        )
+    if contract.parallel.ulysses > 1:
+        raise UserError(
+            f"training.objective dpo with parallel.ulysses {contract.parallel.ulysses}: sequence parallelism does "
+            "not run with dpo in this runtime; use parallel.ulysses 1"
+        )
+    d = t.dpo
+    if d.loss_type == "exo_pair" and d.label_smoothing <= 0:
+        raise UserError(
+            "training.dpo.labelSmoothing: loss type exo_pair needs it above 0 (EXO's epsilon; 1e-3 is the "
+            "paper's value): at 0 the loss is infinite"
+        )
+    if d.label_smoothing > 0 and d.loss_type not in ("robust", "exo_pair"):
+        raise UserError(
+            f"training.dpo.labelSmoothing {d.label_smoothing}: loss type {d.loss_type} does not use it (as in TRL, "
+            "only robust and exo_pair do); use loss type robust for noisy preference labels, or set it to 0"
+        )
+
+
+def _check_ulysses(contract: Contract, engine: str) -> None:
+    u, world = contract.parallel.ulysses, contract.parallel.world_size
+    if u == 1:
+        return
+    if engine == "megatron":
+        raise UserError(
+            f"parallel.ulysses {u}: strategy {contract.parallel.strategy} has Megatron's own sequence parallelism; "
+            "Ulysses runs with ddp, fsdp or a zero stage"
+        )
+    if world % u or contract.parallel.gpus_per_node % u:
+        raise UserError(
+            f"parallel.ulysses {u} must divide the {world} processes and the {contract.parallel.gpus_per_node} "
+            "per node (a group stays inside one node)"
+        )
+
+
 def available_host_memory() -> int | None:
     """MemAvailable, capped by the cgroup's memory limit (what a pod may really use)."""
     try:
@@ -102,6 +152,18 @@ def available_host_memory() -> int | None:
 
 
 def build(setup: Setup) -> Engine:
+    """The contract's engine; with parallel.ulysses > 1, its model attends through Ulysses' all-to-all and
+    its data-parallel rank is its sequence-parallel group's (peers read the same samples)."""
+    engine = _build(setup)
+    degree = setup.contract.parallel.ulysses
+    if degree > 1:
+        from kubeforge.runtime import ulysses
+
+        engine.dp_rank = ulysses.setup(engine.model, setup.dist, degree).dp_rank
+    return engine
+
+
+def _build(setup: Setup) -> Engine:
     engine = STRATEGIES[setup.contract.parallel.strategy].engine
     if engine == "megatron":
         from kubeforge.runtime.mcore.engine import MegatronEngine

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.runtime import checkpoint
+from kubeforge.runtime import checkpoint, objectives
 from kubeforge.runtime.contract import Contract
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -97,16 +97,21 @@ def accumulate(
     contract: Contract,
     sync: Callable[[bool], contextlib.AbstractContextManager[None]],
 ) -> float:
-    """Forward and backward over the micro-batches of one step; the mean loss on this rank."""
+    """Forward and backward over the micro-batches of one step (the loss: the contract's objective); the mean
+    loss on this rank, carrying the objective's mean metrics (objectives.StepLoss)."""
+    objective = objectives.for_contract(contract)
     total = 0.0
+    metrics = []
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         with sync(i == len(micro_batches) - 1):
             with autocast(contract, device):
-                loss = module(**batch).loss / len(micro_batches)
+                loss, found = objective(module, batch)
+                loss = loss / len(micro_batches)
             loss.backward()
         total += float(loss.detach())
-    return total
+        metrics.append(found)
+    return objectives.StepLoss(total, objectives.mean_metrics(metrics))
 
 
 def optimizer_step(params: list[torch.nn.Parameter], optimizer: Any, scheduler: Any) -> None:

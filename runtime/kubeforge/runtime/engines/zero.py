@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kubeforge.runtime import objectives
 from kubeforge.runtime.contract import STRATEGIES
 from kubeforge.runtime.engines import common, loading, shards
 
@@ -46,7 +47,8 @@ def deepspeed_config(contract: Any, hidden_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     compute = loading.policy(contract).compute
     return {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed counts every rank as data parallel (micro x accumulation x world): Ulysses peers too
+        "train_batch_size": t.global_batch_size * contract.parallel.ulysses,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": 1.0,
@@ -129,14 +131,17 @@ class DeepSpeedEngine:
         self.dp_rank = setup.dist.rank
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        objective = objectives.for_contract(self.contract)
         total = 0.0
+        metrics = []
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.engine(**batch).loss  # the module itself is in the compute dtype
+            loss, found = objective(self.engine, batch)  # the module itself is in the compute dtype
             self.engine.backward(loss)  # scales by 1/accumulation and steps at the boundary itself
             self.engine.step()
             total += float(loss.detach()) / len(micro_batches)
-        return total
+            metrics.append(found)
+        return objectives.StepLoss(total, objectives.mean_metrics(metrics))
 
     def save(self, root: Path, step: int, extra: dict, main: bool) -> None:
         # DeepSpeed's checkpoint holds the optimizer and the scheduler it was given

@@ -68,10 +68,39 @@ def load_slice(model: torch.nn.Module, full_mcore: dict[str, torch.Tensor], tp: 
 
 def shifted(batch: dict[str, torch.Tensor], seq_length: int) -> dict[str, torch.Tensor]:
     """Megatron predicts labels[t] at position t (no internal shift, unlike transformers); every
-    micro-batch is padded to ``seq_length`` because pipeline stages exchange fixed shapes."""
-    pad = seq_length - batch["input_ids"].shape[1]
+    micro-batch is padded to ``seq_length`` because pipeline stages exchange fixed shapes.
+
+    Packed rows (data.collate, rows layout): the position ids restart at each example and the padding's
+    continue the row's last example; data.collate already sets -100 at each example's first token, so
+    after the shift ``loss_mask`` is 0 wherever the next token starts another example: no loss crosses a
+    boundary. The attention does, though. With the GPT model built here (local layer spec, RoPE) megatron-
+    core 0.16 uses ``position_ids`` only for learned absolute position embeddings: RoPE runs on over the
+    whole row (GPTModel._preprocess: ``rotary_pos_emb(rotary_seq_len)``) and the local DotProductAttention
+    applies one causal mask per row (it asserts ``packed_seq_params is None``). Keeping packed examples
+    apart needs the THD format, which runs only with Transformer Engine on a GPU:
+
+    - the layer spec ``get_gpt_layer_with_transformer_engine_spec`` (TEDotProductAttention) instead of
+      ``get_gpt_layer_local_spec``;
+    - ``model(tokens, position_ids, None, labels=labels, packed_seq_params=PackedSeqParams(qkv_format="thd",
+      cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m))`` with ``cu`` the int32 offsets
+      of every example in the row (0, ends of each example, the row's length: the padding as one more
+      sequence) and ``m`` the longest; TE then runs its varlen kernel with mask type padding_causal, and
+      RoPE restarts per sequence (apply_rotary_pos_emb with cu_seqlens);
+    - one sequence row per micro-batch (micro-batch size 1: attention squeezes the batch dimension for
+      THD), and with context parallelism ``cu_seqlens_*_padded`` with every example padded to a multiple of
+      2 x cp (megatron.core.utils.get_thd_batch_on_this_cp_rank).
+    """
+    width = batch["input_ids"].shape[1]
+    if width > seq_length:
+        raise ValueError(f"a micro-batch row of {width} tokens is longer than seq_length {seq_length}")
+    pad = seq_length - width
     ids = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=0)
     labels = torch.nn.functional.pad(batch["labels"], (0, pad), value=IGNORE)
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(width, device=ids.device).expand_as(batch["input_ids"])
+    run_on = positions[:, -1:] + torch.arange(1, pad + 1, device=ids.device)  # the padding continues the last run
+    positions = torch.cat([positions, run_on], dim=1)
     tokens = ids[:, :-1].contiguous()
     labels = labels[:, 1:].contiguous()
     loss_mask = (labels != IGNORE).float()
@@ -79,7 +108,7 @@ def shifted(batch: dict[str, torch.Tensor], seq_length: int) -> dict[str, torch.
         "tokens": tokens,
         "labels": labels.clamp(min=0),
         "loss_mask": loss_mask,
-        "position_ids": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+        "position_ids": positions[:, :-1].contiguous(),
     }
 
 
