@@ -122,9 +122,21 @@ def finetunejob(
 
 
 @kopf.on.delete(*FINETUNEJOBS, optional=True)
-def finetunejob_deleted(body: kopf.Body, **_: Any) -> None:
+@kopf.on.delete(*QUANTIZEJOBS, optional=True)
+@kopf.on.delete(*MODELSERVICES, optional=True)
+def deleted(body: kopf.Body, **_: Any) -> None:
     """Children go with their owner (ownerReferences); only the metrics forget it."""
-    metrics.record_phase("FineTuneJob", body.metadata.namespace or "", body.metadata.name or "", None)
+    metrics.forget(body.get("kind", ""), body.metadata.namespace or "", body.metadata.name or "")
+
+
+@kopf.on.event(*FINETUNEJOBS)
+@kopf.on.event(*QUANTIZEJOBS)
+@kopf.on.event(*MODELSERVICES)
+def gone(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A deletion kopf held no finalizer for still leaves the metrics."""
+    metrics.forget_if_deleted(
+        event.get("type"), body.get("kind", ""), body.metadata.namespace or "", body.metadata.name or ""
+    )
 
 
 @kopf.index(*FINETUNEJOBS)
