@@ -268,9 +268,13 @@ def start_service(svc: ModelService, yaml_path: Path, *, port: int | None = None
     port = port or free_port()
     name = svc.spec.served_model_name or svc.metadata.name or "model"
     opts = svc.spec.engine_options
+    adapters = []
+    for i, a in enumerate(svc.spec.adapters):
+        job = a.fine_tune_job_ref.name if a.fine_tune_job_ref else None
+        adapters.append((a.name, source_uri("FineTuneJob", job, a.uri, base, f"spec.adapters[{i}]")))
     spec = launch(engine, model_path=uri, served_name=name, tensor_parallel=1, max_model_len=opts.max_model_len,
                   gpu_memory_utilization=opts.gpu_memory_utilization, prefix_caching=opts.enable_prefix_caching,
-                  adapters=[(a.name, _absolute(a.uri, base)) for a in svc.spec.adapters])  # fmt: skip
+                  adapters=adapters)  # fmt: skip
     args = [a if a != "0.0.0.0" else "127.0.0.1" for a in spec.args]
     args[args.index("--port") + 1] = str(port)
     command = [sys.executable, *spec.command[1:]] if spec.command[0] in ("python", "python3") else spec.command

@@ -161,10 +161,6 @@ SERVICE_CASES = [
     ({"tensorParallel": "four"}, ["spec.tensorParallel: must be 'auto' or a number >= 1"]),
     ({"engineOptions.gpuMemoryUtilization": 1.5}, ["spec.engineOptions.gpuMemoryUtilization: must be <= 1"]),
     (
-        {"engine": "transformers", "adapters": [{"name": "a", "uri": "pvc://m/a"}]},
-        ["spec.adapters: LoRA adapters need engine vllm or sglang"],
-    ),
-    (
         {"adapters": [{"name": "a", "uri": "pvc://m/a"}, {"name": "a", "uri": "pvc://m/b"}]},
         ["spec.adapters: adapter names must be unique"],
     ),

@@ -206,8 +206,13 @@ def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed(
     assert lws["kind"] == "LeaderWorkerSet" and lws["spec"]["leaderWorkerTemplate"]["size"] == 2
     leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
     worker = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
-    assert leader["command"] == ["/bin/sh", "-c"] and "--pipeline-parallel-size 2" in leader["args"][0]
-    assert "ray start --address=$(LWS_LEADER_ADDRESS)" in worker["args"][0] and "readinessProbe" not in worker
+    # vLLM's LWS recipe (multiprocessing): every pod runs vllm serve; the workers headless, ranked by LWS
+    assert leader["command"] == worker["command"] == ["vllm", "serve"]
+    for c, rank in ((leader, "0"), (worker, "$(LWS_WORKER_INDEX)")):
+        flags = dict(zip(c["args"], c["args"][1:], strict=False))
+        assert (flags["--pipeline-parallel-size"], flags["--nnodes"], flags["--node-rank"]) == ("2", "2", rank)
+        assert flags["--master-addr"] == "$(LWS_LEADER_ADDRESS)" and flags["--distributed-executor-backend"] == "mp"
+    assert "--headless" in worker["args"] and "--headless" not in leader["args"] and "readinessProbe" not in worker
     assert svc["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
     assert d.status["gpus"] == 2
     assert_valid(svc)
@@ -219,13 +224,14 @@ def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed(
     assert after.status["phase"] == "Ready" and after.status["servedArtifact"]["digest"] == "sha256:aaa"
 
 
-def test_model_paths_reach_the_shell_quoted():
+def test_model_paths_reach_the_engine_as_one_argument():
     doc = live(service(source={"uri": "pvc://models/it's; rm -rf"}, **{"engineOptions.maxModelLen": 32768}))
     a10 = example_cluster("a10-4x1.yaml")
     d = decide_service(ServiceObserved(doc, NOW, lookup_of(), a10, QWEN, leaderworkerset_available=True))
-    if d.apply:  # the URI may be refused by validation; if it is accepted it must be quoted
-        script = d.apply[0]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["args"][0]
-        assert "'/mnt/pvc/models/it'\"'\"'s; rm -rf'" in script
+    if d.apply:  # the URI may be refused by validation; if it is accepted, no shell reads it
+        for role in ("leaderTemplate", "workerTemplate"):
+            engine = d.apply[0]["spec"]["leaderWorkerTemplate"][role]["spec"]["containers"][0]
+            assert engine["command"] == ["vllm", "serve"] and engine["args"][0] == "/mnt/pvc/models/it's; rm -rf"
     else:
         assert cond(d.status, "Accepted")["status"] == "False"
 
@@ -531,3 +537,173 @@ def test_a_pass_deletes_then_hands_over_then_applies():
         ("PATCH", "kubeforge-handover", "deployments"),
         ("PATCH", "kubeforge", "deployments"),
     ]
+
+
+# ---------------------------------------------------------------- ModelService: LoRA adapters (issue 14)
+
+
+def adapter_job(phase: str | None, artifact: dict | None = None, *, name: str = "support-lora", **spec) -> dict:
+    """A FineTuneJob that exports its adapter (output.merge false), rank 64, to pvc://adapters/<name>."""
+    doc = live(finetune(output={"uri": f"pvc://adapters/{name}", "merge": False}, **spec))
+    doc["metadata"]["name"] = name
+    doc["status"] = {"phase": phase, "conditions": []} if phase else {}
+    if artifact:
+        doc["status"]["artifact"] = artifact
+    return doc
+
+
+LORA_REF = {"name": "support", "fineTuneJobRef": {"name": "support-lora"}}
+LEGAL = {"name": "legal", "uri": "s3://bucket/legal-lora"}
+
+
+def adapters_of(d) -> dict[str, dict]:
+    return {a["name"]: a for a in d.status["adapters"]}
+
+
+def pod_of(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def listed(configmap: dict) -> list[tuple[str, str, str | None]]:
+    from kubeforge.runtime.contract import ADAPTERS_CONFIG_FILE, AdapterSet
+
+    data = AdapterSet.model_validate_json(configmap["data"][ADAPTERS_CONFIG_FILE])
+    return [(a.name, a.location.uri, a.digest) for a in data.adapters]
+
+
+def sidecar_args(workload: dict) -> dict[str, str]:
+    (sidecar,) = [c for c in pod_of(workload)["initContainers"] if c["name"] == "adapters"]
+    return dict(zip(sidecar["args"][::2], sidecar["args"][1::2], strict=True))
+
+
+def test_a_finetunejobs_adapter_is_served_once_it_succeeded_without_restarting_the_replicas():
+    doc = live(service(adapters=[LORA_REF, LEGAL]))
+    waiting = decide_service(observe_service(doc, QJ_DONE, adapter_job("Running")))
+    deployment, svc, cm = waiting.apply
+    assert listed(cm) == [("legal", "s3://bucket/legal-lora", None)]  # the URI at once; the job's adapter waits
+    assert adapters_of(waiting)["support"]["phase"] == "Pending" and adapters_of(waiting)["legal"]["phase"] == \
+        "Configured"  # fmt: skip
+    assert cond(waiting.status, "AdaptersReady")["reason"] == "WaitingForAdapter"
+    assert sidecar_args(deployment)["--min-rank"] == "64"  # the job's spec.lora.rank, known before it finishes
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_of(deployment)["volumes"]
+              if "persistentVolumeClaim" in v}  # fmt: skip
+    assert "adapters" in claims  # its output's claim, mounted before the artifact is there
+    for child in (deployment, svc, cm):
+        assert_valid(child)
+
+    done = adapter_job("Succeeded", {"uri": "pvc://adapters/support-lora", "digest": "sha256:l1"})
+    kids = [rolled(deployment, 1, 2), svc, cm]
+    served = decide_service(observe_service(live(doc, status=waiting.status), QJ_DONE, done, children=kids))
+    assert [c["kind"] for c in served.apply] == ["ConfigMap"]  # the pod template is the same: no rollout
+    assert listed(served.apply[0]) == [("support", "pvc://adapters/support-lora", "sha256:l1"),
+                                       ("legal", "s3://bucket/legal-lora", None)]  # fmt: skip
+    assert adapters_of(served)["support"] == {"name": "support", "model": "support", "phase": "Configured",
+                                             "uri": "pvc://adapters/support-lora", "digest": "sha256:l1",
+                                             "rank": 64}  # fmt: skip
+    assert cond(served.status, "AdaptersReady")["status"] == "True"
+    assert cond(served.status, "RolledOut")["status"] == "True"
+
+    retrained = adapter_job("Succeeded", {"uri": "pvc://adapters/support-lora", "digest": "sha256:l2"})
+    kids = [rolled(deployment, 1, 2), svc, served.apply[0]]
+    again = decide_service(observe_service(live(doc, status=served.status), QJ_DONE, retrained, children=kids))
+    assert [c["kind"] for c in again.apply] == ["ConfigMap"] and listed(again.apply[0])[0][2] == "sha256:l2"
+
+
+def test_adding_and_removing_uri_adapters_changes_the_list_not_the_pods():
+    legal = {**LEGAL, "rank": 16}
+    first = decide_service(observe_service(live(service(adapters=[legal])), QJ_DONE))
+    deployment, svc, cm = first.apply
+    kids = [rolled(deployment, 1, 2), svc, cm]
+    sql = {"name": "sql", "uri": "hf://acme/sql-lora", "rank": 8}  # within the rank the engines started with
+    more = decide_service(observe_service(live(service(adapters=[legal, sql]), 2, first.status), QJ_DONE,
+                                          children=kids))  # fmt: skip
+    assert [c["kind"] for c in more.apply] == ["ConfigMap"] and [n for n, _, _ in listed(more.apply[0])] == [
+        "legal", "sql"]  # fmt: skip
+    fewer = decide_service(observe_service(live(service(adapters=[legal]), 3, more.status), QJ_DONE,
+                                           children=[rolled(deployment, 1, 2), svc, more.apply[0]]))  # fmt: skip
+    assert [c["kind"] for c in fewer.apply] == ["ConfigMap"] and list(adapters_of(fewer)) == ["legal"]
+    # (removing legal instead would lower the engines' rank to sql's 8: a new template, less memory reserved)
+    none = decide_service(observe_service(live(service(), 4, fewer.status), QJ_DONE,
+                                          children=[rolled(deployment, 1, 2), svc, fewer.apply[0]]))  # fmt: skip
+    assert [c["kind"] for c in none.apply] == ["Deployment"]  # no LoRA at all: a new template, without the sidecar
+    assert "initContainers" not in pod_of(none.apply[0])
+    assert none.delete == [{"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": "support-bot-adapters", "namespace": "team-a"}}]  # fmt: skip
+    assert none.status["adapters"] == [] and cond(none.status, "AdaptersReady") is None
+
+
+def test_what_cannot_be_served_is_reported_and_the_rest_is_served():
+    merged = adapter_job("Succeeded", {"uri": "pvc://models/merged", "digest": "sha256:m"}, name="merged")
+    merged["spec"]["output"]["merge"] = True
+    big = {"name": "big", "uri": "hf://acme/big-lora", "rank": 1024}
+    doc = live(service(adapters=[{"name": "m", "fineTuneJobRef": {"name": "merged"}}, big, LEGAL]))
+    d = decide_service(observe_service(doc, QJ_DONE, merged))
+    status = adapters_of(d)
+    assert status["m"]["phase"] == "Failed" and "does not export an adapter" in status["m"]["message"]
+    assert status["big"]["phase"] == "Failed" and "vLLM serves LoRA ranks up to 512" in status["big"]["message"]
+    assert listed(d.apply[2]) == [("legal", "s3://bucket/legal-lora", None)]
+    assert cond(d.status, "AdaptersReady")["reason"] == "AdapterFailed" and d.status["phase"] == "Deploying"
+    assert sidecar_args(d.apply[0])["--min-rank"] == "1"  # 1024 does not count: vLLM cannot start with it
+    sglang = decide_service(observe_service(live(service(engine="sglang", adapters=[big])), QJ_DONE))
+    assert adapters_of(sglang)["big"] == {"name": "big", "model": "support-bot:big", "phase": "Configured",
+                                          "uri": "hf://acme/big-lora", "rank": 1024}  # fmt: skip
+    assert sidecar_args(sglang.apply[0])["--min-rank"] == "1024"
+    failed_job = adapter_job("Failed")
+    failed_job["status"]["conditions"] = [{"type": "Failed", "status": "True", "message": "OOM"}]
+    d = decide_service(observe_service(live(service(adapters=[LORA_REF])), QJ_DONE, failed_job))
+    assert adapters_of(d)["support"]["phase"] == "Failed" and "OOM" in adapters_of(d)["support"]["message"]
+
+
+def test_the_transformers_server_serves_adapters_on_cpu():
+    doc = live(service(engine="auto", adapters=[LEGAL, LORA_REF]))
+    done = adapter_job("Succeeded", {"uri": "pvc://adapters/support-lora", "digest": "sha256:l1"})
+    d = decide_service(observe_service(doc, QJ_DONE, done, inventory=Inventory((), ())))
+    assert d.status["engine"] == "transformers" and cond(d.status, "AdaptersReady")["status"] == "True"
+    assert [a["model"] for a in d.status["adapters"]] == ["legal", "support"]
+    engine = pod_of(d.apply[0])["containers"][0]
+    assert engine["command"] == ["python", "-m", "kubeforge.runtime.serve"] and "--enable-lora" in engine["args"]
+    assert sidecar_args(d.apply[0])["--engine"] == "transformers"
+    for child in d.apply:
+        assert_valid(child)
+
+
+def test_adapter_memory_is_planned_and_adapters_keep_a_replica_on_one_node():
+    a10 = example_cluster("a10-4x1.yaml")
+    doc = live(service(source={"fineTuneJobRef": {"name": "support-bot"}}, adapters=[LEGAL],
+                       **{"engineOptions.maxModelLen": 32768}))  # fmt: skip
+    d = decide_service(
+        ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), a10, QWEN, leaderworkerset_available=True)
+    )
+    assert d.apply == [] and "replicas with LoRA adapters stay on one node" in cond(d.status, "Planned")["message"]
+    fits = decide_service(observe_service(live(service(adapters=[LEGAL])), QJ_DONE))
+    assert "+ LoRA" in cond(fits.status, "Planned")["message"]
+
+
+def test_sglang_runs_across_nodes_as_a_leaderworkerset():
+    doc = live(service(engine="sglang", source={"fineTuneJobRef": {"name": "support-bot"}},
+                       **{"engineOptions.maxModelLen": 32768}))  # fmt: skip
+    a10 = example_cluster("a10-4x1.yaml")
+    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
+    (lws, _) = d.apply
+    group = lws["spec"]["leaderWorkerTemplate"]
+    leader, worker = (group[r]["spec"]["containers"][0] for r in ("leaderTemplate", "workerTemplate"))
+    assert leader["command"] == worker["command"] == ["python3", "-m", "sglang.launch_server"]
+    for c, rank in ((leader, "0"), (worker, "$(LWS_WORKER_INDEX)")):
+        flags = dict(zip(c["args"], c["args"][1:], strict=False))
+        assert (flags["--tp-size"], flags["--pp-size"], flags["--nnodes"], flags["--node-rank"]) == (
+            "1",
+            "2",
+            "2",
+            rank,
+        )
+        assert flags["--dist-init-addr"] == "$(LWS_LEADER_ADDRESS):20000"
+    assert d.status["engine"] == "sglang" and d.status["gpus"] == 2
+
+
+def test_statuses_with_adapters_fit_the_crd_status_schema():
+    from kubeforge.api.service import ModelServiceStatus
+
+    big = {"name": "big", "uri": "hf://acme/big-lora", "rank": 1024}
+    d = decide_service(observe_service(live(service(adapters=[LORA_REF, LEGAL, big])), QJ_DONE, adapter_job("Running")))
+    ModelServiceStatus.model_validate(d.status)
+    assert {a["phase"] for a in d.status["adapters"]} == {"Pending", "Configured", "Failed"}

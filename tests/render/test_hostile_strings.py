@@ -22,7 +22,7 @@ from tests.render.rendering import containers, pod_templates, render_ftj, render
 
 SECRET = "\x00expanded:{}\x00"
 # kubeforge's own references, meant to be expanded
-OURS = {"JOB_COMPLETION_INDEX", "LWS_LEADER_ADDRESS"}
+OURS = {"JOB_COMPLETION_INDEX", "LWS_LEADER_ADDRESS", "LWS_WORKER_INDEX"}
 
 
 def expand(text: str, mapping: Callable[[str], str]) -> str:
@@ -86,7 +86,11 @@ def hostile_cases():
         creds = {"s3": {"name": "s3-creds"}, "huggingFace": {"name": "hf", "key": "token"}}
         adapters = [{"name": "a", "uri": f"pvc://adapters/{h}"}, {"name": "b", "uri": f"s3://bucket/b{h}"}]
         yield f"ms-fetch {h}", render_ms(service(credentials=creds, servedModelName=f"bot{h}"), s3), [s3, f"bot{h}"]
-        yield f"ms-pvc {h}", render_ms(service(adapters=adapters), pvc), [f"/mnt/pvc/models/{h}", f"b=s3://bucket/b{h}"]
+        yield (
+            f"ms-pvc {h}",
+            render_ms(service(adapters=adapters), pvc),
+            [f"/mnt/pvc/models/{h}"],
+        )  # adapter URIs reach the pods in a ConfigMap
         yield f"ms-sglang {h}", render_ms(service(engine="sglang", servedModelName=f"bot{h}"), pvc), [f"bot{h}"]
         yield f"ms-cpu {h}", render_ms(service(engine="transformers", servedModelName=f"bot{h}"), s3, None), [s3]
         lws = render_ms(service(credentials=creds, servedModelName=f"bot{h}"), s3, "a10-4x1.yaml", lws=True,

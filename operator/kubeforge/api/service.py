@@ -67,13 +67,44 @@ class EngineOptions(KubeModel):
     enable_prefix_caching: bool = Field(default=True, description="Reuse the KV cache of shared prompt prefixes.")
 
 
+# Adding, removing or updating an adapter does not restart the replicas: a sidecar fetches it and loads it
+# into the running engine (render/adapters.py), unless it needs more LoRA capacity than the engine started
+# with (a larger rank, more adapters per batch, a new PersistentVolumeClaim): then the pod template changes.
 class Adapter(KubeModel):
-    """A LoRA adapter served next to the base model under its own name."""
+    """A LoRA adapter (a PEFT folder: adapter_config.json and its weights) served under its own model name."""
 
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")] = Field(
-        description="The model name clients ask for."
+        description=(
+            "The model name clients ask for (vLLM and the transformers server: the name itself; SGLang: "
+            "<servedModelName>:<name>; status.adapters[].model says which)."
+        )
     )
-    uri: Uri = Field(description="Where the adapter is: pvc://, s3://, hf:// or a local path.")
+    uri: Uri | None = Field(default=None, description="Where the adapter is: pvc://, s3://, hf:// or a local path.")
+    fine_tune_job_ref: LocalObjectRef | None = Field(
+        default=None,
+        description=(
+            "Or a FineTuneJob in this namespace whose output is an adapter (method lora or qlora with "
+            "output.merge false): served once it succeeded; each new artifact of it is loaded in place."
+        ),
+    )
+    rank: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "The adapter's LoRA rank r (its adapter_config.json's r), when known: the engines need the largest "
+            "rank before they start. A fineTuneJobRef's is its spec.lora.rank; otherwise the pods read it from "
+            "the fetched adapter_config.json when they start."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel="(has(self.uri) ? 1 : 0) + (has(self.fineTuneJobRef) ? 1 : 0) == 1",
+            message="set exactly one of uri and fineTuneJobRef",
+            check=lambda a: count_set(a.uri, a.fine_tune_job_ref) == 1,
+        ),
+    )
 
 
 class ServiceAuth(KubeModel):
@@ -247,7 +278,12 @@ class ModelServiceSpec(KubeModel):
     engine_options: EngineOptions = Field(default_factory=EngineOptions, description="Engine settings.")
     adapters: list[Adapter] = Field(
         default_factory=list,
-        description="LoRA adapters served with the base (vllm, sglang).",
+        description=(
+            "LoRA adapters served with the base model, each under its own model name (vllm, sglang, transformers; "
+            "replicas on one node). Adding, removing or updating one loads it into the running replicas without "
+            "a restart, unless it needs a larger LoRA rank, more adapters per batch or a new claim than they "
+            "started with."
+        ),
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -269,15 +305,16 @@ class ModelServiceSpec(KubeModel):
             field=".tensorParallel",
         ),
         Rule(
-            cel="!has(self.adapters) || size(self.adapters) == 0 || self.engine != 'transformers'",
-            message="LoRA adapters need engine vllm or sglang",
-            check=lambda s: not s.adapters or s.engine != "transformers",
-            field=".adapters",
-        ),
-        Rule(
             cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             message="adapter names must be unique",
             check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+            field=".adapters",
+        ),
+        Rule(
+            cel="!has(self.adapters) || !has(self.servedModelName) "
+            "|| self.adapters.all(a, a.name != self.servedModelName)",
+            message="an adapter cannot have the served model's name",
+            check=lambda s: s.served_model_name is None or all(a.name != s.served_model_name for a in s.adapters),
             field=".adapters",
         ),
         Rule(
@@ -295,6 +332,28 @@ class ModelServiceSpec(KubeModel):
             field=".replicas",
         ),
     )
+
+
+AdapterPhase = Literal["Pending", "Configured", "Failed"]
+
+
+class AdapterStatus(KubeModel):
+    """One of spec.adapters as the operator handed it to the replicas."""
+
+    name: str = Field(max_length=128, description="The adapter's name (spec.adapters[].name).")
+    model: str | None = Field(
+        default=None, max_length=300, description="What a client sends as the request's model to use it."
+    )
+    phase: AdapterPhase = Field(
+        description=(
+            "Configured: in the list the replicas serve (each loads it within about a minute, without a "
+            "restart); Pending: its FineTuneJob has not succeeded yet; Failed: it cannot be served (message)."
+        )
+    )
+    uri: str | None = Field(default=None, max_length=2048, description="Where the replicas fetch it from.")
+    digest: str | None = Field(default=None, max_length=128, description="The artifact's digest, when known.")
+    rank: int | None = Field(default=None, ge=1, description="Its LoRA rank, when known to the operator.")
+    message: str | None = Field(default=None, max_length=1024, description="Why it is Pending or Failed.")
 
 
 class ModelServiceStatus(CommonStatus):
@@ -315,6 +374,12 @@ class ModelServiceStatus(CommonStatus):
         default=None,
         max_length=4096,
         description="Label selector of the engine pods (the scale subresource's, for kubectl scale and autoscalers).",
+    )
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The LoRA adapters (spec.adapters): the model name each answers to, and whether it is served.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 

@@ -215,6 +215,7 @@ def modelservice(
     memo: kopf.Memo,
     gpu_nodes: kopf.Index,
     kubeforge_objects: kopf.Index,
+    owned_configmaps: kopf.Index,
     owned_services: kopf.Index,
     owned_deployments: kopf.Index,
     owned_leaderworkersets: kopf.Index,
@@ -226,8 +227,8 @@ def modelservice(
 ) -> None:
     """Wait for the artifact, plan, deploy, roll over to new artifacts (controller/service.py decides)."""
     key = L.owner_key(body.metadata.namespace, "ModelService", body.metadata.name or "")
-    indexes = (owned_services, owned_deployments, owned_leaderworkersets, owned_horizontalpodautoscalers,
-               owned_scaledobjects, owned_httproutes, owned_inferencepools)  # fmt: skip
+    indexes = (owned_configmaps, owned_services, owned_deployments, owned_leaderworkersets,
+               owned_horizontalpodautoscalers, owned_scaledobjects, owned_httproutes, owned_inferencepools)  # fmt: skip
     with metrics.measured("ModelService"):
         decision = reconcile_modelservice(
             body,

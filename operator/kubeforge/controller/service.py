@@ -16,6 +16,15 @@
    RolledOut=False from the pass that applies a new template until it runs everywhere;
    Autoscaling and Routed conditions say what was made of spec.autoscaling and spec.route.
 
+LoRA adapters (spec.adapters) resolve one by one (sources.resolve_adapter): a URI at once, a
+FineTuneJob's artifact once it succeeded (it must export an adapter). The ones ready go into the
+adapter list (a ConfigMap the replicas' sidecars follow: render/adapters.py), so an adapter that
+arrives, changes or goes restarts no pod; the engine's LoRA capacity (adapters per batch, the
+largest rank the operator knows, counted in the plan's memory) is in the pod template. An adapter
+that cannot be served (not an adapter, a rank above vLLM's 512, the served model's name) is left
+out with its reason; the others are served. status.adapters says, for each, the model name clients
+ask for and its phase; AdaptersReady sums them up.
+
 Replicas, and who owns them. kubeforge applies its children by server-side apply with force,
 as field manager ``kubeforge``: every field it applies it owns, and each apply (a new pod
 template, a drift correction) sets it again. Without autoscaling the workload's ``replicas`` is
@@ -46,12 +55,14 @@ from kubeforge.api.kinds import MODELSERVICE
 from kubeforge.api.service import ModelService
 from kubeforge.api.validation import check
 from kubeforge.controller.diff import is_subset
-from kubeforge.controller.sources import SOURCE_READY, Lookup, resolve
+from kubeforge.controller.sources import SOURCE_READY, AdapterSource, Lookup, resolve, resolve_adapter
 from kubeforge.controller.state import ACCEPTED, FAILED, PLANNED, Decision, State, exists_equal, of_kind
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.serving import WEIGHT_BITS, plan_serving
 from kubeforge.render import labels as L
+from kubeforge.render.adapters import LoraRollout, ServedLora, model_name
+from kubeforge.render.engines import lora_slots
 from kubeforge.render.service import (
     ServingApis,
     autoscaled,
@@ -60,9 +71,11 @@ from kubeforge.render.service import (
     render_service,
     selector_string,
 )
+from kubeforge.runtime.contract import engine_lora_rank
 
 AVAILABLE, ROLLED_OUT = "Available", "RolledOut"
 AUTOSCALING, ROUTED = "Autoscaling", "Routed"
+ADAPTERS_READY = "AdaptersReady"
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
     state.set(SOURCE_READY, "True", "SourceReady", source.message)
 
     _, method = lineage(obs.body.get("spec") or {}, obs.lookup)
+    adapters = [resolve_adapter(a, obs.lookup) for a in svc.spec.adapters]
     plan = plan_serving(
         engine=svc.spec.engine,
         inventory=obs.inventory,
@@ -140,6 +154,8 @@ def decide_service(obs: ServiceObserved) -> Decision:
         gpu_type=svc.spec.resources.gpu_type,
         method=method,
         multi_node=obs.leaderworkerset_available,
+        lora_slots=lora_slots(len(adapters)) if adapters else 0,
+        lora_rank=max((a.rank for a in adapters if a.rank and not a.failed), default=1),
     )
     if not plan.feasible:
         state.set(PLANNED, "False", "Infeasible", plan.reason)
@@ -149,8 +165,9 @@ def decide_service(obs: ServiceObserved) -> Decision:
         _follow(state, deployment, svc)
         return state.decision(old)
     state.set(PLANNED, "True", "Planned", plan.reason)
+    rollout = _adapters(state, adapters, plan.engine, svc.spec.served_model_name or name)
     desired = render_service(svc, plan, artifact_uri=source.uri or "", artifact_digest=source.digest,
-                             uid=meta.get("uid"), apis=obs.apis)  # fmt: skip
+                             uid=meta.get("uid"), apis=obs.apis, adapters=rollout)  # fmt: skip
     apply = [d for d in desired if not exists_equal(d, obs.children)]
     handover = replicas_handover(deployment, desired[0]) if autoscaled(svc, plan.engine) else []
     if handover and desired[0] not in apply:
@@ -211,6 +228,46 @@ def replicas_handover(live: Mapping[str, Any] | None, desired: Mapping[str, Any]
     return [{"apiVersion": desired["apiVersion"], "kind": desired["kind"],
              "metadata": {"name": desired["metadata"]["name"], "namespace": desired["metadata"]["namespace"]},
              "spec": {"replicas": live["spec"]["replicas"]}}]  # fmt: skip
+
+
+def _adapters(state: State, adapters: list[AdapterSource], engine: str, served_name: str) -> LoraRollout:
+    """status.adapters and AdaptersReady; what the replicas serve, and the capacity every entry needs."""
+    if not adapters:
+        state.conditions = [c for c in state.conditions if c.get("type") != ADAPTERS_READY]
+        if state.status.get("adapters"):
+            state.status["adapters"] = []
+        return LoraRollout()
+    entries, served, usable = [], [], []
+    for a in adapters:
+        entry: dict[str, Any] = {"name": a.name, "model": model_name(engine, served_name, a.name)}
+        entry.update({k: v for k, v in (("uri", a.uri), ("digest", a.digest), ("rank", a.rank)) if v})
+        problem = None
+        if a.name == served_name:
+            problem = f"adapter {a.name} has the served model's name: rename it"
+        elif a.rank and engine == "vllm" and engine_lora_rank("vllm", a.rank) is None:
+            problem = (f"adapter {a.name} has rank {a.rank}; vLLM serves LoRA ranks up to 512: use engine "
+                       "sglang or transformers")  # fmt: skip
+        if a.failed or problem:
+            entry.update(phase="Failed", message=problem or a.message)
+        else:
+            usable.append(a)
+            if a.ready and a.uri:
+                served.append(ServedLora(a.name, a.uri, a.digest))
+                entry["phase"] = "Configured"
+            else:
+                entry.update(phase="Pending", message=a.message)
+        entries.append(entry)
+    state.status["adapters"] = entries
+    waiting = [e for e in entries if e["phase"] != "Configured"]
+    if not waiting:
+        state.set(ADAPTERS_READY, "True", "AdaptersConfigured",
+                  f"{len(entries)} adapter(s) handed to the replicas, which load them without restarting")  # fmt: skip
+    else:
+        failed = any(e["phase"] == "Failed" for e in waiting)
+        state.set(ADAPTERS_READY, "False", "AdapterFailed" if failed else "WaitingForAdapter",
+                  "; ".join(e["message"] for e in waiting)[:1024])  # fmt: skip
+    return LoraRollout(served=tuple(served), count=len(adapters), ranks=tuple(a.rank for a in usable if a.rank),
+                       uris=tuple(a.uri for a in usable if a.uri))  # fmt: skip
 
 
 def _autoscaling(state: State, svc: ModelService, engine: str, apis: ServingApis) -> None:

@@ -3,9 +3,14 @@
 Tensor parallel is the smallest power of two whose GPUs hold the weights plus the KV cache
 for ``maxModelLen`` tokens (one full-length sequence) within the utilisation target, after
 a fixed activation/CUDA-graph reserve; it must stay inside one NVLink domain (PCIe GPUs:
-one GPU, unless asked explicitly) and one node. A vLLM replica that needs more than one
-node runs as a LeaderWorkerSet (where its CRD is installed): tensor parallel within each
+one GPU, unless asked explicitly) and one node. A vLLM or SGLang replica that needs more than
+one node runs as a LeaderWorkerSet (where its CRD is installed): tensor parallel within each
 node, pipeline parallel across the nodes. engine auto: vLLM where the cluster has GPUs, transformers on CPU.
+
+LoRA adapters: vLLM and SGLang reserve GPU memory for ``lora_slots`` adapters of the engine's
+--max-lora-rank on every linear module of every layer (A and B, in 16 bits), counted with the weights:
+    lora = slots x rank x sum over layers and modules of (in + out) x 2 bytes
+The rank is the largest the operator knows (a URI adapter's may be larger: the pods read it when they start).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner.architecture import Architecture
+from kubeforge.runtime.contract import engine_lora_rank
 
 GIB = 1024**3
 RESERVE_BYTES = 2 * GIB  # activations, CUDA graphs, the engine's own buffers, per GPU
@@ -34,6 +40,7 @@ class ServingPlan:
     kv_cache_bytes: int = 0
     gpu_memory_bytes: int = 0
     nodes: int = 1  # per replica: more than one runs as a LeaderWorkerSet (pipeline parallel over nodes)
+    lora_bytes: int = 0  # what the engine reserves for LoRA adapters, per replica
 
     @property
     def gpus(self) -> int:
@@ -55,6 +62,12 @@ def kv_cache_bytes(arch: Architecture, tokens: int, dtype_bytes: int = 2) -> int
     return 2 * arch.num_layers * arch.kv_dim * dtype_bytes * tokens
 
 
+def lora_bytes(arch: Architecture, engine: str, slots: int, rank: int) -> int:
+    """The engine's LoRA buffers: ``slots`` adapters of its start rank on every linear module, 16 bits."""
+    started = engine_lora_rank(engine, rank) or rank
+    return slots * arch.lora_parameters(started, ("all-linear",))[0] * 2 if slots else 0
+
+
 def plan_serving(
     *,
     engine: str,
@@ -67,6 +80,8 @@ def plan_serving(
     gpu_type: str = "auto",
     method: str | None = None,
     multi_node: bool = False,  # LeaderWorkerSet is installed: a replica may span nodes
+    lora_slots: int = 0,  # LoRA adapters per batch the engine reserves memory for (0: no adapters)
+    lora_rank: int = 1,  # the largest rank known of them
 ) -> ServingPlan:
     pools = [p for p in inventory.pools if _matches(p, gpu_type)]
     if engine == "auto":
@@ -85,6 +100,9 @@ def plan_serving(
                            engine, tp, pool.gpu.name, pool.selector)  # fmt: skip
     length = max_model_len or arch.max_position_embeddings or 4096
     weights, kv = weights_bytes(arch, weight_bits), kv_cache_bytes(arch, length)
+    lora = lora_bytes(arch, engine, lora_slots, lora_rank)
+    adapters = (f" + LoRA {lora / GIB:.1f} GiB ({lora_slots} adapters per batch, rank "
+                f"{engine_lora_rank(engine, lora_rank) or lora_rank})") if lora else ""  # fmt: skip
     tried = []
     for pool in sorted(pools, key=_cost):
         usable = pool.memory_bytes * utilization - RESERVE_BYTES
@@ -95,16 +113,16 @@ def plan_serving(
                 break
             if arch.num_attention_heads % tp or usable <= 0:
                 continue
-            if (weights + kv) / tp <= usable:
+            if (weights + kv + lora) / tp <= usable:
                 return ServingPlan(
                     True,
                     f"{tp} x {pool.gpu.name}: weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB "
-                    f"({length} tokens) within {utilization:.0%} of {pool.memory_bytes / GIB:.0f} GiB per GPU"
-                    + fp8_note(method, pool),
-                    engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes,
+                    f"({length} tokens){adapters} within {utilization:.0%} of {pool.memory_bytes / GIB:.0f} GiB "
+                    "per GPU" + fp8_note(method, pool),
+                    engine, tp, pool.gpu.name, pool.selector, weights, kv, pool.memory_bytes, lora_bytes=lora,
                 )  # fmt: skip
-        need = math.ceil((weights + kv) / max(usable, 1))
-        if engine == "vllm" and tensor_parallel == "auto" and usable > 0:
+        need = math.ceil((weights + kv + lora) / max(usable, 1))
+        if engine in GPU_ENGINES and tensor_parallel == "auto" and usable > 0 and not lora_slots:
             tp = max((2**k for k in range(8) if 2**k <= limit and arch.num_attention_heads % 2**k == 0), default=1)
             nodes = math.ceil(need / tp)
             if multi_node and 1 < nodes <= pool.nodes and nodes <= arch.num_layers:
@@ -119,10 +137,11 @@ def plan_serving(
                      "in one node/NVLink domain)")  # fmt: skip
     return ServingPlan(
         False,
-        f"weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB do not fit one node: " + "; ".join(tried)
-        + ". Lower maxModelLen, quantize, or use bigger GPUs"
-        + ("" if multi_node else "; replicas across nodes need LeaderWorkerSet installed (engine vllm)"),
-        engine, weights_bytes=weights, kv_cache_bytes=kv,
+        f"weights {weights / GIB:.1f} GiB + KV cache {kv / GIB:.1f} GiB{adapters} do not fit one node: "
+        + "; ".join(tried) + ". Lower maxModelLen, quantize, or use bigger GPUs"
+        + ("; replicas with LoRA adapters stay on one node" if lora_slots else
+           "" if multi_node else "; replicas across nodes need LeaderWorkerSet installed (engine vllm or sglang)"),
+        engine, weights_bytes=weights, kv_cache_bytes=kv, lora_bytes=lora,
     )  # fmt: skip
 
 

@@ -7,9 +7,15 @@ Deployment rolls the replicas over to it (maxUnavailable 0: the old ones serve u
 new ones are ready).
 
 Optional children, where the spec asks and the cluster has the API (``ServingApis``):
+- spec.adapters: a ConfigMap with the adapter list, followed by a sidecar in each pod that loads the
+  adapters into the running engine (render/adapters.py: a new adapter restarts no pod);
 - spec.autoscaling: a KEDA ScaledObject, else a HorizontalPodAutoscaler (render/autoscaling.py), and then
   no ``replicas`` in the workload's manifest (see ``render_service``);
 - spec.route: an HTTPRoute, to the Service or to an InferencePool (render/routing.py).
+
+A replica larger than one node is a LeaderWorkerSet (vLLM or SGLang, each engine's documented recipe:
+render/engines.py ``multi_node``); its adapters are not supported (the adapter files would have to be on
+every node of the group before the leader loads them).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from typing import Any
 from kubeforge.api.service import ModelService, Route
 from kubeforge.api.uris import parse_uri
 from kubeforge.planner.serving import ServingPlan
+from kubeforge.render import adapters as lora
 from kubeforge.render import autoscaling, routing
 from kubeforge.render import labels as L
-from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch
+from kubeforge.render.engines import HEALTH_PATH, SERVING_PORT, SERVING_PORT_NAME, launch, lora_slots, multi_node
 from kubeforge.render.images import TRAINER_UID, configured
 from kubeforge.render.mounts import claim_mounts, location
 from kubeforge.render.names import child_name, owner_label
@@ -59,10 +66,11 @@ def service_names(name: str) -> dict[str, str]:
 
 def optional_children(name: str) -> dict[str, str]:
     """kind -> name of each child a ModelService has only when its spec (and the cluster) asks: the
-    autoscaler is named after the workload it scales, the route and pool after the Service."""
+    autoscaler is named after the workload it scales, the route and pool after the Service, the adapter
+    list after the ModelService."""
     n = service_names(name)
     return {"ScaledObject": n["deployment"], "HorizontalPodAutoscaler": n["deployment"],
-            "HTTPRoute": n["service"], "InferencePool": n["service"]}  # fmt: skip
+            "HTTPRoute": n["service"], "InferencePool": n["service"], "ConfigMap": lora.list_name(name)}  # fmt: skip
 
 
 def autoscaled(svc: ModelService, engine: str) -> bool:
@@ -95,9 +103,11 @@ def render_service(
     artifact_digest: str | None,
     uid: str | None = None,
     apis: ServingApis = ServingApis(),
+    adapters: lora.LoraRollout | None = None,
 ) -> list[dict[str, Any]]:
     """The workload (Deployment, or LeaderWorkerSet when one replica spans nodes), its Service, then the
-    optional autoscaler, InferencePool and HTTPRoute.
+    optional adapter list (ConfigMap), autoscaler, InferencePool and HTTPRoute. ``adapters``: the adapters
+    the controller resolved (fineTuneJobRefs to their artifacts); by default spec.adapters' URIs.
 
     Replicas and server-side apply: the operator applies with force as field manager ``kubeforge``, so
     whatever it applies it owns and resets on every apply. With an autoscaler the workload's manifest
@@ -122,9 +132,12 @@ def render_service(
     route = spec.route if apis.gateway else None
     pooled = route is not None and route.endpoint_picker is not None and apis.inference_pool
 
+    rollout = adapters if adapters is not None else lora.LoraRollout.of(spec.adapters)
+    if rollout.count and plan.nodes > 1:
+        raise ValueError("LoRA adapters are served by replicas of one node")
     loc = location(artifact_uri)
     scheme = parse_uri(artifact_uri).scheme
-    mounts = claim_mounts(read=[artifact_uri, *(a.uri for a in spec.adapters)], write=[])
+    mounts = claim_mounts(read=[artifact_uri, *rollout.uris], write=[])
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{max(2, 2 * max(plan.gpus, 1))}Gi"}},
         {"name": "cache", "emptyDir": {}},
@@ -151,7 +164,6 @@ def render_service(
         init.append(fetcher)
         mounted.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
 
-    adapters = [(a.name, location(a.uri).local_path or a.uri) for a in spec.adapters]
     opts = spec.engine_options
     engine = launch(
         plan.engine,
@@ -161,10 +173,14 @@ def render_service(
         max_model_len=opts.max_model_len,
         gpu_memory_utilization=opts.gpu_memory_utilization,
         prefix_caching=opts.enable_prefix_caching,
-        adapters=adapters,
+        runtime_lora=lora_slots(rollout.count) if rollout.count else None,
         image=spec.image,
     )
     key_ref = spec.auth.api_key_secret_ref if spec.auth else None
+    if rollout.count:  # the list in a ConfigMap; the sidecar fetches the adapters and loads them at run time
+        volumes += lora.volumes(lora.list_name(name))
+        mounted.append(lora.engine_mount())
+        init.append(lora.sidecar(plan.engine, rollout.floor(plan.engine), mounts, creds, key_ref))
     key_env = [{"name": engine.api_key_env, "valueFrom": {"secretKeyRef": {"name": key_ref.name, "key": key_ref.key}}}
                ] if key_ref else []  # fmt: skip
     probe = {"httpGet": {"path": HEALTH_PATH, "port": SERVING_PORT_NAME}}
@@ -192,6 +208,7 @@ def render_service(
             {"name": ENV_HF_HOME, "value": f"{CACHE_DIR}/hf"},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             *([] if engine.image == configured().server else foreign_image_env()),
+            *({"name": k, "value": v} for k, v in engine.env),
             *key_env,
         ],
         "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
@@ -225,8 +242,7 @@ def render_service(
         annotations[L.ARTIFACT_DIGEST] = artifact_digest
 
     if plan.nodes > 1:
-        workload = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations,
-                                      container["args"])  # fmt: skip
+        workload = _leader_worker_set(svc, plan, n["deployment"], namespace, common, owner, pod, annotations)
         serving = pod_selector(name, leaders_only=True)  # the OpenAI API is on the leaders
     else:
         workload = meta("apps/v1", "Deployment", n["deployment"], namespace, common, "engine", owner)
@@ -242,6 +258,8 @@ def render_service(
     if scaled:
         del workload["spec"]["replicas"]  # the autoscaler's (see the docstring)
     out = [workload, _service(n["service"], namespace, common, owner, serving)]
+    if rollout.count:
+        out.append(lora.config_map(lora.list_name(name), namespace, common, owner, rollout.served))
     if scaled and spec.autoscaling is not None:
         metadata = meta("", "", n["deployment"], namespace, common, "autoscaler", owner)["metadata"]
         make = autoscaling.scaled_object if apis.keda else autoscaling.horizontal_pod_autoscaler
@@ -276,26 +294,21 @@ def _service(name: str, namespace: str, common: dict, owner: list, selector: dic
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
-RAY_PORT = 6379
 
 
 def _leader_worker_set(svc: ModelService, plan: ServingPlan, name: str, namespace: str, common: dict, owner: list,
-                       pod: dict[str, Any], annotations: dict, vllm_args: list[str]) -> dict[str, Any]:  # fmt: skip
-    """One replica = a leader and nodes-1 workers: a Ray cluster, vLLM on the leader with pipeline
-    parallel across the nodes. The commands run under a shell (Ray must start first); every
-    argument is quoted with shlex, so no user string is interpreted by it. ``vllm_args`` are the
-    container's, already literal(): Kubernetes' $(VAR) expansion happens before the shell runs."""
-    import shlex
-
-    args = [*vllm_args, "--pipeline-parallel-size", str(plan.nodes), "--distributed-executor-backend", "ray"]
-    leader_script = (f"ray start --head --port={RAY_PORT} && exec vllm serve "
-                     + " ".join(shlex.quote(a) for a in args))  # fmt: skip
-    worker_script = f"exec ray start --address=$(LWS_LEADER_ADDRESS):{RAY_PORT} --block"
+                       pod: dict[str, Any], annotations: dict) -> dict[str, Any]:  # fmt: skip
+    """One replica = a leader and nodes-1 workers, each pod running the engine as its documented LWS
+    recipe says (render/engines.py ``multi_node``: vLLM's multiprocessing example, SGLang's multi-node
+    launch): the same arguments on every pod, plus the node's rank; the leader serves the OpenAI API, the
+    workers (vLLM --headless) only compute, so they get no probes and no port. Any pod's restart
+    recreates the group (RecreateGroupOnPodRestart), as the recipes do."""
+    leader_args, worker_args = multi_node(plan.engine, plan.nodes)
     leader = copy.deepcopy(pod)
-    leader["containers"][0].update(command=["/bin/sh", "-c"], args=[leader_script])
+    leader["containers"][0]["args"] = [*leader["containers"][0]["args"], *leader_args]
     worker = copy.deepcopy(pod)
     engine = worker["containers"][0]
-    engine.update(command=["/bin/sh", "-c"], args=[worker_script])
+    engine["args"] = [*engine["args"], *worker_args]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         engine.pop(probe, None)  # workers run no HTTP server
     engine["ports"] = []

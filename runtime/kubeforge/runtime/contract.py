@@ -363,3 +363,48 @@ def read_termination_message(text: str | None) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- a ModelService's LoRA adapters
+# The operator writes the adapter list into a ConfigMap mounted at ADAPTERS_CONFIG_DIR (a whole-volume
+# mount, no subPath: the kubelet updates it in place); the adapter sidecar (kubeforge.runtime.adapters)
+# fetches each adapter into ADAPTERS_DIR and keeps the engine's loaded set equal to the list through the
+# engine's runtime LoRA API, so a change of list restarts nothing. Before the engine starts, the sidecar
+# writes ADAPTERS_RANK_FILE: the --max-lora-rank the engine starts with.
+ADAPTERS_CONFIG_DIR = f"{CONFIG_DIR}/adapters"
+ADAPTERS_CONFIG_FILE = "adapters.json"
+ADAPTERS_DIR = "/mnt/adapters"
+ADAPTERS_RANK_FILE = "max-lora-rank"
+ADAPTERS_PORT = 8001  # the sidecar's /started (startup probe), /ready (readiness) and /status
+ADAPTERS_PORT_NAME = "adapters"
+ADAPTERS_STARTED_PATH = "/started"
+ADAPTERS_READY_PATH = "/ready"
+# vLLM accepts only these --max-lora-rank values (vllm/config/lora.py MaxLoRARanks: the same set from 0.14
+# to the current docs)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ServedAdapter(_Model):
+    """One adapter the engine serves, under ``name`` (the model name clients ask for)."""
+
+    name: str
+    location: Location  # local_path set when mounted (pvc://); hf:// and s3:// are fetched by the sidecar
+    digest: str | None = None  # a new digest (a FineTuneJob's new artifact) reloads the adapter
+
+
+class AdapterSet(_Model):
+    """The ConfigMap's ADAPTERS_CONFIG_FILE: every adapter the replicas serve now."""
+
+    adapters: tuple[ServedAdapter, ...] = ()
+
+
+def engine_lora_rank(engine: str, rank: int) -> int | None:
+    """The --max-lora-rank an engine starts with to serve adapters up to ``rank``: vLLM's smallest allowed
+    value that holds it (None above 512: vLLM cannot serve it), SGLang's next power of two (any value works;
+    rounding keeps a slightly larger adapter from needing a restart), None for the transformers server
+    (peft takes any rank)."""
+    if engine == "vllm":
+        return next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if engine == "sglang":
+        return max(8, 1 << max(rank - 1, 0).bit_length())
+    return None

@@ -8,6 +8,14 @@ model, 413 for a body over --max-request-bytes, 401 without the API key), never 
 generation runs at a time; prompts are tokenized the way the training runtime tokenized them
 (the chat template, then the BOS token).
 
+LoRA adapters (peft) are served on the base model, each under its own model name: listed in
+/v1/models with the base as parent, chosen by the request's ``model`` (``<adapter>``, or SGLang's
+``<base>:<adapter>``); the base name answers with the adapters disabled. They are given at start
+(--lora-modules NAME=PATH ...) or, with --enable-lora, loaded and unloaded while the server runs
+through vLLM's runtime API (POST /v1/load_lora_adapter {"lora_name", "lora_path"} and
+/v1/unload_lora_adapter {"lora_name"}), which only callers on this machine (loopback) may use: the
+ModelService's adapter sidecar, in the same pod. Loading waits for the generation under way.
+
 It binds 127.0.0.1 unless told otherwise (--host; the ModelService Deployment passes 0.0.0.0,
 for its Service). With an API key (env KUBEFORGE_API_KEY, or --api-key-file) every /v1/*
 request must carry ``Authorization: Bearer <key>``; /health never needs it (probes). The
@@ -19,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +54,11 @@ HEALTH_PATH = "/health"
 API_PREFIX = "/v1/"
 ENV_API_KEY = "KUBEFORGE_API_KEY"
 SEED_MAX = 2**63 - 1  # what torch.manual_seed and OpenAI's API take (int64, not negative)
+LOAD_LORA_PATH = "/v1/load_lora_adapter"  # vLLM's runtime LoRA API, same paths and bodies
+UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+LORA_NAME = r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$"
+LOOPBACK = ("127.0.0.1", "::1")
 
 
 class BadRequest(Exception):
@@ -140,6 +156,8 @@ class ModelServer:
         *,
         api_key: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        adapters: Mapping[str, Path] | None = None,
+        enable_lora: bool = False,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,6 +176,10 @@ class ModelServer:
         self.lock = asyncio.Lock()
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
+        self.enable_lora = enable_lora  # the runtime LoRA API (loopback callers only)
+        self.adapters: dict[str, Path] = {}  # name -> folder; once there is one, self.model is a PeftModel
+        for name, folder in (adapters or {}).items():
+            self.load_adapter(name, Path(folder))
 
     # ------------------------------------------------------------------ HTTP
     def app(self) -> web.Application:
@@ -166,6 +188,9 @@ class ModelServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        if self.enable_lora:
+            app.router.add_post(LOAD_LORA_PATH, self._load_lora)
+            app.router.add_post(UNLOAD_LORA_PATH, self._unload_lora)
         return app
 
     @web.middleware
@@ -207,8 +232,22 @@ class ModelServer:
 
     async def _models(self, _: web.Request) -> web.Response:
         model = {"id": self.name, "object": "model", "created": self.created, "owned_by": "kubeforge",
-                 "max_model_len": self.max_len}  # fmt: skip
-        return web.json_response({"object": "list", "data": [model]})
+                 "max_model_len": self.max_len, "root": self.name, "parent": None}  # fmt: skip
+        adapters = [{**model, "id": name, "root": str(folder), "parent": self.name}
+                    for name, folder in sorted(self.adapters.items())]  # fmt: skip
+        return web.json_response({"object": "list", "data": [model, *adapters]})
+
+    def _adapter_of(self, model: object) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for any other name."""
+        if model == self.name:
+            return None
+        if isinstance(model, str):
+            name = model.removeprefix(f"{self.name}:")  # SGLang's <base>:<adapter> form
+            if name in self.adapters:
+                return name
+        known = ", ".join(f"`{n}`" for n in [self.name, *sorted(self.adapters)])
+        raise BadRequest(f"The model `{model}` does not exist; this server has {known}", "model", 404,
+                         "model_not_found")  # fmt: skip
 
     async def _body(self, request: web.Request) -> dict:
         try:
@@ -217,10 +256,7 @@ class ModelServer:
             raise BadRequest(f"the request body is not JSON: {err}") from err
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if model != self.name:
-            raise BadRequest(f"The model `{model}` does not exist; this server has `{self.name}`", "model", 404,
-                             "model_not_found")  # fmt: skip
+        self._adapter_of(body.get("model"))
         return body
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -255,18 +291,20 @@ class ModelServer:
             raise BadRequest("'stream' must be true or false", "stream")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"
-        async with self.lock:
+        model = body["model"]
+        async with self.lock:  # the adapter set changes only under it, so the one looked up stays loaded
+            adapter = self._adapter_of(model)
             if not stream:
                 text, tokens, stopped = await asyncio.get_running_loop().run_in_executor(
-                    None, self._generate, ids, settings
+                    None, self._generate, ids, settings, adapter
                 )
                 finish = "stop" if stopped or tokens < settings.max_tokens else "length"
                 choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 usage = {"prompt_tokens": len(ids), "completion_tokens": tokens, "total_tokens": len(ids) + tokens}
                 return web.json_response({"id": rid, "object": kind, "created": int(time.time()),
-                                          "model": self.name, "choices": [choice], "usage": usage})  # fmt: skip
-            return await self._stream(request, ids, settings, rid, chat)
+                                          "model": model, "choices": [choice], "usage": usage})  # fmt: skip
+            return await self._stream(request, ids, settings, rid, chat, model, adapter)
 
     def _generate_kwargs(self, ids: list[int], settings: Sampling) -> dict[str, Any]:
         import torch
@@ -286,10 +324,20 @@ class ModelServer:
             kwargs.update(do_sample=False)
         return kwargs
 
-    def _generate(self, ids: list[int], settings: Sampling) -> tuple[str, int, bool]:
+    def _selected(self, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
+        """Where ``self.model`` generates with ``adapter`` (None: the base, its adapters disabled). Called
+        under self.lock, in the thread that generates."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def _generate(self, ids: list[int], settings: Sampling, adapter: str | None = None) -> tuple[str, int, bool]:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._selected(adapter):
             out = self.model.generate(**self._generate_kwargs(ids, settings))
         new = out[0, len(ids) :]
         text, stopped = _cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), settings.stop)
@@ -304,12 +352,17 @@ class ModelServer:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def _stream(self, request: web.Request, ids: list[int], settings: Sampling, rid: str,
-                      chat: bool) -> web.StreamResponse:  # fmt: skip
+                      chat: bool, model: str, adapter: str | None) -> web.StreamResponse:  # fmt: skip
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         kwargs = {**self._generate_kwargs(ids, settings), "streamer": streamer}
-        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+
+        def generate() -> None:
+            with self._selected(adapter):
+                self.model.generate(**kwargs)
+
+        worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -321,7 +374,7 @@ class ModelServer:
                 choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            chunk = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+            chunk = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         if chat:
@@ -346,6 +399,102 @@ class ModelServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def load_adapter(self, name: str, folder: Path) -> None:
+        """Load the peft LoRA adapter in ``folder`` as ``name``; BadRequest when it is not one or does not fit
+        the base model (the server is left as it was)."""
+        from peft import PeftConfig, PeftModel
+
+        if not re.fullmatch(LORA_NAME, name) or name == self.name:
+            raise BadRequest(f"'lora_name' must match {LORA_NAME} and differ from the base model's name "
+                             f"(got {name!r})", "lora_name")  # fmt: skip
+        if name in self.adapters:
+            raise BadRequest(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        config_file = folder / ADAPTER_CONFIG
+        try:
+            peft_type = json.loads(config_file.read_text()).get("peft_type")
+        except (OSError, ValueError, AttributeError) as err:
+            raise BadRequest(f"{folder}: not a peft adapter ({ADAPTER_CONFIG} unreadable: {err})", "lora_path") from err
+        if peft_type != "LORA":
+            raise BadRequest(f"{folder}: a {peft_type} adapter; only LoRA adapters are served", "lora_path")
+        try:
+            if isinstance(self.model, PeftModel):
+                try:
+                    self.model.load_adapter(str(folder), adapter_name=name)
+                except Exception:
+                    if name in self.model.peft_config:
+                        self.model.delete_adapter(name)
+                    raise
+            else:
+                wrapped = PeftModel(self.model, PeftConfig.from_pretrained(str(folder)), adapter_name=name)
+                try:
+                    wrapped.load_adapter(str(folder), adapter_name=name)
+                except Exception:
+                    wrapped.unload()  # the LoRA layers out again: the base model as it was
+                    raise
+                self.model = wrapped
+        except BadRequest:
+            raise
+        except Exception as err:  # a shape that does not fit this base model, unreadable weights
+            raise BadRequest(f"{folder}: cannot load this adapter on {self.name}: {type(err).__name__}: {err}",
+                             "lora_path") from err  # fmt: skip
+        self.model.eval()
+        self.adapters[name] = folder
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise BadRequest(f"The lora adapter '{name}' cannot be found.", "lora_name", 404, "model_not_found")
+        if len(self.adapters) == 1:
+            self.model = self.model.unload()  # the last one: back to the plain base model
+            self.model.eval()
+        else:
+            if self.model.active_adapter == name:  # make another one active first (peft would, with a warning)
+                self.model.set_adapter(next(n for n in self.adapters if n != name))
+            self.model.delete_adapter(name)
+        del self.adapters[name]
+
+    def _local_caller(self, request: web.Request) -> None:
+        if request.remote not in LOOPBACK:
+            raise BadRequest("the LoRA adapter API answers callers on this machine only", status=403,
+                             code="forbidden")  # fmt: skip
+
+    async def _lora_request(self, request: web.Request, *keys: str) -> list[str]:
+        self._local_caller(request)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadRequest(f"the request body is not JSON: {err}") from err
+        values = [body.get(k) if isinstance(body, dict) else None for k in keys]
+        for key, value in zip(keys, values, strict=True):
+            if not isinstance(value, str) or not value:
+                raise BadRequest(f"'{key}' must be a non-empty string", key)
+        return values
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        name, path = await self._lora_request(request, "lora_name", "lora_path")
+        async with self.lock:  # after the generation under way; none starts until it is loaded
+            await asyncio.get_running_loop().run_in_executor(None, self.load_adapter, name, Path(path))
+        log.info("loaded LoRA adapter %r from %s", name, path)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        (name,) = await self._lora_request(request, "lora_name")
+        async with self.lock:
+            await asyncio.get_running_loop().run_in_executor(None, self.unload_adapter, name)
+        log.info("unloaded LoRA adapter %r", name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def lora_modules(values: list[str]) -> dict[str, Path]:
+    """--lora-modules NAME=PATH ... as a mapping (vLLM's form)."""
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules: {value!r} is not NAME=PATH")
+        out[name] = Path(path)
+    return out
 
 
 def api_key(path: str | None, environ: dict[str, str] | os._Environ = os.environ) -> str | None:
@@ -374,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default: env {ENV_API_KEY}; neither: no key)")  # fmt: skip
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="largest request body accepted; larger ones get 413 (default %(default)s)")  # fmt: skip
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters (peft folders) to serve, each under its own model name")  # fmt: skip
+    parser.add_argument("--enable-lora", action="store_true",
+                        help=f"accept {LOAD_LORA_PATH} and {UNLOAD_LORA_PATH} from loopback callers")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model_dir = Path(args.model)
@@ -385,11 +538,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         key = api_key(args.api_key_file)
+        modules = lora_modules(args.lora_modules)
     except (OSError, ValueError) as err:
         print(f"kubeforge serve: {err}", file=sys.stderr)
         return 2
-    server = ModelServer(model_dir, args.served_model_name or model_dir.name, args.max_model_len, api_key=key,
-                         max_request_bytes=args.max_request_bytes)  # fmt: skip
+    lora: dict[str, Any] = {"adapters": modules} if modules else {}
+    if args.enable_lora:
+        lora["enable_lora"] = True
+    try:
+        server = ModelServer(model_dir, args.served_model_name or model_dir.name, args.max_model_len, api_key=key,
+                             max_request_bytes=args.max_request_bytes, **lora)  # fmt: skip
+    except BadRequest as err:  # an adapter given at start that cannot be served
+        print(f"kubeforge serve: {err.message}", file=sys.stderr)
+        return 2
     if key is None and args.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("no API key (%s or --api-key-file): anyone who reaches %s:%d can use the model",
                     ENV_API_KEY, args.host, args.port)  # fmt: skip
