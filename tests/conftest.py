@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,15 @@ async def operator(
     emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[OperatorProcess]:
     """The real operator process (`python -m kubeforge.controller`) against the emulator."""
+    async with running_operator(emulator, tmp_path, request) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def running_operator(
+    emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[OperatorProcess]:
+    """Start the operator process against ``emulator``; stop it after, printing its log if the test failed."""
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     env = {
         "KUBEFORGE_RESYNC_SECONDS": "0.5",  # the timer pass; real clusters use 10 s

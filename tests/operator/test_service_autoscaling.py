@@ -19,12 +19,11 @@ import pytest
 import yaml
 
 from tests.builders import service
-from tests.conftest import free_port
+from tests.conftest import running_operator
 from tests.harness.cluster import STATUS, add_nodes, owned, roll_out, wait_children
 from tests.harness.crdschema import apply_defaults, cel_violations, schema_errors
 from tests.harness.emulator import FaithfulEmulator
 from tests.harness.manifests import validate_manifest
-from tests.harness.operator import OperatorProcess, write_kubeconfig
 from tests.harness.waiters import wait_for, wait_status
 from tests.operator.test_finetunejob import condition
 from tests.operator.test_finetunejob import server_fields_removed as clean
@@ -131,17 +130,8 @@ async def operator_with_crds(emulator: FaithfulEmulator, tmp_path: Path, request
     (the emulator serves no CRD watch: kopf sees kinds present when it starts)."""
     for path in sorted(VENDORED.glob("*.yaml")):
         emulator.declare_crd(yaml.safe_load(path.read_text()))
-    env = {"KUBEFORGE_RESYNC_SECONDS": "0.5", "KUBEFORGE_OFFLINE": "1", "KUBEFORGE_METRICS_PORT": str(free_port())}
-    proc = OperatorProcess(write_kubeconfig(tmp_path / "kubeconfig", emulator.url), tmp_path / "operator.log",
-                           emulator, env=env)  # fmt: skip
-    await proc.start()
-    try:
+    async with running_operator(emulator, tmp_path, request) as proc:
         yield proc
-    finally:
-        await proc.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f"----- operator log -----\n{proc.logs()[-20000:]}")
 
 
 def crd_problems(obj: dict[str, Any]) -> list[Any]:
