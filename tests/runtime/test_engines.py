@@ -28,7 +28,6 @@ REFUSED = [
     ({"strategy": "zero2", "precision": "fp8"}, "compute.precision fp8: strategy zero2 (deepspeed) cannot train in it"),
     ({"strategy": "megatron", "precision": "fp32", "device": "cuda"}, "compute.device cuda: the plan needs a CUDA"),
     ({"method": "lora", "precision": "fp8"}, "compute.precision fp8 trains training.method full only"),
-    ({"method": "qlora", "strategy": "fsdp"}, "training.method qlora with parallel.strategy fsdp"),
     ({"strategy": "zero3-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
 ]
 

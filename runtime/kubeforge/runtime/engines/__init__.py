@@ -4,7 +4,8 @@ Every engine answers the same questions (``Engine``), so the training loop in tr
 asks which one it has:
 
 - ``ddp.DDPEngine``: one process or torch DDP; each rank holds the whole model.
-- ``fsdp.FSDPEngine``: FSDP2, built on the meta device; each rank reads only its shards.
+- ``fsdp.FSDPEngine``: FSDP2, built on the meta device; each rank reads only its shards (QLoRA:
+  and quantizes them to torchao's NF4Tensor, which FSDP2 shards and gathers in 4 bits, nf4.py).
 - ``zero.DeepSpeedEngine``: ZeRO-1/2/3 with optimizer or parameter offload; ZeRO-3 builds
   partitioned and reads only each rank's range.
 - ``kubeforge.runtime.mcore.engine.MegatronEngine``: tensor and pipeline parallelism (CUDA).
@@ -72,11 +73,14 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
 
         if not float8.available():
             raise UserError("compute.precision fp8 needs torchao in the trainer image (pip install torchao)")
-    if method == "qlora" and engine == "fsdp":
-        raise UserError(
-            f"training.method qlora with parallel.strategy {strategy}: sharding NF4 weights is not supported by "
-            "this runtime; use ddp, zero1 or zero2 (the 4-bit base is small enough to replicate)"
-        )
+    if method == "qlora" and engine == "fsdp" and contract.parallel.world_size > 1:
+        from kubeforge.runtime.engines import nf4
+
+        if not nf4.available():
+            raise UserError(
+                f"training.method qlora with parallel.strategy {strategy} needs torchao in the trainer image "
+                "(FSDP2 shards its NF4Tensor base weights; pip install torchao), or use ddp or a zero stage"
+            )
     need = contract.compute.host_memory_bytes
     have = host_memory_bytes if host_memory_bytes is not None else available_host_memory()
     if need and have and need > have:

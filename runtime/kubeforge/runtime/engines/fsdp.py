@@ -6,8 +6,10 @@ each weight from the safetensors files (shards.Checkpoint): no process ever hold
 model. Precision policy: fp32 shards of trainable weights (the master copy), all-gathered in
 the compute dtype for the matmuls (``MixedPrecisionPolicy(param_dtype=bf16)``), gradients
 reduce-scattered in fp32, AdamW's moments on the fp32 shards; a LoRA base is stored (and
-gathered) in the compute dtype and its adapters in fp32. Checkpoints go through
-torch.distributed.checkpoint (each rank writes its shards).
+gathered) in the compute dtype and its adapters in fp32; a QLoRA base's linear weights are torchao
+NF4Tensors, sharded, gathered and read in 4 bits (nf4.py). Checkpoints go through
+torch.distributed.checkpoint (each rank writes its shards; QLoRA: the adapters only, the frozen base
+is read again from the model folder).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from typing import Any
 
 import torch
 
-from kubeforge.runtime.engines import common, loading, shards
+from kubeforge.runtime.engines import common, loading, nf4, shards
 
 
 def build_sharded_model(setup: common.Setup) -> tuple[torch.nn.Module, int]:
-    """The model, sharded, each rank holding only its shards: (model, number of sharded layers)."""
+    """The model, sharded, each rank holding only its shards: (model, number of sharded layers). QLoRA:
+    the frozen linear weights become NF4 before sharding, and each rank quantizes its rows as it reads them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     contract = setup.contract
     model = loading.build_empty(contract, setup.model_dir)
+    if contract.training.method == "qlora":
+        nf4.quantize_base(model, setup.dist.world)
     compute = loading.compute_dtype(contract)
     policy = MixedPrecisionPolicy()
     if compute != torch.float32:
@@ -60,6 +65,9 @@ def _load_shards(model: torch.nn.Module, setup: common.Setup) -> None:
                 continue
             if name in adapters:
                 local.copy_(adapters[name][start:stop].reshape(local.shape))
+            elif nf4.is_nf4(local):  # filled in place: the very shard FSDP2 all-gathers, not a view of it
+                rows = ckpt.rows(_checkpoint_key(loading.hf_name(name), ckpt, tied), start, stop)
+                nf4.load_rows(param._local_tensor, rows, param.device_mesh.get_group())
             else:
                 ckpt.copy_rows(_checkpoint_key(loading.hf_name(name), ckpt, tied), start, stop, local)
 
@@ -71,6 +79,7 @@ class FSDPEngine:
         self.device = setup.device
         model, self.sharded_layers = build_sharded_model(setup)
         self.model = self.module = model
+        self.frozen_only = setup.contract.training.method == "qlora"  # checkpoints and export: adapters only
         self.dp_rank = setup.dist.rank
         self.params = common.trainable(model)
         self.optimizer, self.scheduler = common.optimizer_and_scheduler(self.params, setup)
@@ -86,9 +95,10 @@ class FSDPEngine:
         return loss
 
     def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        options = StateDictOptions(ignore_frozen_params=self.frozen_only)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         return {"model": model_sd, "optim": optim_sd}
 
     def save(self, root: Path, step: int, extra: dict, main: bool) -> None:
@@ -104,24 +114,32 @@ class FSDPEngine:
 
     def load(self, path: Path) -> dict:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state = self._state()
         dcp.load(state, checkpoint_id=str(path / "sharded"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        options = StateDictOptions(ignore_frozen_params=self.frozen_only, strict=not self.frozen_only)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)  # fmt: skip
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         return common.restore(path)
 
     def full_state_dict(self, staging: Path) -> dict[str, torch.Tensor] | None:
-        """Every rank takes part; rank 0 gets the whole model on CPU, the others None."""
+        """Every rank takes part; rank 0 gets the whole model on CPU, the others None. QLoRA: the adapters only
+        (train.py puts them on the full-precision base, as for every QLoRA engine)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.frozen_only)
+        full = get_model_state_dict(self.model, options=options)
         return full if self.setup.dist.main else None
 
     def describe(self) -> str:
         share = 100 * common.local_share(self.model)
-        return f"fsdp: {self.sharded_layers} layers sharded; this rank holds {share:.0f}% of the parameters"
+        base = ""
+        if self.frozen_only:
+            quantized = sum(1 for p in self.model.parameters() if nf4.is_nf4(getattr(p, "_local_tensor", p)))
+            base = f", {quantized} base weights in NF4"
+        return f"fsdp: {self.sharded_layers} layers sharded{base}; this rank holds {share:.0f}% of the parameters"
 
 
 def _checkpoint_key(name: str, ckpt: shards.Checkpoint, tied: bool) -> str:
