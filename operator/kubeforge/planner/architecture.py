@@ -42,6 +42,13 @@ class Architecture:
     num_parameters: int = 0  # 0: computed
     source: str = ""
 
+    def __hash__(self) -> int:  # the dataclass's own hash (of every field), computed once: caches key on it
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in fields(self)))
+
     @cached_property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads

@@ -84,11 +84,15 @@ class StepTime:
 
 
 def flops_per_token(arch: Architecture, layout: Layout) -> float:
+    return _flops_per_token(arch, layout.method, layout.seq_len, layout.gradient_checkpointing)
+
+
+def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: bool) -> float:
     active = arch.active_parameters
-    per_param = 6.0 if layout.method == "full" else 4.0
-    if layout.gradient_checkpointing:
+    per_param = 6.0 if method == "full" else 4.0
+    if checkpointing:
         per_param += 2.0
-    attention = 6.0 * arch.num_layers * layout.seq_len * arch.q_dim
+    attention = 6.0 * arch.num_layers * seq_len * arch.q_dim
     return per_param * active + attention
 
 
@@ -103,68 +107,182 @@ def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
 
 
 def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int) -> StepTime:
+    model = StepModel(arch, layout, pool, global_batch)
+    return StepTime(*model.terms(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation))
+
+
+@dataclass(frozen=True)
+class JobTerms:
+    """What step_time needs of the job alone (model, method, sequence, batch): the same for every layout
+    a plan tries, so the search computes it once."""
+
+    work: tuple[float, float]  # tokens per step x FLOPs per token, without and with gradient checkpointing
+    trainable: int
+    base_bytes: float  # the weights' bytes as gathered (base_weight_bytes in bf16)
+
+
+def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
-    peak = pool.gpu.peak_tflops(layout.precision) * 1e12
-    if layout.precision == "fp8":
-        peak *= FP8_FRACTION
-    micro_tokens = layout.micro_batch * layout.sequences_per_example * layout.seq_len / layout.ulysses
-    efficiency = EFFICIENCY[layout.strategy] * min(1.0, 0.75 + 0.25 * micro_tokens / 8192)
-    efficiency *= TP_GEMM_EFFICIENCY ** math.log2(layout.tensor_parallel)
-    compute = tokens * flops_per_token(arch, layout) / (layout.world * peak * efficiency)
-    if layout.method == "qlora":
-        compute *= QLORA_SLOWDOWN
+    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, gc) for gc in (False, True))
+    return JobTerms(work, trainable_parameters(arch, layout), base_weight_bytes(arch, layout.method))  # type: ignore[arg-type]
 
-    p, t, d = layout.pipeline_parallel, layout.tensor_parallel, layout.data_parallel
-    micro_batches = max(1, layout.gradient_accumulation)
-    launches = micro_batches * (arch.num_layers / p) * LAYER_LAUNCH_SECONDS
-    bubble = (compute + launches) * (p - 1) / micro_batches if p > 1 else 0.0
 
-    intra, across = bandwidths(pool, layout)
-    trainable = trainable_parameters(arch, layout)
-    grad_bytes = (2.0 if layout.method == "full" else 4.0) * trainable
-    ring = 2 * (d - 1) / d if d > 1 else 0.0
-    dp_bytes = ring * grad_bytes / layout.model_parallel
-    sharded = STRATEGIES[layout.strategy].zero_stage == 3 or STRATEGIES[layout.strategy].engine == "fsdp"
-    if sharded and d > 1:
-        gathers = 3 if layout.gradient_checkpointing else 2
-        dp_bytes += gathers * (d - 1) / d * base_weight_bytes(arch, layout.method)
-    data_parallel = dp_bytes / across * (1 - OVERLAP)
+class StepShape:
+    """The part of StepModel that does not depend on the pool: one layout's fixed choices (strategy, GPUs,
+    parallel degrees, precision). The search shares it between pools with the same choices."""
 
-    tensor = 0.0
-    if t > 1:
-        per_microbatch = 4 * (arch.num_layers / p) * 2 * (t - 1) / t * micro_tokens * arch.hidden_size * 2
-        tensor = per_microbatch * micro_batches / intra
+    __slots__ = (
+        "alpha",
+        "bucket_collectives",
+        "d",
+        "dp_bytes",
+        "efficiency",
+        "examples",
+        "hidden",
+        "layers",
+        "moved",
+        "offload",
+        "p",
+        "per_stage",
+        "qlora",
+        "seq_len",
+        "sharded",
+        "t",
+        "tensor_share",
+        "tp_efficiency",
+        "trainable",
+        "ulysses",
+        "ulysses_share",
+        "ulysses_width",
+        "work",
+    )  # fmt: skip
 
-    u = layout.ulysses
-    ulysses = 0.0
-    if u > 1:
-        passes = 3 if layout.gradient_checkpointing else 2  # forward, backward (and the recomputed forward)
-        per_microbatch = passes * arch.num_layers * (u - 1) / u * micro_tokens * (2 * arch.q_dim + 2 * arch.kv_dim) * 2
-        ulysses = per_microbatch * micro_batches / intra
+    def __init__(self, arch: Architecture, layout: Layout, job: JobTerms) -> None:
+        self.examples, self.seq_len, self.ulysses = layout.sequences_per_example, layout.seq_len, layout.ulysses
+        self.efficiency = EFFICIENCY[layout.strategy]
+        self.tp_efficiency = TP_GEMM_EFFICIENCY ** math.log2(layout.tensor_parallel)
+        self.work = job.work
+        self.qlora = layout.method == "qlora"
 
-    alpha = COLLECTIVE_LATENCY * (5 if layout.nodes > 1 else 1)
-    collectives = 0.0
-    if u > 1:
-        collectives += 8 * arch.num_layers * micro_batches
-    if d > 1:
-        collectives += math.ceil(grad_bytes / layout.model_parallel / GRADIENT_BUCKET_BYTES) * math.log2(d)
-        if sharded:
-            collectives += 3 * arch.num_layers * micro_batches
-    if t > 1:
-        collectives += 4 * (arch.num_layers / p) * micro_batches
-    if p > 1:
-        collectives += 2 * (micro_batches + p - 1)
-    latency = launches + collectives * alpha
+        p, t, d = layout.pipeline_parallel, layout.tensor_parallel, layout.data_parallel
+        self.p, self.t, self.d = p, t, d
+        self.layers, self.hidden = arch.num_layers, arch.hidden_size
+        self.per_stage = arch.num_layers / p
 
-    offload = 0.0
-    where = STRATEGIES[layout.strategy].offload
-    if where != "none":  # fp32 gradients down and updated weights up over PCIe, Adam on the host's cores
-        pcie = pool.gpu.pcie_gbps * 1e9
-        moved = (4.0 + 2.0) * trainable / layout.world
-        if where == "parameters":  # every step gathers the weights from host memory, forward and backward
-            moved += 2 * base_weight_bytes(arch, layout.method) / layout.world
-        offload = moved / pcie + trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
-    return StepTime(compute, bubble, data_parallel, tensor, offload, latency, ulysses)
+        trainable = self.trainable = job.trainable
+        grad_bytes = (2.0 if layout.method == "full" else 4.0) * trainable
+        ring = 2 * (d - 1) / d if d > 1 else 0.0
+        facts = STRATEGIES[layout.strategy]
+        sharded = self.sharded = facts.zero_stage == 3 or facts.engine == "fsdp"
+        dp_bytes = []  # per checkpointing (False, True), before the bandwidth
+        for gc in (False, True):
+            dp = ring * grad_bytes / layout.model_parallel
+            if sharded and d > 1:
+                gathers = 3 if gc else 2
+                dp += gathers * (d - 1) / d * job.base_bytes
+            dp_bytes.append(dp)
+        self.dp_bytes = tuple(dp_bytes)
+
+        self.tensor_share = 4 * self.per_stage * 2 * (t - 1) / t
+        u = self.ulysses  # forward, backward (and the recomputed forward with checkpointing)
+        self.ulysses_share = (2 * arch.num_layers * (u - 1) / u, 3 * arch.num_layers * (u - 1) / u)
+        self.ulysses_width = 2 * arch.q_dim + 2 * arch.kv_dim
+
+        self.alpha = COLLECTIVE_LATENCY * (5 if layout.nodes > 1 else 1)
+        self.bucket_collectives = (
+            math.ceil(grad_bytes / layout.model_parallel / GRADIENT_BUCKET_BYTES) * math.log2(d) if d > 1 else 0.0
+        )
+        self.offload = facts.offload
+        moved = 0.0
+        if facts.offload != "none":  # fp32 gradients down and updated weights up over PCIe
+            moved = (4.0 + 2.0) * trainable / layout.world
+            if facts.offload == "parameters":  # every step gathers the weights from host memory, forward and backward
+                moved += 2 * job.base_bytes / layout.world
+        self.moved = moved
+
+
+class StepModel:
+    """step_time for one layout's fixed choices on one pool, per micro-batch, gradient checkpointing and
+    accumulation: what does not depend on those three is computed once (StepShape and the pool's terms
+    here), the rest in ``terms`` (StepTime's fields, in order) or ``seconds`` (their total)."""
+
+    __slots__ = ("data_parallel", "intra", "offload", "shape", "world_peak")
+
+    def __init__(
+        self,
+        arch: Architecture,
+        layout: Layout,
+        pool: Pool,
+        global_batch: int,
+        job: JobTerms | None = None,
+        shape: StepShape | None = None,
+    ) -> None:
+        """``job``, ``shape``: job_terms(arch, layout, global_batch) and StepShape(arch, layout, job), when the
+        caller already has them."""
+        if shape is None:
+            shape = StepShape(arch, layout, job if job is not None else job_terms(arch, layout, global_batch))
+        self.shape = shape
+        peak = pool.gpu.peak_tflops(layout.precision) * 1e12
+        if layout.precision == "fp8":
+            peak *= FP8_FRACTION
+        self.world_peak = layout.world * peak
+        intra, across = bandwidths(pool, layout)
+        self.intra = intra
+        self.data_parallel = (shape.dp_bytes[0] / across * (1 - OVERLAP), shape.dp_bytes[1] / across * (1 - OVERLAP))
+        offload = 0.0
+        if shape.offload != "none":  # Adam on the host's cores
+            pcie = pool.gpu.pcie_gbps * 1e9
+            offload = shape.moved / pcie + shape.trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
+        self.offload = offload
+
+    def terms(
+        self, micro_batch: int, checkpointing: bool, accumulation: int
+    ) -> tuple[float, float, float, float, float, float, float]:
+        """(compute, bubble, data_parallel, tensor_parallel, offload, latency, ulysses): StepTime's fields."""
+        s = self.shape
+        micro_tokens = micro_batch * s.examples * s.seq_len / s.ulysses
+        fill = 0.75 + 0.25 * micro_tokens / 8192  # small micro-batches leave the GPU partly idle
+        efficiency = s.efficiency * (fill if fill < 1.0 else 1.0)
+        efficiency *= s.tp_efficiency
+        compute = s.work[checkpointing] / (self.world_peak * efficiency)
+        if s.qlora:
+            compute *= QLORA_SLOWDOWN
+
+        p, t, d, u = s.p, s.t, s.d, s.ulysses
+        micro_batches = accumulation if accumulation > 1 else 1
+        launches = micro_batches * s.per_stage * LAYER_LAUNCH_SECONDS
+        bubble = (compute + launches) * (p - 1) / micro_batches if p > 1 else 0.0
+
+        tensor = 0.0
+        if t > 1:
+            per_microbatch = s.tensor_share * micro_tokens * s.hidden * 2
+            tensor = per_microbatch * micro_batches / self.intra
+
+        ulysses = 0.0
+        if u > 1:
+            per_microbatch = s.ulysses_share[checkpointing] * micro_tokens * s.ulysses_width * 2
+            ulysses = per_microbatch * micro_batches / self.intra
+
+        collectives = 0.0
+        if u > 1:
+            collectives += 8 * s.layers * micro_batches
+        if d > 1:
+            collectives += s.bucket_collectives
+            if s.sharded:
+                collectives += 3 * s.layers * micro_batches
+        if t > 1:
+            collectives += 4 * s.per_stage * micro_batches
+        if p > 1:
+            collectives += 2 * (micro_batches + p - 1)
+        latency = launches + collectives * s.alpha
+        return compute, bubble, self.data_parallel[checkpointing], tensor, self.offload, latency, ulysses
+
+    def seconds(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
+        """StepTime.total of ``terms`` without building the StepTime."""
+        compute, bubble, data_parallel, tensor, offload, latency, ulysses = self.terms(
+            micro_batch, checkpointing, accumulation
+        )
+        return compute + bubble + data_parallel + tensor + offload + latency + ulysses
 
 
 def reference_pass_seconds(arch: Architecture, layout: Layout, step: StepTime, steps_per_epoch: int | None) -> float:

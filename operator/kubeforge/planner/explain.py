@@ -81,7 +81,7 @@ def too_slow_reason(req: Request, arch: Architecture, fitting: list[Candidate], 
     """Every fitting layout takes longer than resources.maxHours (default a week)."""
     from kubeforge.planner.search import DEFAULT_MAX_HOURS
 
-    fastest = min(fitting, key=lambda c: c.time.total)
+    fastest = min(fitting, key=lambda c: c.seconds)
     limit = req.max_hours or DEFAULT_MAX_HOURS
     source = "resources.maxHours" if req.max_hours else "the default limit (set resources.maxHours to allow more)"
     return (
@@ -151,9 +151,14 @@ def infeasible_details(
     """For each pool, the leanest layout tried and what it needed: where the search ran out."""
     out = []
     closest: dict[str, Candidate] = {}
+    names: dict[int, str] = {}  # a pool's name, once per pool
     for c in candidates:
-        if c.pool.name not in closest or c.pressure < closest[c.pool.name].pressure:
-            closest[c.pool.name] = c
+        pool = c.pool
+        name = names.get(id(pool))
+        if name is None:
+            name = names[id(pool)] = pool.name
+        if name not in closest or c.pressure < closest[name].pressure:
+            closest[name] = c
     for name, c in closest.items():
         lay, mem = c.layout, c.memory
         host = f", host {gib(mem.host_per_node)} per node" if mem.host_per_node else ""
@@ -238,10 +243,20 @@ def _pool_sentence(best: Candidate, fitting: Iterable[Candidate]) -> str:
         if pool.nvlink_domain > 1
         else "PCIe only (no NVLink between its GPUs)"
     )
-    others: dict[str, float] = {}
+    fastest: dict[int, float] = {}  # per other pool, in the order the pools first appear
+    pools: list[Pool] = []
     for c in fitting:
-        if c.pool is not pool:
-            others[c.pool.name] = min(others.get(c.pool.name, float("inf")), c.time.total)
+        other = c.pool
+        if other is not pool:
+            seconds = fastest.get(id(other))
+            if seconds is None:
+                pools.append(other)
+                fastest[id(other)] = c.seconds
+            elif c.seconds < seconds:
+                fastest[id(other)] = c.seconds
+    others: dict[str, float] = {}  # by name: two pools may share one
+    for other in pools:
+        others[other.name] = min(others.get(other.name, float("inf")), fastest[id(other)])
     tail = ""
     if others:
         listed = ", ".join(f"{name} at {secs:.2f} s/step" for name, secs in sorted(others.items(), key=lambda x: x[1]))
@@ -253,21 +268,21 @@ def _gpus_sentence(best: Candidate, fitting: list[Candidate]) -> str:
     from kubeforge.planner.search import MIN_SCALING, scaling
 
     lay = best.layout
-    larger = [c for c in fitting if c.layout.world > lay.world]
-    smaller = [c for c in fitting if c.layout.world < lay.world]
-    parts = [f"{lay.world} GPU(s)"]
+    world = lay.world
+    larger = [c for c in fitting if c.world > world]
+    smaller = [c for c in fitting if c.world < world]
+    parts = [f"{world} GPU(s)"]
     if smaller:
-        slower = min(smaller, key=lambda c: c.time.total)
+        slower = min(smaller, key=lambda c: c.seconds)
         parts.append(
-            f"fewer ({slower.layout.world}) would fit but take {slower.time.total:.2f} s/step instead of "
-            f"{best.time.total:.2f} s"
+            f"fewer ({slower.world}) would fit but take {slower.seconds:.2f} s/step instead of {best.seconds:.2f} s"
         )
     else:
         parts.append("the fewest that fit")
     if larger:
-        faster = min(larger, key=lambda c: c.time.total)
+        faster = min(larger, key=lambda c: c.seconds)
         parts.append(
-            f"{faster.layout.world} would take {faster.time.total:.2f} s/step, {scaling(best, faster):.0%} scaling "
+            f"{faster.world} would take {faster.seconds:.2f} s/step, {scaling(best, faster):.0%} scaling "
             f"efficiency (more GPUs need {MIN_SCALING:.0%} and a >5% gain)"
         )
     return ": ".join(parts[:2]) + ("; " + parts[2] if len(parts) > 2 else "") + "."

@@ -125,7 +125,10 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
             f"No GPU found (nvidia-smi): {nproc} CPU process(es) with gloo, fp32, {NAMES[strategy]}"
             + (" (as spec.parallelism.strategy asks)." if asked != "auto" else "."),
             *(
-                ["QLoRA on CPU runs bitsandbytes' CPU NF4 kernels: for experiments, far slower than a GPU."]
+                [
+                    "QLoRA on CPU runs NF4 kernels on the CPU (bitsandbytes'; torchao's NF4Tensor under fsdp with "
+                    "several processes): for experiments, far slower than a GPU."
+                ]
                 if spec.method == "qlora"
                 else []
             ),

@@ -49,7 +49,9 @@ ZeRO-3), and 8% fragmentation of everything else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
+from typing import Any
 
 from kubeforge.planner.architecture import Architecture
 from kubeforge.runtime.contract import NF4_BYTES, STRATEGIES, precision_policy
@@ -101,6 +103,22 @@ class Layout:
         return 2 if self.objective == "dpo" else 1
 
 
+LAYOUT_FIELDS = tuple(f.name for f in fields(Layout))
+
+
+def layout_like(base: Layout, **changes: Any) -> Layout:
+    """``dataclasses.replace(base, **changes)`` for the search, which builds a Layout per group: the same
+    object (Layout has no __post_init__ and nothing cached in its __dict__), without the frozen
+    dataclass's field-by-field __setattr__ (about 10x slower). ``changes`` must name fields."""
+    layout = object.__new__(Layout)
+    values = layout.__dict__
+    source = base.__dict__
+    for name in LAYOUT_FIELDS:
+        values[name] = source[name]
+    values.update(changes)
+    return layout
+
+
 @dataclass(frozen=True)
 class Memory:
     weights: int
@@ -144,9 +162,16 @@ def base_weight_bytes(arch: Architecture, method: str, precision: str = "bf16") 
     return policy.bytes("compute") * arch.total_parameters
 
 
-def model_states(arch: Architecture, layout: Layout) -> States:
-    policy = precision_policy(layout.precision, layout.method)
+@functools.cache
+def _state_bytes(precision: str, method: str) -> tuple[float, float, float, float]:
+    """Bytes per element of the compute copy, fp32 masters, gradients and one optimizer moment."""
+    policy = precision_policy(precision, method)
     c, m, g, o = (policy.bytes(k) for k in ("compute", "master", "gradients", "optimizer"))
+    return c, m, g, o
+
+
+def model_states(arch: Architecture, layout: Layout) -> States:
+    c, m, g, o = _state_bytes(layout.precision, layout.method)
     o *= 2  # Adam's two moments
     facts = STRATEGIES[layout.strategy]
     P, LL, n = arch.total_parameters, arch.largest_layer_parameters, layout.world
@@ -184,28 +209,46 @@ def _offload(states: States, offload: str, layout: Layout, optimizer_bytes: floa
 
 
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
-    h, k, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size * arch.num_experts_per_token
-    t, p = layout.tensor_parallel, layout.pipeline_parallel
-    # Ulysses: each GPU keeps its slice of every sequence (attention sees the whole sequence for its
-    # heads/ulysses, the same bytes); DPO: chosen and rejected run in one forward pass
-    tokens = layout.micro_batch * layout.sequences_per_example * layout.seq_len / layout.ulysses
-    shared = 6 * h / (t if layout.sequence_parallel else 1)
-    split = (8 * h + 4 * k + 8 * i) / t
-    per_layer = shared + split
-    if layout.method != "full" and layout.lora_dropout > 0:
-        # peft applies dropout to each adapted module's input (q, k, v, gate, up: h; o: q width;
-        # down: i) and keeps the result (bf16) and its mask (1 byte) for the backward pass
-        per_layer += 3 * (5 * h + arch.q_dim + arch.intermediate_size) / t
-    layers = arch.num_layers / p
-    in_flight = min(p, max(1, layout.gradient_accumulation))
-    if layout.gradient_checkpointing:
-        kept = layers * in_flight * 2 * h / (t if layout.sequence_parallel else 1)
-        body = tokens * (kept + per_layer)
-    else:
-        body = tokens * layers * in_flight * per_layer
-    logits = tokens * arch.vocab_size * LOGIT_BYTES / t
-    scale = 2.0 if layout.precision == "fp32" else 1.0  # the formulas count 2-byte activations
-    return (body + logits) * scale
+    return Activations(arch, layout)(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation)
+
+
+class Activations:
+    """activation_bytes for one layout's fixed choices (parallel degrees, method, precision), evaluated per
+    micro-batch, gradient checkpointing and accumulation: the search calls it once per candidate."""
+
+    __slots__ = ("divide", "examples", "h", "layers", "p", "per_layer", "scale", "seq_len", "t", "u", "vocab")
+
+    def __init__(self, arch: Architecture, layout: Layout) -> None:
+        h, k, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size * arch.num_experts_per_token
+        t = layout.tensor_parallel
+        # Ulysses: each GPU keeps its slice of every sequence (attention sees the whole sequence for its
+        # heads/ulysses, the same bytes); DPO: chosen and rejected run in one forward pass
+        self.h, self.t, self.p, self.u = h, t, layout.pipeline_parallel, layout.ulysses
+        self.examples, self.seq_len = layout.sequences_per_example, layout.seq_len
+        self.divide = t if layout.sequence_parallel else 1
+        shared = 6 * h / self.divide
+        split = (8 * h + 4 * k + 8 * i) / t
+        per_layer = shared + split
+        if layout.method != "full" and layout.lora_dropout > 0:
+            # peft applies dropout to each adapted module's input (q, k, v, gate, up: h; o: q width;
+            # down: i) and keeps the result (bf16) and its mask (1 byte) for the backward pass
+            per_layer += 3 * (5 * h + arch.q_dim + arch.intermediate_size) / t
+        self.per_layer = per_layer
+        self.layers = arch.num_layers / self.p
+        self.vocab = arch.vocab_size
+        self.scale = 2.0 if layout.precision == "fp32" else 1.0  # the formulas count 2-byte activations
+
+    def __call__(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
+        tokens = micro_batch * self.examples * self.seq_len / self.u
+        p = self.p
+        in_flight = 1 if p == 1 else min(p, max(1, accumulation))
+        if checkpointing:
+            kept = self.layers * in_flight * 2 * self.h / self.divide
+            body = tokens * (kept + self.per_layer)
+        else:
+            body = tokens * self.layers * in_flight * self.per_layer
+        logits = tokens * self.vocab * LOGIT_BYTES / self.t
+        return (body + logits) * self.scale
 
 
 def deepspeed_buckets(arch: Architecture, layout: Layout) -> float:
@@ -214,27 +257,58 @@ def deepspeed_buckets(arch: Architecture, layout: Layout) -> float:
     facts = STRATEGIES[layout.strategy]
     if facts.engine != "deepspeed":
         return 0.0
-    c = precision_policy(layout.precision, layout.method).bytes("compute")
+    c = _state_bytes(layout.precision, layout.method)[0]  # the compute dtype
     return (1 if facts.zero_stage == 3 else 2) * arch.hidden_size**2 * c
 
 
 def overhead_bytes(arch: Architecture, layout: Layout, subtotal: float) -> float:
-    out = CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0) + deepspeed_buckets(arch, layout)
-    return out + FRAGMENTATION * subtotal
+    return _fixed_overhead(arch, layout) + FRAGMENTATION * subtotal
+
+
+def _fixed_overhead(arch: Architecture, layout: Layout) -> float:
+    return CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0) + deepspeed_buckets(arch, layout)
 
 
 def estimate(arch: Architecture, layout: Layout, states: States | None = None) -> Memory:
     """``states``: model_states(arch, layout), when the caller already has it (it does not depend on the
     micro-batch or on gradient checkpointing)."""
-    states = states if states is not None else model_states(arch, layout)
-    acts = activation_bytes(arch, layout)
-    subtotal = states.weights + states.gradients + states.optimizer + states.gathered + acts
-    return Memory(
-        weights=int(states.weights),
-        gradients=int(states.gradients),
-        optimizer=int(states.optimizer),
-        activations=int(acts),
-        overhead=int(overhead_bytes(arch, layout, subtotal)),
-        host_per_node=int(states.host_per_node),
-        gathered=int(states.gathered),
-    )
+    model = MemoryModel(arch, layout, states)
+    return model.at(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation)
+
+
+class MemoryModel:
+    """estimate() for one layout's fixed choices, per micro-batch, checkpointing and accumulation. ``total``
+    is ``at(...).total`` without building the Memory (the search asks it of every candidate)."""
+
+    __slots__ = ("activations", "fixed_overhead", "states", "states_ints", "states_sum")
+
+    def __init__(
+        self,
+        arch: Architecture,
+        layout: Layout,
+        states: States | None = None,
+        activations: Activations | None = None,
+    ) -> None:
+        states = states if states is not None else model_states(arch, layout)
+        self.states = states
+        self.activations = activations if activations is not None else Activations(arch, layout)
+        self.fixed_overhead = _fixed_overhead(arch, layout)
+        self.states_sum = states.weights + states.gradients + states.optimizer + states.gathered
+        self.states_ints = int(states.weights) + int(states.gradients) + int(states.optimizer) + int(states.gathered)
+
+    def at(self, micro_batch: int, checkpointing: bool, accumulation: int) -> Memory:
+        states = self.states
+        acts = self.activations(micro_batch, checkpointing, accumulation)
+        return Memory(
+            weights=int(states.weights),
+            gradients=int(states.gradients),
+            optimizer=int(states.optimizer),
+            activations=int(acts),
+            overhead=int(self.fixed_overhead + FRAGMENTATION * (self.states_sum + acts)),
+            host_per_node=int(states.host_per_node),
+            gathered=int(states.gathered),
+        )
+
+    def total(self, micro_batch: int, checkpointing: bool, accumulation: int) -> int:
+        acts = self.activations(micro_batch, checkpointing, accumulation)
+        return self.states_ints + int(acts) + int(self.fixed_overhead + FRAGMENTATION * (self.states_sum + acts))

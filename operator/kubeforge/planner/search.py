@@ -15,6 +15,16 @@ not wasted for a few percent); ties go to the simplest strategy. Megatron is cho
 when it beats the best Hugging Face-native strategy by MEGATRON_MARGIN, since it
 converts the weights into and out of its own format. Explicit spec.parallelism values
 are honoured or the plan is infeasible with the reason; nothing is silently changed.
+
+Cost (issue 11: one plan in a few ms on a 4-pool cluster). Candidates that differ only in micro-batch
+and checkpointing form a Group; what does not depend on those two (model states, the memory and
+step-time terms, the Layout) is computed once per group, and what does not depend on the pool either
+(a Shape) once per plan. A candidate is two float formulas (memory.MemoryModel.total, and
+cost.StepModel.seconds when it fits); its Layout, Memory and StepTime objects are built only for the
+few that explain() and build() read, and candidates that do not fit stay plain tuples unless nothing
+fits. With one pipeline stage memory only grows with the micro-batch, so once a micro-batch does not
+fit without checkpointing, the larger ones are not computed. The plans are the same as computing every
+candidate in full (tests/planner/test_plan_stable.py).
 """
 
 from __future__ import annotations
@@ -27,8 +37,24 @@ from kubeforge.api.finetune import FineTuneJobSpec
 from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner import explain
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.cost import StepTime, reference_pass_seconds, step_time, total_steps
-from kubeforge.planner.memory import Layout, Memory, estimate, model_states, trainable_parameters
+from kubeforge.planner.cost import (
+    JobTerms,
+    StepModel,
+    StepShape,
+    StepTime,
+    job_terms,
+    reference_pass_seconds,
+    total_steps,
+)
+from kubeforge.planner.memory import (
+    Activations,
+    Layout,
+    Memory,
+    MemoryModel,
+    layout_like,
+    model_states,
+    trainable_parameters,
+)
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
 from kubeforge.runtime.contract import ENGINE_PRECISIONS
 from kubeforge.runtime.contract import STRATEGIES as FACTS
@@ -55,20 +81,162 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MAX_HOURS = 168.0  # a week: longer estimates are infeasible unless resources.maxHours says otherwise
 
 
-@dataclass(frozen=True)
+class Shape:
+    """What a group's candidates share whatever the pool: the Layout (at the group's first micro-batch),
+    the model states and memory terms, and the step-time terms that do not depend on the pool. Built once
+    per plan for pools with the same choices."""
+
+    __slots__ = (
+        "_step",
+        "arch",
+        "engine",
+        "global_batch",
+        "host_per_node",
+        "job",
+        "layout",
+        "memory",
+        "offload",
+        "rank",
+        "ulysses",
+        "world",
+    )  # fmt: skip
+
+    def __init__(
+        self, arch: Architecture, global_batch: int, job: JobTerms, layout: Layout, memory: MemoryModel
+    ) -> None:
+        facts = FACTS[layout.strategy]
+        self.arch, self.global_batch, self.job, self.layout, self.memory = arch, global_batch, job, layout, memory
+        self.rank = STRATEGIES.index(layout.strategy)  # simplest first: ties in step time go to the lower
+        self.engine, self.offload = facts.engine, facts.offload
+        self.world, self.ulysses = layout.world, layout.ulysses
+        self.host_per_node = int(memory.states.host_per_node)
+        self._step: StepShape | None = None
+
+    @property
+    def step(self) -> StepShape:
+        if self._step is None:
+            self._step = StepShape(self.arch, self.layout, self.job)
+        return self._step
+
+
+class Group:
+    """The candidates that differ only in micro-batch and gradient checkpointing: one pool and one Shape
+    (GPU count, strategy, parallel degrees, precision)."""
+
+    __slots__ = (
+        "_step",
+        "engine",
+        "host_per_node",
+        "layout",
+        "memory",
+        "offload",
+        "pool",
+        "rank",
+        "shape",
+        "ulysses",
+        "world",
+    )  # fmt: skip
+
+    def __init__(self, pool: Pool, shape: Shape) -> None:
+        self.pool, self.shape, self.layout, self.memory = pool, shape, shape.layout, shape.memory
+        self.rank, self.engine, self.offload = shape.rank, shape.engine, shape.offload
+        self.world, self.ulysses, self.host_per_node = shape.world, shape.ulysses, shape.host_per_node
+        self._step: StepModel | None = None
+
+    @property
+    def step(self) -> StepModel:
+        if self._step is None:
+            shape = self.shape
+            self._step = StepModel(shape.arch, shape.layout, self.pool, shape.global_batch, shape.job, shape.step)
+        return self._step
+
+
 class Candidate:
-    pool: Pool
-    layout: Layout
-    memory: Memory
-    time: StepTime  # estimated only for candidates that fit (a zero StepTime otherwise)
-    fits: bool
+    """One layout on one pool: its group, micro-batch, checkpointing and accumulation, its memory total and
+    (when it fits) its estimated seconds per step. The Layout, the Memory breakdown and the StepTime are
+    built on first use: the search needs only the totals of most candidates."""
+
+    __slots__ = (
+        "_layout",
+        "_memory",
+        "_time",
+        "fits",
+        "gradient_accumulation",
+        "gradient_checkpointing",
+        "group",
+        "memory_total",
+        "micro_batch",
+        "seconds",
+    )  # fmt: skip
+
+    def __init__(
+        self, group: Group, micro_batch: int, checkpointing: bool, accumulation: int, total: int | None,
+        fits: bool, seconds: float,
+    ) -> None:  # fmt: skip
+        self.group = group
+        self.micro_batch, self.gradient_checkpointing, self.gradient_accumulation = (
+            micro_batch,
+            checkpointing,
+            accumulation,
+        )
+        # total: None where the search knew without computing it that the candidate does not fit
+        self.memory_total, self.fits, self.seconds = total, fits, seconds  # seconds: 0.0 when it does not fit
+        self._layout: Layout | None = None
+        self._memory: Memory | None = None
+        self._time: StepTime | None = None
+
+    @property
+    def pool(self) -> Pool:
+        return self.group.pool
+
+    @property
+    def world(self) -> int:
+        return self.group.world
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = layout_like(
+                self.group.layout,
+                micro_batch=self.micro_batch,
+                gradient_checkpointing=self.gradient_checkpointing,
+                gradient_accumulation=self.gradient_accumulation,
+            )
+        return self._layout
+
+    @property
+    def memory(self) -> Memory:
+        if self._memory is None:
+            self._memory = self.group.memory.at(
+                self.micro_batch, self.gradient_checkpointing, self.gradient_accumulation
+            )
+        return self._memory
+
+    @property
+    def time(self) -> StepTime:
+        """Estimated only for candidates that fit (a zero StepTime otherwise)."""
+        if self._time is None:
+            if self.fits:
+                step = self.group.step
+                self._time = StepTime(
+                    *step.terms(self.micro_batch, self.gradient_checkpointing, self.gradient_accumulation)
+                )
+            else:
+                self._time = NO_TIME
+        return self._time
 
     @property
     def pressure(self) -> float:
         """How far over (>1) or under (<1) its limits the candidate is."""
-        gpu = self.memory.total / max(1, UTILISATION * self.pool.memory_bytes)
-        host = self.memory.host_per_node / max(1, HOST_UTILISATION * self.pool.host_memory_bytes)
+        pool = self.group.pool
+        if self.memory_total is None:
+            self.memory_total = self.memory.total
+        gpu = self.memory_total / max(1, UTILISATION * pool.memory_bytes)
+        host = self.group.host_per_node / max(1, HOST_UTILISATION * pool.host_memory_bytes)
         return max(gpu, host)
+
+
+Unfit = tuple  # (group, micro-batch, checkpointing, accumulation, memory total or None): a Candidate that does not fit
 
 
 @dataclass(frozen=True)
@@ -136,21 +304,30 @@ def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alte
         reason = explain.no_pool_reason(req, inventory)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         return Plan(False, reason, tuple(notes), alts)
-    candidates: list[Candidate] = []
+    fitting: list[Candidate] = []
+    unfit: list[Unfit] = []
     rejections: list[str] = []
+    shared: dict = {}
     for pool in pools:
         precision, why = choose_precision(req, pool)
         if precision is None:
             rejections.append(why)
             continue
-        candidates.extend(enumerate_candidates(req, pool, arch, precision, rejections))
-    fitting = [c for c in candidates if c.fits]
+        enumerate_candidates(req, pool, arch, precision, rejections, fitting, unfit, shared)
     if not fitting:
+        candidates = unfit_candidates(unfit)  # every candidate, in search order
         reason = explain.infeasible_reason(req, arch, pools, candidates, rejections)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         details = explain.infeasible_details(req, arch, candidates, rejections)
         return Plan(False, reason, tuple(notes + details), alts)
-    in_time = [c for c in fitting if within_time(req, arch, c)]
+    limit = req.max_hours or DEFAULT_MAX_HOURS
+    steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
+    if steps is None:
+        in_time = fitting
+    elif req.objective != "dpo":  # within_time, whose reference pass is 0 s without DPO
+        in_time = [c for c in fitting if c.seconds * steps / 3600 <= limit]
+    else:
+        in_time = [c for c in fitting if within_time(req, arch, c)]
     if not in_time:
         reason = explain.too_slow_reason(req, arch, fitting, run_hours(req, arch, min(fitting, key=_wall)))
         alts = _alternatives(req, inventory, arch) if alternatives else ()
@@ -174,7 +351,7 @@ def within_time(req: Request, arch: Architecture, c: Candidate) -> bool:
 
 
 def _wall(c: Candidate) -> float:
-    return c.time.total
+    return c.seconds
 
 
 def allowed_pools(req: Request, inventory: Inventory) -> tuple[list[Pool], list[str]]:
@@ -240,7 +417,7 @@ def strategies(req: Request) -> tuple[str, ...]:
     def allowed(strategy: str) -> bool:
         if FACTS[strategy].engine == "megatron":  # full fine-tuning with the next-token loss, no Ulysses degree
             return req.method == "full" and req.objective == "sft" and (req.sequence_parallel_size or 1) == 1
-        return not (strategy == "fsdp" and req.method == "qlora")  # the runtime shards NF4 with ZeRO-3 only
+        return True  # QLoRA shards its NF4 base under FSDP2 (torchao's NF4Tensor) and ZeRO-3 (quant storage)
 
     return tuple(s for s in STRATEGIES if allowed(s))
 
@@ -277,11 +454,29 @@ def model_parallel_options(req: Request, pool: Pool, arch: Architecture, world: 
 
 
 def enumerate_candidates(
-    req: Request, pool: Pool, arch: Architecture, precision: str, rejections: list[str]
-) -> Iterator[Candidate]:
+    req: Request,
+    pool: Pool,
+    arch: Architecture,
+    precision: str,
+    rejections: list[str],
+    fitting: list[Candidate],
+    unfit: list[Unfit],
+    shared: dict | None = None,
+) -> None:
+    """Appends, in search order, the candidates that fit to ``fitting`` and the others to ``unfit`` (they
+    only matter when nothing fits: see ``unfit_candidates``). ``shared``: what does not depend on the
+    pool (each group's Layout and memory terms, the job's step-time terms), kept across the pools of one
+    plan."""
+    shared = {} if shared is None else shared
+    tried = shared.get("strategies")
+    if tried is None:
+        tried = shared["strategies"] = strategies(req)
+    global_batch = req.global_batch
+    gpu_limit = UTILISATION * pool.memory_bytes
+    host_limit = HOST_UTILISATION * pool.host_memory_bytes
     for nodes, per_node in gpu_counts(pool, req.max_gpus):
         world = nodes * per_node
-        for strategy in strategies(req):
+        for strategy in tried:
             engine = FACTS[strategy].engine
             layout_precision = engine_precision(req, strategy, precision)
             if layout_precision is None:
@@ -302,7 +497,10 @@ def enumerate_candidates(
                         continue
                     splits = [(bool(sp), 1) for sp in sp_options]
                 else:
-                    options = ulysses_options(req, pool, arch, engine, per_node)
+                    options_key = ("ulysses", engine, per_node)  # what ulysses_options depends on
+                    options = shared.get(options_key)
+                    if options is None:
+                        options = shared[options_key] = ulysses_options(req, pool, arch, engine, per_node)
                     if not options:
                         rejections.append(explain.no_ulysses(req, arch, per_node))
                         continue
@@ -312,43 +510,93 @@ def enumerate_candidates(
                     if u > 1 and fit_without and not (req.sequence_parallel or req.sequence_parallel_size):
                         continue
                     d = world // (t * p * u)
-                    states = None  # the same for every micro-batch and checkpointing choice
+                    group: Group | None = None  # built at the first micro-batch that divides the batch
+                    seconds_of = None  # its step model's seconds, built at its first candidate that fits
+                    # with one pipeline stage memory only grows with the micro-batch: once a micro-batch
+                    # does not fit without checkpointing, no larger one does (no need to compute it)
+                    lean_cannot_fit = False
                     for mb in MICRO_BATCHES:
-                        if req.global_batch % (mb * d):
+                        chunk = mb * d
+                        if global_batch % chunk:
                             continue
-                        accumulation = req.global_batch // (mb * d)
+                        accumulation = global_batch // chunk
+                        if group is None:
+                            group = _group(req, pool, arch, shared, strategy, nodes, per_node, t, p, sp, u,
+                                           layout_precision, mb, accumulation)  # fmt: skip
+                            total_of = group.memory.total
+                            host_ok = group.host_per_node <= host_limit
                         lean_fits = False  # memory grows with the micro-batch: stop at the first that cannot fit
                         for checkpointing in (False, True):
                             if checkpointing and lean_fits:
                                 break  # recomputing the forward pass only costs time when the layout fits without it
-                            layout = Layout(
-                                method=req.method,
-                                strategy=strategy,
-                                nodes=nodes,
-                                gpus_per_node=per_node,
-                                tensor_parallel=t,
-                                pipeline_parallel=p,
-                                sequence_parallel=sp,
-                                precision=layout_precision,
-                                micro_batch=mb,
-                                seq_len=req.seq_len,
-                                gradient_checkpointing=checkpointing,
-                                gradient_accumulation=accumulation,
-                                lora_rank=req.lora_rank,
-                                lora_targets=req.lora_targets,
-                                lora_dropout=req.lora_dropout,
-                                ulysses=u,
-                                objective=req.objective,
-                            )
-                            states = states or model_states(arch, layout)
-                            memory = estimate(arch, layout, states)
-                            ok = fits(pool, memory)
-                            fit_without = fit_without or (ok and u == 1)
-                            lean_fits = lean_fits or ok
-                            time = step_time(arch, layout, pool, req.global_batch) if ok else NO_TIME
-                            yield Candidate(pool, layout, memory, time, ok)
+                            if lean_cannot_fit and not checkpointing:
+                                unfit.append((group, mb, False, accumulation, None))
+                                continue
+                            total = total_of(mb, checkpointing, accumulation)
+                            if total <= gpu_limit and host_ok:
+                                lean_fits = True
+                                fit_without = fit_without or u == 1
+                                if seconds_of is None:
+                                    seconds_of = group.step.seconds
+                                seconds = seconds_of(mb, checkpointing, accumulation)
+                                fitting.append(Candidate(group, mb, checkpointing, accumulation, total, True, seconds))
+                            else:
+                                unfit.append((group, mb, checkpointing, accumulation, total))
+                                lean_cannot_fit = lean_cannot_fit or (not checkpointing and p == 1)
                         if not lean_fits:
                             break
+
+
+def _group(
+    req: Request, pool: Pool, arch: Architecture, shared: dict, strategy: str, nodes: int, per_node: int, t: int,
+    p: int, sp: bool, u: int, precision: str, micro_batch: int, accumulation: int,
+) -> Group:  # fmt: skip
+    """The group of these choices on ``pool``; its Shape is shared by the pools with the same choices."""
+    key = (strategy, nodes, per_node, t, p, sp, u, precision)
+    shape = shared.get(key)
+    if shape is None:
+        base = shared.get("layout")  # the job's fields, once per plan
+        if base is None:
+            base = shared["layout"] = Layout(
+                method=req.method,
+                strategy=strategy,
+                nodes=nodes,
+                gpus_per_node=per_node,
+                seq_len=req.seq_len,
+                lora_rank=req.lora_rank,
+                lora_targets=req.lora_targets,
+                lora_dropout=req.lora_dropout,
+                objective=req.objective,
+            )
+        layout = layout_like(
+            base,
+            strategy=strategy,
+            nodes=nodes,
+            gpus_per_node=per_node,
+            tensor_parallel=t,
+            pipeline_parallel=p,
+            sequence_parallel=sp,
+            precision=precision,
+            micro_batch=micro_batch,
+            gradient_checkpointing=False,
+            gradient_accumulation=accumulation,
+            ulysses=u,
+        )
+        acts_key = ("activations", t, p, sp, u, precision == "fp32")  # the same for most strategies and GPU counts
+        acts = shared.get(acts_key)
+        if acts is None:
+            acts = shared[acts_key] = Activations(arch, layout)
+        job = shared.get("job")
+        if job is None:
+            job = shared["job"] = job_terms(arch, layout, req.global_batch)
+        # model states do not depend on the micro-batch or on checkpointing
+        memory = MemoryModel(arch, layout, model_states(arch, layout), acts)
+        shape = shared[key] = Shape(arch, req.global_batch, job, layout, memory)
+    return Group(pool, shape)
+
+
+def unfit_candidates(unfit: list[Unfit]) -> list[Candidate]:
+    return [Candidate(group, mb, gc, accumulation, total, False, 0.0) for group, mb, gc, accumulation, total in unfit]
 
 
 NO_TIME = StepTime(0.0, 0.0, 0.0, 0.0, 0.0)
@@ -365,35 +613,32 @@ def engine_precision(req: Request, strategy: str, precision: str) -> str | None:
     return None
 
 
-def fits(pool: Pool, memory: Memory) -> bool:
-    gpu_ok = memory.total <= UTILISATION * pool.memory_bytes
-    host_ok = memory.host_per_node <= HOST_UTILISATION * pool.host_memory_bytes
-    return gpu_ok and host_ok
-
-
 def choose(fitting: list[Candidate]) -> Candidate:
-    in_memory = [c for c in fitting if FACTS[c.layout.strategy].offload == "none"]
+    in_memory = [c for c in fitting if c.group.offload == "none"]
     if in_memory:  # never offload when a layout without it fits
         fitting = in_memory
-    elif any(FACTS[c.layout.strategy].offload == "optimizer" for c in fitting):  # optimizer before parameters
-        fitting = [c for c in fitting if FACTS[c.layout.strategy].offload == "optimizer"]
+    elif any(c.group.offload == "optimizer" for c in fitting):  # optimizer before parameters
+        fitting = [c for c in fitting if c.group.offload == "optimizer"]
     # Ulysses only where the native engines' activations do not fit otherwise (a spec that asks for it
     # has no such candidates); then it competes with Megatron on speed like any native layout
-    if any(c.layout.ulysses == 1 and FACTS[c.layout.strategy].engine != "megatron" for c in fitting):
-        fitting = [c for c in fitting if c.layout.ulysses == 1]
-    native = [c for c in fitting if FACTS[c.layout.strategy].engine != "megatron"]
+    if any(c.group.ulysses == 1 and c.group.engine != "megatron" for c in fitting):
+        fitting = [c for c in fitting if c.group.ulysses == 1]
+    native = [c for c in fitting if c.group.engine != "megatron"]
     if native and len(native) < len(fitting):
-        best_native = min(c.time.total for c in native)
-        best_megatron = min(c.time.total for c in fitting if FACTS[c.layout.strategy].engine == "megatron")
+        best_native = min(c.seconds for c in native)
+        best_megatron = min(c.seconds for c in fitting if c.group.engine == "megatron")
         if best_megatron > best_native * (1 - MEGATRON_MARGIN):
             fitting = native
-    by_gpus: dict[int, Candidate] = {}
-    for c in sorted(fitting, key=lambda c: (c.time.total, STRATEGIES.index(c.layout.strategy))):
-        by_gpus.setdefault(c.layout.world, c)
+    by_gpus: dict[int, Candidate] = {}  # per GPU count the fastest, then the simplest, then the first found
+    for c in fitting:
+        world = c.group.world
+        best = by_gpus.get(world)
+        if best is None or (c.seconds, c.group.rank) < (best.seconds, best.group.rank):
+            by_gpus[world] = c
     chosen: Candidate | None = None
     for gpus in sorted(by_gpus):
         c = by_gpus[gpus]
-        if chosen is None or (c.time.total < chosen.time.total * (1 - TIE) and scaling(chosen, c) >= MIN_SCALING):
+        if chosen is None or (c.seconds < chosen.seconds * (1 - TIE) and scaling(chosen, c) >= MIN_SCALING):
             chosen = c
     assert chosen is not None
     return chosen
@@ -401,7 +646,7 @@ def choose(fitting: list[Candidate]) -> Candidate:
 
 def scaling(fewer: Candidate, more: Candidate) -> float:
     """Parallel efficiency of moving from ``fewer`` GPUs to ``more``: 1.0 is linear speed-up."""
-    return (fewer.time.total * fewer.layout.world) / (more.time.total * more.layout.world)
+    return (fewer.seconds * fewer.world) / (more.seconds * more.world)
 
 
 def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candidate], notes: list[str]) -> Plan:
