@@ -15,6 +15,7 @@ from kubeforge.api.base import (
     KubeModel,
     Placement,
     Rule,
+    SecretRef,
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.uris import OutputUri, Uri
@@ -300,6 +301,37 @@ class Output(KubeModel):
     merge: bool = Field(default=True, description="Merge adapters into the weights (lora/qlora).")
 
 
+class Tracking(KubeModel):
+    """Experiment tracking by the trainer's rank 0: step, loss, learning rate, tokens/s, MFU, DPO metrics, and
+    the run config once."""
+
+    backend: Literal["tensorboard", "wandb", "mlflow", "none"] = Field(
+        default="tensorboard",
+        description="tensorboard: event files in <output>/tensorboard (the default, also without spec.tracking); "
+        "wandb: Weights & Biases, and the event files too; mlflow: MLflow, and the event files too; none: nothing.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret whose keys become the trainer's environment: WANDB_API_KEY (optionally WANDB_PROJECT, "
+        "WANDB_ENTITY, WANDB_BASE_URL, WANDB_MODE) for wandb; MLFLOW_TRACKING_URI (optionally "
+        "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, MLFLOW_EXPERIMENT_NAME) "
+        "for mlflow.",
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.secretRef) || !has(self.backend) || self.backend in ['tensorboard', 'none']",
+            message="backends wandb and mlflow read their key or URI from a Secret: name it in secretRef",
+            check=lambda t: t.secret_ref is not None or t.backend in ("tensorboard", "none"),
+            field=".secretRef",
+        ),
+    )
+
+    def backends(self) -> str:
+        """The trainer's KUBEFORGE_TRACKING: TensorBoard's event files stay on beside another backend."""
+        return self.backend if self.backend in ("tensorboard", "none") else f"tensorboard,{self.backend}"
+
+
 class FineTuneJobSpec(KubeModel):
     """What to train, on what, how, and where the result goes."""
 
@@ -316,6 +348,9 @@ class FineTuneJobSpec(KubeModel):
     output: Annotated[Output, Immutable()]
     image: str | None = Field(default=None, max_length=512, description="Trainer image override.")
     credentials: Credentials | None = None
+    tracking: Tracking | None = Field(
+        default=None, description="Experiment tracking (default: TensorBoard event files beside the checkpoints)."
+    )
 
     rules = (
         Rule(

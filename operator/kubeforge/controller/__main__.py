@@ -11,6 +11,9 @@ kopf's own peering is not used: peers of equal priority, as replicas are, both k
 The images of the pods it renders are kubeforge.render.images' defaults, overridden from the
 environment: ``KUBEFORGE_IMAGE_REGISTRY`` (a mirror for all) and ``KUBEFORGE_IMAGE_<NAME>_<FIELD>``
 (see ``images.from_env``); a bad value stops the operator at startup.
+
+``--log-format json`` (default: ``KUBEFORGE_LOG_FORMAT``, else text; the chart's ``logFormat``) writes kopf's
+JSON log lines, one object per line with the object's namespace and name, instead of kopf's text format.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ from aiohttp import web
 import kubeforge.controller.handlers  # noqa: F401  (registers the handlers)
 from kubeforge.controller.kube import Kube, LeaseLock
 from kubeforge.render import images
+from kubeforge.runtime.contract import ENV_LOG_FORMAT
 
 log = logging.getLogger("kubeforge.leader")
+LOG_FORMATS = {"text": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
+
+
+def _env_log_format() -> str:
+    value = os.environ.get(ENV_LOG_FORMAT, "").strip().lower()
+    return value if value in LOG_FORMATS else "text"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--namespace", action="append", default=[], help="watch only these (repeatable)")
     parser.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=_env_log_format(),
+        help=f"text, or json: one JSON object per line (default: ${ENV_LOG_FORMAT}, else text)",
+    )
     election = parser.add_argument_group("leader election (one active replica)")
     election.add_argument("--leader-elect", action="store_true", help="act only while holding the Lease")
     election.add_argument("--lease-name", default="kubeforge-operator")
@@ -54,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         images.configure(images.from_env(os.environ))
     except ValueError as err:
         parser.error(str(err))
-    kopf.configure(verbose=args.verbose)  # kopf's own log format, with [namespace/name] prefixes
+    # kopf's own formats: text with [namespace/name] prefixes, or JSON with the object's reference
+    kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format], log_refkey="object")
     logging.getLogger("kubeforge.images").info(
         "images: %s", ", ".join(f"{k}={v}" for k, v in vars(images.configured()).items())
     )

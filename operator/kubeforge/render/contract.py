@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.quantize import QuantizeJob
+from kubeforge.inventory.gpus import GPU_FACTS, lookup_gpu
 from kubeforge.planner.plan import Plan
 from kubeforge.render.mounts import location
 from kubeforge.runtime.contract import (
@@ -85,10 +86,21 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
             attention=plan.attention,
             liger_kernels=device == "cuda",
             host_memory_bytes=plan.host_memory_per_node if plan.offload != "none" else 0,
+            peak_tflops=peak_tflops(plan.gpu_type, plan.precision) if device == "cuda" else None,
         ),
         output=OutputConfig(location=output, merge=spec.output.merge, checkpoint_dir=checkpoints),
         plan_summary={k: summary[k] for k in PLAN_SUMMARY_KEYS if k in summary},
     )
+
+
+def peak_tflops(gpu_type: str, precision: str) -> float | None:
+    """One GPU's dense peak at the plan's compute precision, MFU's denominator; None for a GPU the catalog does not
+    know (never a guess) or fp32. An fp8 plan is measured against the bf16 peak, as torchtitan and Megatron report
+    MFU: its float8 matmuls then show as a higher MFU, not as a different yardstick."""
+    facts = GPU_FACTS.get(gpu_type) or lookup_gpu(gpu_type)
+    if facts is None or not facts.known or precision not in ("bf16", "fp16", "fp8"):
+        return None
+    return facts.peak_tflops("bf16" if precision == "fp8" else precision) or None
 
 
 def _uid(job: FineTuneJob | QuantizeJob) -> str | None:

@@ -42,6 +42,7 @@ from kubeforge.runtime.contract import (
     ENV_NODE_RANK,
     ENV_POD_IP,
     ENV_POD_NAME,
+    ENV_TRACKING,
     PROGRESS_PORT,
     PROGRESS_PORT_NAME,
     RENDEZVOUS_PORT,
@@ -187,8 +188,9 @@ def _pod_template(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security(),
     }
-    if spec.credentials and spec.credentials.s3:
-        container["envFrom"] = [{"secretRef": {"name": spec.credentials.s3.name}}]
+    secrets = [spec.credentials.s3 if spec.credentials else None, spec.tracking.secret_ref if spec.tracking else None]
+    if any(secrets):  # each Secret's keys as variables: S3 credentials, the tracking backend's key or URI
+        container["envFrom"] = [{"secretRef": {"name": ref.name}} for ref in secrets if ref]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
@@ -222,6 +224,8 @@ def _env(job: FineTuneJob, plan: Plan) -> list[dict[str, Any]]:
         env.append({"name": "NCCL_P2P_LEVEL", "value": "PXB"})
     if plan.nodes > 1:
         env.append({"name": "NCCL_SOCKET_IFNAME", "value": "^lo,docker"})
+    if job.spec.tracking:
+        env.append({"name": ENV_TRACKING, "value": job.spec.tracking.backends()})
     return env
 
 

@@ -39,6 +39,8 @@ ENV_HF_HOME = "HF_HOME"
 ENV_NODE_RANK = "JOB_COMPLETION_INDEX"  # set by the Job controller on Indexed Jobs
 ENV_POD_NAME = "KUBEFORGE_POD_NAME"
 ENV_POD_IP = "KUBEFORGE_POD_IP"
+ENV_TRACKING = "KUBEFORGE_TRACKING"  # experiment tracking backends, comma-separated (runtime/tracking.py)
+ENV_LOG_FORMAT = "KUBEFORGE_LOG_FORMAT"  # "json": one JSON object per log line (runtime/logs.py, the operator too)
 
 # ---------------------------------------------------------------- rank 0's progress endpoint
 PROGRESS_PORT = 8642
@@ -239,6 +241,8 @@ class ComputeConfig(_Model):
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
     liger_kernels: bool = False
     host_memory_bytes: int = Field(default=0, ge=0)  # what the plan offloads to host memory on each node
+    peak_tflops: float | None = Field(default=None, gt=0)  # one device's dense peak at the compute precision
+    # (the planner's GPU catalog), the denominator of MFU; None on CPU or an unknown GPU: no MFU is exported
 
 
 class OutputConfig(_Model):

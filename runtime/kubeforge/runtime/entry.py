@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubeforge.runtime import data, fetch
+from kubeforge.runtime import data, fetch, logs
 from kubeforge.runtime.contract import (
     ENV_CONFIG,
     EXIT_INFRASTRUCTURE,
@@ -52,9 +52,8 @@ def main(
         "--termination-log", default=os.environ.get("KUBEFORGE_TERMINATION_LOG", TERMINATION_MESSAGE_PATH)
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s rank{rank} %(levelname)s %(message)s",
+    logs.configure(  # KUBEFORGE_LOG_FORMAT=json: one JSON object per line
+        logging.INFO if rank == 0 else logging.WARNING, f"%(asctime)s rank{rank} %(levelname)s %(message)s", rank=rank
     )
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its optional CUDA kernels do not load on a CPU
     try:

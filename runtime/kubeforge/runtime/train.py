@@ -40,6 +40,7 @@ from kubeforge.runtime import (
     fetch,
     objectives,
     preference,
+    tracking,
 )
 from kubeforge.runtime import progress as progress_mod
 from kubeforge.runtime.contract import STRATEGIES, Contract, load
@@ -87,6 +88,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
     engines.common.return_freed_memory()
     if dist.world != contract.parallel.world_size:
         raise UserError(f"the contract plans {contract.parallel.world_size} processes; torchrun started {dist.world}")
+    tracking.check()  # a tracker asked for but not installed or configured fails here, before any work
     started = time.monotonic()
     device = _device(contract, dist)
     seed = contract.training.seed
@@ -148,7 +150,9 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         collate = dpo.start(engine, items, contract, dist=dist, device=device, pad_id=tokenizer.pad_token_id,
                             root=ckpt_root, resumed_from=found, data_path=data_path)  # fmt: skip
     every = t.checkpoint_every or steps_per_epoch
-    tracker = progress_mod.Progress(total, start)
+    mfu = progress_mod.mfu_inputs(contract, config, engine.model) if dist.main else {}
+    sink = tracking.start(contract, main=dist.main, first_step=start)
+    tracker = progress_mod.Progress(total, start, **mfu, sink=sink)
     server = (
         progress_mod.serve(tracker, contract.progress.port, contract.progress.path, job=contract.job)
         if (dist.main and contract.progress.port)
@@ -165,7 +169,8 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
         losses.append(round(step_loss, 6))
         for name, value in step_metrics.items():
             history.setdefault(name, []).append(round(value, 6))
-        tracker.update(step + 1, step_loss, step_tokens * dp, (step + 1) / steps_per_epoch, step_metrics)
+        lr = progress_mod.learning_rate(getattr(engine, "optimizer", None))  # after the step, as Trainer logs it
+        tracker.update(step + 1, step_loss, step_tokens * dp, (step + 1) / steps_per_epoch, step_metrics, lr)
         if dist.main and ((step + 1) % max(1, total // 20) == 0 or step + 1 == total or step == start):
             log.info("%s", tracker.line())
         if (step + 1) % every == 0 or step + 1 == total:  # the last one lets a longer run continue
@@ -178,6 +183,7 @@ def run(contract: Contract, dist: Dist) -> dict[str, Any]:
                 _push_checkpoint(ckpt_root, store, step + 1, dist)
 
     # 5. export: sharded engines gather on every rank; rank 0 keeps the result
+    sink.close()  # the event files are complete before the artifact's manifest lists them
     _barrier(dist)
     full = engine.full_state_dict(ckpt_root / "export-staging")
     summary: dict[str, Any] = {"status": "succeeded"}
