@@ -40,14 +40,15 @@ async def operator(
 
 @contextlib.asynccontextmanager
 async def running_operator(
-    emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest
+    emulator: FaithfulEmulator, tmp_path: Path, request: pytest.FixtureRequest, **env_overrides: str
 ) -> AsyncIterator[OperatorProcess]:
     """Start the operator process against ``emulator``; stop it after, printing its log if the test failed."""
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     env = {
-        "KUBEFORGE_RESYNC_SECONDS": "0.5",  # the timer pass; real clusters use 10 s
+        "KUBEFORGE_RESYNC_SECONDS": "0.5",  # the safety-net resync; the chart's default is 60 s
         "KUBEFORGE_OFFLINE": "1",  # no Hub lookups from tests
         "KUBEFORGE_METRICS_PORT": str(free_port()),
+        **env_overrides,
     }
     proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator, env=env)
     await proc.start()

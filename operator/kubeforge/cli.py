@@ -340,14 +340,15 @@ def _decide(body: dict[str, Any], obj: Obj, lookup: Lookup, nodes: list[Node],
         from kubeforge.controller.service import ServiceObserved, decide_service, lineage
         from kubeforge.inventory.pools import pools_from_nodes
 
-        base, _ = lineage(body.get("spec") or {}, lookup)
+        source = lineage(body.get("spec") or {}, lookup)
         decision = decide_service(
             ServiceObserved(
                 body=body,
                 now=now_rfc3339(),
                 lookup=lookup,
                 inventory=pools_from_nodes(nodes),
-                architecture=_architecture_or_none(base, args.job.parent, args.offline),
+                architecture=_architecture_or_none(source.base, args.job.parent, args.offline),
+                lineage=source,
                 leaderworkerset_available=args.leaderworkerset,
             )
         )

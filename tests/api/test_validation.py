@@ -246,9 +246,9 @@ def test_immutable_changes_name_the_fields():
     old = parse(example(FINETUNE)).spec
     new = parse(finetune(**{"model.uri": "hf://Qwen/Qwen3-4B", "method": "qlora", "training.epochs": 1})).spec
     assert [str(p) for p in immutable_changes(old, new)] == [
-        "spec.model: is immutable once the object exists",
-        "spec.method: is immutable once the object exists",
-    ]
+        "spec.model.uri: is immutable once the object exists ('hf://Qwen/Qwen3-8B' -> 'hf://Qwen/Qwen3-4B')",
+        "spec.method: is immutable once the object exists ('lora' -> 'qlora')",
+    ]  # the field of an immutable model that changed, and both values
     assert immutable_changes(old, old) == []
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from kubeforge.controller.finetune import Observed, decide
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
-from kubeforge.controller.service import ServiceObserved, decide_service
+from kubeforge.controller.service import ServiceObserved, decide_service, lineage
 from kubeforge.controller.state import Decision
 from kubeforge.planner.catalog import lookup as catalog
 from kubeforge.runtime.contract import termination_message
@@ -175,7 +175,9 @@ QJ_DONE = upstream("QuantizeJob", "Succeeded", QJ_ARTIFACT)
 
 
 def _observe_svc(doc: dict[str, Any], *objects: dict[str, Any], children=(), inventory=H100, arch=QWEN):
-    return ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, *objects), inventory, arch, children=list(children))
+    lookup = lookup_of(FTJ_DONE, *objects)
+    source = lineage(doc["spec"], lookup)  # resolved once, as reconcile_modelservice does
+    return ServiceObserved(doc, NOW, lookup, inventory, arch, lineage=source, children=list(children))
 
 
 def rolled(deployment: dict[str, Any], generation: int, ready: int, updated: int | None = None) -> dict[str, Any]:

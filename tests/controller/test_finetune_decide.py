@@ -244,6 +244,21 @@ def test_immutable_change_after_start_is_refused_and_the_gang_kept():
     assert any(e.reason == "ImmutableFieldChanged" and e.type == "Warning" for e in again.events)
 
 
+def test_every_immutable_field_the_contract_carries_is_checked():
+    """api.immutable_changes against the spec as the running gang's contract records it: any field of
+    model, dataset and output it carries, not only the URIs; a mutable field (training) goes through."""
+    doc, decision = first_pass()
+    children = with_children(doc, decision)
+    for change, path in (({"dataset.packing": False}, "spec.dataset.packing"),
+                         ({"dataset.maxSeqLength": 2048}, "spec.dataset.maxSeqLength"),
+                         ({"output.merge": False}, "spec.output.merge")):  # fmt: skip
+        again = decide(observe(body(status=decision.status, generation=2, **change), children=children))
+        accepted = cond(again.status, "Accepted")
+        assert accepted["reason"] == "ImmutableFieldChanged" and f"{path} is immutable" in accepted["message"]
+    same = decide(observe(body(status=decision.status, generation=2, **{"training.epochs": 1}), children=children))
+    assert cond(same.status, "Accepted")["status"] == "True"
+
+
 def test_jobset_when_available_or_asked():
     _, auto = first_pass()
     assert [c["kind"] for c in auto.apply] == ["ConfigMap", "Service", "Job"]

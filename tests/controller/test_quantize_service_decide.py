@@ -9,7 +9,7 @@ from kubeforge.controller.kube import Kube
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
 from kubeforge.controller.reconcile import run_pass
 from kubeforge.controller.retry import ApiError, Policy
-from kubeforge.controller.service import ServiceObserved, decide_service
+from kubeforge.controller.service import Lineage, ServiceObserved, decide_service, lineage
 from kubeforge.controller.state import Decision
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner.catalog import lookup as catalog
@@ -104,8 +104,13 @@ def test_quantizejob_success_carries_the_artifact_and_metrics():
 QJ_DONE = upstream("Succeeded", {"uri": "pvc://models/support-bot-fp8", "digest": "sha256:q1"}, kind="QuantizeJob")
 
 
+def service_observed(doc: dict, now: str, lookup, inventory: Inventory, arch, **kw) -> ServiceObserved:
+    """As reconcile_modelservice observes: the source's lineage resolved once, through the same lookup."""
+    return ServiceObserved(doc, now, lookup, inventory, arch, lineage=lineage(doc.get("spec") or {}, lookup), **kw)
+
+
 def observe_service(doc: dict, *objects: dict, children=(), inventory=H100) -> ServiceObserved:
-    return ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, *objects), inventory, QWEN, children=list(children))
+    return service_observed(doc, NOW, lookup_of(FTJ_DONE, *objects), inventory, QWEN, children=list(children))
 
 
 def test_modelservice_waits_then_deploys_the_quantized_artifact():
@@ -166,7 +171,7 @@ def test_modelservice_on_cpu_uses_transformers_and_a_big_model_is_refused_with_s
     cpu = decide_service(observe_service(live(service(engine="auto")), QJ_DONE, inventory=Inventory((), ())))
     engine = cpu.apply[0]["spec"]["template"]["spec"]["containers"][0]
     assert engine["command"] == ["python", "-m", "kubeforge.runtime.serve"] and cpu.status["gpus"] == 0
-    huge = ServiceObserved(live(service(**{"engineOptions.maxModelLen": 131072})), NOW, lookup_of(FTJ_DONE, QJ_DONE),
+    huge = service_observed(live(service(**{"engineOptions.maxModelLen": 131072})), NOW, lookup_of(FTJ_DONE, QJ_DONE),
                            example_cluster("a10-4x1.yaml"), catalog("meta-llama/Llama-3.1-70B"))  # fmt: skip
     refused = decide_service(huge)
     assert refused.apply == [] and cond(refused.status, "Planned")["reason"] == "Infeasible"
@@ -185,9 +190,23 @@ def test_modelservice_downloads_s3_artifacts_in_an_init_container():
     assert_valid(d.apply[0])
 
 
+def test_the_quantization_method_is_the_observed_lineages():
+    """decide_service reads the source's lineage from what was observed; it does not follow the refs again."""
+    lookup = lookup_of(FTJ_DONE, QJ_DONE)
+    assert lineage(service()["spec"], lookup) == Lineage(finetune()["spec"]["model"], "fp8")
+    cluster = example_cluster("a100-sxm4-80gb-2x8.yaml")
+
+    def planned(source: Lineage) -> str:
+        seen = ServiceObserved(live(service()), NOW, lookup, cluster, QWEN, lineage=source)
+        return cond(decide_service(seen).status, "Planned")["message"]
+
+    assert "has no FP8 tensor cores" in planned(lineage(service()["spec"], lookup))
+    assert "FP8 tensor cores" not in planned(Lineage(finetune()["spec"]["model"], None))
+
+
 def test_fp8_on_gpus_without_fp8_tensor_cores_is_flagged():
     cluster = example_cluster("a100-sxm4-80gb-2x8.yaml")
-    a100 = ServiceObserved(live(service()), NOW, lookup_of(FTJ_DONE, QJ_DONE), cluster, QWEN)
+    a100 = service_observed(live(service()), NOW, lookup_of(FTJ_DONE, QJ_DONE), cluster, QWEN)
     planned = cond(decide_service(a100).status, "Planned")
     assert planned["status"] == "True" and "has no FP8 tensor cores" in planned["message"]
     assert (
@@ -199,9 +218,9 @@ def test_fp8_on_gpus_without_fp8_tensor_cores_is_flagged():
 def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed():
     doc = live(service(source={"fineTuneJobRef": {"name": "support-bot"}}, **{"engineOptions.maxModelLen": 32768}))
     a10 = example_cluster("a10-4x1.yaml")  # one 24 GB GPU per node: bf16 Qwen3-8B + 32k of KV cache needs two
-    without = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN))
+    without = decide_service(service_observed(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN))
     assert without.apply == [] and "need LeaderWorkerSet installed" in cond(without.status, "Planned")["message"]
-    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
+    d = decide_service(service_observed(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
     lws, svc = d.apply
     assert lws["kind"] == "LeaderWorkerSet" and lws["spec"]["leaderWorkerTemplate"]["size"] == 2
     leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
@@ -219,7 +238,7 @@ def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed(
     ready = copy.deepcopy(lws)
     ready["metadata"]["generation"] = 1
     ready["status"] = {"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}
-    after = decide_service(ServiceObserved(live(doc, status=d.status), NOW, lookup_of(FTJ_DONE), a10, QWEN,
+    after = decide_service(service_observed(live(doc, status=d.status), NOW, lookup_of(FTJ_DONE), a10, QWEN,
                                            children=[ready, svc], leaderworkerset_available=True))  # fmt: skip
     assert after.status["phase"] == "Ready" and after.status["servedArtifact"]["digest"] == "sha256:aaa"
 
@@ -227,7 +246,7 @@ def test_a_replica_larger_than_a_node_runs_as_a_leaderworkerset_where_installed(
 def test_model_paths_reach_the_engine_as_one_argument():
     doc = live(service(source={"uri": "pvc://models/it's; rm -rf"}, **{"engineOptions.maxModelLen": 32768}))
     a10 = example_cluster("a10-4x1.yaml")
-    d = decide_service(ServiceObserved(doc, NOW, lookup_of(), a10, QWEN, leaderworkerset_available=True))
+    d = decide_service(service_observed(doc, NOW, lookup_of(), a10, QWEN, leaderworkerset_available=True))
     if d.apply:  # the URI may be refused by validation; if it is accepted, no shell reads it
         for role in ("leaderTemplate", "workerTemplate"):
             engine = d.apply[0]["spec"]["leaderWorkerTemplate"][role]["spec"]["containers"][0]
@@ -335,7 +354,7 @@ ROUTE = {"gateway": {"name": "gw"}, "endpointPicker": {"name": "epp"}}
 
 
 def scaled(doc: dict, *, children=(), **apis: bool) -> ServiceObserved:
-    return ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), H100, QWEN, children=list(children), **apis)
+    return service_observed(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), H100, QWEN, children=list(children), **apis)
 
 
 def kinds(objs: list[dict]) -> list[str]:
@@ -372,7 +391,7 @@ def test_with_autoscaling_the_operator_leaves_the_replica_count_to_the_autoscale
     # a new artifact: the new pod template is applied, still without replicas
     newer = copy.deepcopy(QJ_DONE)
     newer["status"]["artifact"]["digest"] = "sha256:q2"
-    rolling = decide_service(ServiceObserved(live(doc, status=after.status), NOW, lookup_of(FTJ_DONE, newer), H100,
+    rolling = decide_service(service_observed(live(doc, status=after.status), NOW, lookup_of(FTJ_DONE, newer), H100,
                                              QWEN, children=[serving_at(deployment, 5), svc, hpa]))  # fmt: skip
     assert kinds(rolling.apply) == ["Deployment"] and "replicas" not in rolling.apply[0]["spec"]
     assert cond(rolling.status, "RolledOut")["status"] == "False"
@@ -437,7 +456,7 @@ def test_keda_replaces_the_hpa_and_removing_autoscaling_deletes_the_autoscaler()
 
 def test_autoscaling_on_a_cpu_cluster_falls_back_to_spec_replicas():
     doc = live(service(engine="auto", replicas=2, autoscaling=SCALING))
-    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), Inventory((), ()), QWEN))
+    d = decide_service(service_observed(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), Inventory((), ()), QWEN))
     assert kinds(d.apply) == ["Deployment", "Service"] and d.apply[0]["spec"]["replicas"] == 2
     assert cond(d.status, "Autoscaling")["status"] == "False"
     assert cond(d.status, "Autoscaling")["reason"] == "EngineHasNoMetrics"
@@ -672,7 +691,7 @@ def test_adapter_memory_is_planned_and_adapters_keep_a_replica_on_one_node():
     doc = live(service(source={"fineTuneJobRef": {"name": "support-bot"}}, adapters=[LEGAL],
                        **{"engineOptions.maxModelLen": 32768}))  # fmt: skip
     d = decide_service(
-        ServiceObserved(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), a10, QWEN, leaderworkerset_available=True)
+        service_observed(doc, NOW, lookup_of(FTJ_DONE, QJ_DONE), a10, QWEN, leaderworkerset_available=True)
     )
     assert d.apply == [] and "replicas with LoRA adapters stay on one node" in cond(d.status, "Planned")["message"]
     fits = decide_service(observe_service(live(service(adapters=[LEGAL])), QJ_DONE))
@@ -683,7 +702,7 @@ def test_sglang_runs_across_nodes_as_a_leaderworkerset():
     doc = live(service(engine="sglang", source={"fineTuneJobRef": {"name": "support-bot"}},
                        **{"engineOptions.maxModelLen": 32768}))  # fmt: skip
     a10 = example_cluster("a10-4x1.yaml")
-    d = decide_service(ServiceObserved(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
+    d = decide_service(service_observed(doc, NOW, lookup_of(FTJ_DONE), a10, QWEN, leaderworkerset_available=True))
     (lws, _) = d.apply
     group = lws["spec"]["leaderWorkerTemplate"]
     leader, worker = (group[r]["spec"]["containers"][0] for r in ("leaderTemplate", "workerTemplate"))

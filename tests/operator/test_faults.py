@@ -145,9 +145,9 @@ async def test_every_job_converges_under_20_percent_faults_with_no_duplicates(em
     done = time.monotonic()
 
     # a few more passes under faults: nothing is created or posted again
-    log_before = operator.logs().count("Timer 'finetunejob' succeeded")
+    log_before = operator.logs().count("Loop 'finetunejob' pass succeeded")
     await wait_for(
-        lambda: operator.logs().count("Timer 'finetunejob' succeeded") >= log_before + 3 * JOBS,
+        lambda: operator.logs().count("Loop 'finetunejob' pass succeeded") >= log_before + 3 * JOBS,
         what="more timer passes",
         timeout=BOUND,
     )

@@ -213,8 +213,8 @@ async def test_restarts_make_no_duplicates_and_a_second_pass_changes_nothing(emu
     await operator.start()
     await wait_for(lambda: "Resuming is processed" in operator.logs().split("operator start #2")[-1], what="resume")
     await wait_for(
-        lambda: operator.logs().split("operator start #2")[-1].count("Timer 'finetunejob' succeeded") >= 3,
-        what="a few timer passes after the restart",
+        lambda: operator.logs().split("operator start #2")[-1].count("Loop 'finetunejob' pass succeeded") >= 3,
+        what="a few resync passes after the restart",
     )
     after = {
         kind: [c["metadata"]["resourceVersion"] for c in owned(emulator, res, "team-a", "support-bot")]

@@ -201,7 +201,8 @@ class Condition(KubeModel):
 
 
 class ArtifactStatus(KubeModel):
-    """A model artifact as the runtime wrote it (see kubeforge-artifact.json)."""
+    """A model artifact as the runtime wrote it; ``digest`` is the sha256 of its manifest, the
+    kubeforge-artifact.json that runtime/kubeforge/runtime/export.py writes beside the weights."""
 
     uri: str = Field(max_length=2048, description="Where the artifact is.")
     digest: str | None = Field(default=None, max_length=128, description="sha256 of the artifact's manifest file.")

@@ -149,13 +149,32 @@ def _join(path: str, suffix: str) -> str:
 
 
 def immutable_changes(old: BaseModel, new: BaseModel, path: str = "spec") -> list[Problem]:
-    """Fields marked Immutable whose value differs between two versions of a spec."""
+    """Fields marked Immutable whose value differs between two versions of a spec, each with its Immutable
+    reason and both values; in a field that holds a model, each of its fields that differs (spec.model.uri).
+
+    The one check of immutability in Python: the CRD's transition rules come from the same markers (crd.py),
+    and the operator refuses with it what changed under a running FineTuneJob (controller/finetune.py)."""
     out = []
     for name, info in type(new).model_fields.items():
-        if any(isinstance(m, Immutable) for m in info.metadata) and getattr(old, name) != getattr(new, name):
-            reason = next(m for m in info.metadata if isinstance(m, Immutable)).reason
-            out.append(Problem(f"{path}.{info.alias or name}", reason))
+        mark = next((m for m in info.metadata if isinstance(m, Immutable)), None)
+        if mark is None:
+            continue
+        for where, was, now in _differences(getattr(old, name), getattr(new, name), f"{path}.{info.alias or name}"):
+            out.append(Problem(where, f"{mark.reason} ({_show(was)} -> {_show(now)})"))
     return out
+
+
+def _differences(old: Any, new: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """(path, old value, new value) where two values differ; two models of one class field by field."""
+    if old == new:
+        return []
+    if isinstance(old, BaseModel) and type(old) is type(new):
+        return [
+            d
+            for name, info in type(new).model_fields.items()
+            for d in _differences(getattr(old, name), getattr(new, name), f"{path}.{info.alias or name}")
+        ]
+    return [(path, old, new)]
 
 
 # ---------------------------------------------------------------- pydantic errors

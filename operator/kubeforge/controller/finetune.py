@@ -9,7 +9,8 @@ differ from what exists), the status to write once, the events to post. The step
 
 1. the spec is valid (else Accepted=False/InvalidSpec, nothing else happens);
 2. immutable fields match what the running gang was rendered from (else refused);
-3. a plan: made against the current inventory while nothing runs (Planned=False/
+3. a plan: made against the current inventory while nothing runs (searched once per
+   distinct spec, inventory and architecture: controller/plancache.py) (Planned=False/
    Infeasible keeps the job Pending with no children, and is retried when nodes
    change); once the gang exists its plan is the one in status, never changed under it;
 4. the children are rendered and applied where missing or drifted (a Job's pod
@@ -28,8 +29,9 @@ from typing import Any
 
 from kubeforge.api.finetune import FineTuneJob
 from kubeforge.api.kinds import FINETUNEJOB
-from kubeforge.api.validation import check
+from kubeforge.api.validation import check, immutable_changes
 from kubeforge.controller.conditions import find
+from kubeforge.controller.plancache import cached_plan
 from kubeforge.controller.state import (
     Decision,
     State,
@@ -42,7 +44,6 @@ from kubeforge.controller.state import (
 )
 from kubeforge.inventory.pools import Inventory
 from kubeforge.planner import Architecture
-from kubeforge.planner import plan as make_plan
 from kubeforge.render import labels as L
 from kubeforge.render.finetune import Gang, plan_digest, render_finetune
 from kubeforge.runtime.contract import CONFIG_FILE
@@ -98,7 +99,7 @@ def decide(obs: Observed) -> Decision:
             state.set(PLANNED, "False", "ArchitectureUnknown", obs.architecture_error or "unknown architecture")
             state.phase = "Pending"
             return state.decision(old)
-        result = make_plan(job.spec, obs.inventory, obs.architecture)
+        result = cached_plan(job.spec, obs.inventory, obs.architecture)
         if not result.feasible:
             alternatives = "; ".join(
                 f"{a.change} ({a.strategy} on {a.total_gpus} x {a.gpu_type})" for a in result.alternatives
@@ -118,7 +119,7 @@ def decide(obs: Observed) -> Decision:
 
     # The gang exists: keep its plan; re-apply what drifted only when the plan is unchanged.
     if not refused and obs.architecture is not None:
-        result = make_plan(job.spec, obs.inventory, obs.architecture)
+        result = cached_plan(job.spec, obs.inventory, obs.architecture)
         running_digest = ((gang_obj.get("metadata") or {}).get("annotations") or {}).get(L.PLAN_DIGEST)
         if result.feasible and plan_digest(result) == running_digest:
             gang = "jobset" if gang_obj.get("kind") == "JobSet" else "job"
@@ -142,30 +143,33 @@ def _gangof_kind(job: FineTuneJob, obs: Observed) -> Gang:
 
 
 def _immutable_changes(job: FineTuneJob, configmap: Mapping[str, Any] | None) -> list[str]:
-    """Immutable fields whose value differs from the contract the running gang was rendered from."""
+    """The Immutable fields (api: immutable_changes) whose value differs from the spec the running gang was
+    rendered from, as far as its contract records that spec (every field of model, dataset and output it
+    carries, and the method); a field the contract does not carry counts as unchanged."""
     if configmap is None:
         return []
     try:
         contract = json.loads((configmap.get("data") or {}).get(CONFIG_FILE, "{}"))
     except json.JSONDecodeError:
         return []
-    running = {
-        "spec.model.uri": (contract.get("model") or {}).get("uri"),
-        "spec.dataset.uri": ((contract.get("dataset") or {}).get("location") or {}).get("uri"),
-        "spec.method": (contract.get("training") or {}).get("method"),
-        "spec.output.uri": ((contract.get("output") or {}).get("location") or {}).get("uri"),
+    if not isinstance(contract, dict):
+        return []
+    dataset, output = contract.get("dataset") or {}, contract.get("output") or {}
+    data_at, output_at = dataset.get("location") or {}, output.get("location") or {}
+    recorded = {  # spec field -> {its field: the value the contract holds}
+        "model": _carried(contract.get("model") or {}, "uri", "revision"),
+        "dataset": {**_carried(data_at, "uri"), **_carried(dataset, "format", "max_seq_length", "packing")},
+        "output": {**_carried(output_at, "uri"), **_carried(output, "merge")},
     }
-    now = {
-        "spec.model.uri": job.spec.model.uri,
-        "spec.dataset.uri": job.spec.dataset.uri,
-        "spec.method": job.spec.method,
-        "spec.output.uri": job.spec.output.uri,
-    }
-    return [
-        f"{k} is immutable once the job runs ({running[k]!r} -> {now[k]!r})"
-        for k in now
-        if running[k] not in (None, now[k])
-    ]
+    spec = job.spec
+    update: dict[str, Any] = {k: getattr(spec, k).model_copy(update=v) for k, v in recorded.items() if v}
+    update.update(_carried(contract.get("training") or {}, "method"))
+    rendered_from = spec.model_copy(update=update)
+    return [f"{p.path} {p.message}" for p in immutable_changes(rendered_from, spec)]
+
+
+def _carried(section: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: section[k] for k in keys if k in section}
 
 
 def _follow_gang(state: State, gang: Mapping[str, Any], obs: Observed) -> None:

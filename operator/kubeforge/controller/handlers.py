@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import kopf
@@ -11,19 +13,25 @@ import kopf
 from kubeforge.api.kinds import GROUP, VERSION
 from kubeforge.controller import metrics
 from kubeforge.controller.kube import Kube
+from kubeforge.controller.progress_reader import ProgressCache, progress_url, read_progress
 from kubeforge.controller.reconcile import (
     lookup_in,
     reconcile_finetunejob,
     reconcile_modelservice,
     reconcile_quantizejob,
 )
+from kubeforge.controller.wakeups import Wakeups, node_facts, sources_of
 from kubeforge.render import labels as L
 
 FINETUNEJOBS = (GROUP, VERSION, "finetunejobs")
 QUANTIZEJOBS = (GROUP, VERSION, "quantizejobs")
 MODELSERVICES = (GROUP, VERSION, "modelservices")
 OURS = {L.MANAGED_BY: L.MANAGED_BY_VALUE}
-RESYNC = float(os.environ.get("KUBEFORGE_RESYNC_SECONDS", "10"))
+# Passes are event-driven (controller/wakeups.py): the resync is a safety net for what no event
+# reports, and a running FineTuneJob's progress is read every PROGRESS seconds.
+RESYNC = float(os.environ.get("KUBEFORGE_RESYNC_SECONDS", "60"))
+PROGRESS = float(os.environ.get("KUBEFORGE_PROGRESS_SECONDS", "30"))
+RETRY_AFTER = max(1.0, min(RESYNC, 10.0))  # a failed pass is tried again this soon (kopf's handler backoff too)
 METRICS_PORT = int(os.environ.get("KUBEFORGE_METRICS_PORT", "9102"))
 
 
@@ -36,7 +44,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    # A deletion waits for the resync timer to exit; a pass caught mid-run ends within a second,
+    # A deletion waits for the object's loop (daemon) to exit; a pass caught mid-run ends within a second,
     # so wait for it briefly instead of kopf's default 60 s re-check (which held finalizers, and
     # deletions, for a minute about one time in ten).
     settings.background.instant_exit_timeout = 2.0
@@ -47,9 +55,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.error_backoffs = kube.policy.backoffs()
     settings.networking.request_timeout = kube.timeout
     settings.networking.connect_timeout = kube.timeout
-    settings.execution.default_backoff = max(1.0, min(RESYNC, 10.0))
+    settings.execution.default_backoff = RETRY_AFTER
     settings.execution.max_workers = 16  # passes wait on retries in threads; kopf's default is cores + 4
     memo.kube = kube
+    memo.executor = settings.execution.executor  # the daemons' passes run in kopf's handler threads
     if METRICS_PORT:
         metrics.serve(METRICS_PORT)
 
@@ -64,6 +73,34 @@ def owner_key(body: kopf.Body) -> tuple[str | None, str | None, str | None]:
 def gpu_nodes(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
     """Every Node, as the inventory reads it (labels, schedulability, capacity)."""
     return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+
+
+WAKEUPS = Wakeups()
+PROGRESS_READ = ProgressCache()
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """What the nodes offer changed (not a heartbeat): everyone may plan again."""
+    gone = event.get("type") == "DELETED"
+    WAKEUPS.node_changed(body.metadata.name or "", None if gone else node_facts(body))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+@kopf.on.event("jobset.x-k8s.io", "v1alpha2", "jobsets", labels=OURS)
+@kopf.on.event("", "v1", "pods", labels=OURS)
+@kopf.on.event("apps", "v1", "deployments", labels=OURS)
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=OURS)
+async def child_event(body: kopf.Body, **_: Any) -> None:
+    """A child or pod changed: its owner's loop runs a pass (instead of polling for it)."""
+    WAKEUPS.wake(owner_key(body))
+
+
+@kopf.on.event(*FINETUNEJOBS)
+@kopf.on.event(*QUANTIZEJOBS)
+async def source_event(body: kopf.Body, **_: Any) -> None:
+    """A FineTuneJob or QuantizeJob changed: the QuantizeJobs and ModelServices that use it look again."""
+    WAKEUPS.wake_dependents((body.metadata.namespace, body.get("kind", ""), body.metadata.name or ""))
 
 
 @kopf.index("", "v1", "configmaps", labels=OURS)
@@ -94,7 +131,6 @@ def owned_pods(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.update(*FINETUNEJOBS)
-@kopf.timer(*FINETUNEJOBS, interval=RESYNC)
 def finetunejob(
     body: kopf.Body,
     memo: kopf.Memo,
@@ -117,8 +153,30 @@ def finetunejob(
             ],
             pods=owned_pods.get(key, []),
             kube=memo.kube,
+            progress=PROGRESS_READ.get(key),
         )
     _report("FineTuneJob", body, decision)
+
+
+@kopf.daemon(*FINETUNEJOBS, cancellation_timeout=5.0)
+async def finetunejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwargs: Any) -> None:
+    """Passes woken by the gang's events; while running, rank 0's progress is read every PROGRESS seconds."""
+    key = L.owner_key(body.metadata.namespace, "FineTuneJob", body.metadata.name or "")
+
+    def running() -> bool:
+        return (body.get("status") or {}).get("phase") == "Running"
+
+    async def read_progress_if_due() -> None:
+        if running() and PROGRESS_READ.due(key, PROGRESS, time.monotonic()):
+            url = progress_url(kwargs["owned_pods"].get(key, []))
+            if url:
+                PROGRESS_READ.put(key, await read_progress(url), time.monotonic())
+
+    try:
+        interval = lambda: min(RESYNC, PROGRESS) if running() else RESYNC  # noqa: E731
+        await _follow(finetunejob, key, body, memo, stopped, kwargs, before=read_progress_if_due, interval=interval)
+    finally:
+        PROGRESS_READ.forget(key)
 
 
 @kopf.on.delete(*FINETUNEJOBS, optional=True)
@@ -181,7 +239,6 @@ def owned_inferencepools(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any
 @kopf.on.resume(*QUANTIZEJOBS)
 @kopf.on.create(*QUANTIZEJOBS)
 @kopf.on.update(*QUANTIZEJOBS)
-@kopf.timer(*QUANTIZEJOBS, interval=RESYNC)
 def quantizejob(
     body: kopf.Body,
     memo: kopf.Memo,
@@ -209,7 +266,6 @@ def quantizejob(
 @kopf.on.resume(*MODELSERVICES)
 @kopf.on.create(*MODELSERVICES)
 @kopf.on.update(*MODELSERVICES)
-@kopf.timer(*MODELSERVICES, interval=RESYNC)
 def modelservice(
     body: kopf.Body,
     memo: kopf.Memo,
@@ -238,6 +294,50 @@ def modelservice(
             kube=memo.kube,
         )
     _report("ModelService", body, decision)
+
+
+@kopf.daemon(*QUANTIZEJOBS, cancellation_timeout=5.0)
+async def quantizejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwargs: Any) -> None:
+    """Passes woken by the quantizer's events and by its source's changes; a slow resync besides."""
+    key = L.owner_key(body.metadata.namespace, "QuantizeJob", body.metadata.name or "")
+    await _follow(quantizejob, key, body, memo, stopped, kwargs)
+
+
+@kopf.daemon(*MODELSERVICES, cancellation_timeout=5.0)
+async def modelservice_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwargs: Any) -> None:
+    """Passes woken by the server's events and by its source's (and adapters') changes; a slow resync besides."""
+    key = L.owner_key(body.metadata.namespace, "ModelService", body.metadata.name or "")
+    await _follow(modelservice, key, body, memo, stopped, kwargs)
+
+
+async def _follow(
+    handler: Any, key: Any, body: kopf.Body, memo: kopf.Memo, stopped: Any, kwargs: dict[str, Any],
+    before: Any = None, interval: Any = None,
+) -> None:  # fmt: skip
+    """An object's loop: a pass (in kopf's handler threads, like its create/update/resume handlers) each
+    time the object is woken (controller/wakeups.py) or its resync comes due. A failed pass is logged and
+    tried again after kopf's backoff, or sooner if an event comes."""
+    logger = kwargs["logger"]
+
+    def refers() -> None:
+        WAKEUPS.refers_to(key, sources_of(body.metadata.namespace, body.get("spec") or {}))
+
+    async def one_pass(cause: str) -> None:
+        refers()
+        try:
+            if before is not None:
+                await before()
+            await asyncio.get_running_loop().run_in_executor(
+                memo.executor, lambda: handler(body=body, memo=memo, **kwargs)
+            )
+        except Exception as err:  # the loop must outlive a failed pass, as kopf's timers did
+            logger.exception(f"Loop '{handler.__name__}' pass failed: {err}; retried")
+            asyncio.get_running_loop().call_later(RETRY_AFTER, WAKEUPS.wake, key)
+        else:
+            logger.info(f"Loop '{handler.__name__}' pass succeeded ({cause}: {body.metadata.name}).")
+
+    refers()
+    await WAKEUPS.loop(key, stopped, interval or (lambda: RESYNC), one_pass)
 
 
 def _report(kind: str, body: kopf.Body, decision: Any) -> None:

@@ -1,8 +1,10 @@
 """The glue between kopf and the pure decisions: read indexes, decide, apply, write status once.
 
 Nothing here decides anything: the decisions are controller/finetune.py (decide),
-quantize.py (decide_quantize) and service.py (decide_service), the validation of the
-objects api/validation.py (check), and every API call goes through controller/kube.py.
+controller/quantize.py (decide_quantize) and controller/service.py (decide_service), the
+validation of the objects api/validation.py (check), and every API call goes through
+controller/kube.py. What the decisions need beyond the object (the GPU inventory, the model's
+architecture, a ModelService's source lineage) is read here and handed to them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import urllib.request
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from kubeforge.api.finetune import FineTuneJob, ModelSource
 from kubeforge.api.validation import check
 from kubeforge.controller.conditions import now_rfc3339
 from kubeforge.controller.diff import is_subset
-from kubeforge.controller.finetune import Observed, decide, rank0_pod
+from kubeforge.controller.finetune import Observed, decide
 from kubeforge.controller.kube import Kube, event_object, object_path
 from kubeforge.controller.metrics import APPLIES
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
@@ -34,7 +35,6 @@ from kubeforge.inventory.pools import Inventory, pools_from_nodes
 from kubeforge.planner import ArchitectureUnknown, resolve
 from kubeforge.planner.architecture import Architecture
 from kubeforge.render import autoscaling, routing
-from kubeforge.runtime.contract import PROGRESS_PATH, PROGRESS_PORT, PROGRESS_PORT_NAME
 
 log = logging.getLogger("kubeforge.reconcile")
 OFFLINE = os.environ.get("KUBEFORGE_OFFLINE", "") not in ("", "0", "false")
@@ -69,25 +69,6 @@ def architecture_of(model: ModelSource) -> tuple[Architecture | None, str | None
     return _architectures[key]
 
 
-def fetch_progress(pods: Iterable[Mapping[str, Any]], timeout: float = 1.0) -> dict[str, Any] | None:
-    """Best effort: rank 0's progress endpoint, as named in the contract."""
-    pod = rank0_pod(list(pods))
-    ip = ((pod or {}).get("status") or {}).get("podIP")
-    if not ip:
-        return None
-    port = PROGRESS_PORT
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for p in container.get("ports") or []:
-            if p.get("name") == PROGRESS_PORT_NAME:
-                port = int(p["containerPort"])
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}{PROGRESS_PATH}", timeout=timeout) as response:
-            data = json.loads(response.read().decode())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def reconcile_finetunejob(
     body: Mapping[str, Any],
     *,
@@ -95,13 +76,13 @@ def reconcile_finetunejob(
     children: Iterable[Mapping[str, Any]],
     pods: Iterable[Mapping[str, Any]],
     kube: Kube,
+    progress: Mapping[str, Any] | None = None,
 ) -> Decision:
+    """One pass; ``progress`` is rank 0's last answer, read beforehand (controller/progress_reader.py)."""
     body = snapshot(body)
     pods, children = list(pods), list(children)
     pools = inventory(nodes)
     jobset_available = kube.serves("jobset.x-k8s.io/v1alpha2", "jobsets")
-    running = (body.get("status") or {}).get("phase") == "Running"
-    progress = fetch_progress(pods) if running else None
 
     def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
         job, _ = check({k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obj})
@@ -267,7 +248,7 @@ def lookup_in(index: Mapping[Any, Iterable[Mapping[str, Any]]], namespace: str |
 def source_architecture(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Architecture | None, str | None]:
     """The architecture of the model a QuantizeJob spec quantizes (its FineTuneJob's base model, or its URI's),
     or why it is unknown."""
-    base, _ = lineage(spec, lookup)
+    base = lineage(spec, lookup).base
     if not base:
         return None, None  # the source is not there yet: nothing is sized before it is
     try:
@@ -301,13 +282,6 @@ def reconcile_modelservice(
     children: Iterable[Mapping[str, Any]], kube: Kube,
 ) -> Decision:  # fmt: skip
     body = snapshot(body)
-    base, _ = lineage(body.get("spec") or {}, lookup)
-    arch = None
-    if base:
-        try:
-            arch, _ = architecture_of(ModelSource.model_validate(base))  # with its architecture overrides
-        except ValueError:  # not a valid model source: the service is planned without the model's size
-            arch = None
     lws_available = kube.serves("leaderworkerset.x-k8s.io/v1", "leaderworkersets")
     spec = body.get("spec") or {}  # the optional APIs are looked up only for the objects that use them
     keda = bool(spec.get("autoscaling")) and kube.serves(autoscaling.KEDA_API, "scaledobjects")
@@ -317,6 +291,13 @@ def reconcile_modelservice(
     pools, children = inventory(nodes), list(children)
 
     def decide_from(obj: Mapping[str, Any], children: list[Mapping[str, Any]]) -> Decision:
+        source = lineage(obj.get("spec") or {}, lookup)  # once per decision, from the version decided on
+        arch = None
+        if source.base:
+            try:
+                arch, _ = architecture_of(ModelSource.model_validate(source.base))  # with its architecture overrides
+            except ValueError:  # not a valid model source: the service is planned without the model's size
+                arch = None
         return decide_service(
             ServiceObserved(
                 leaderworkerset_available=lws_available,
@@ -328,6 +309,7 @@ def reconcile_modelservice(
                 lookup=lookup,
                 inventory=pools,
                 architecture=arch,
+                lineage=source,
                 children=children,
             )
         )

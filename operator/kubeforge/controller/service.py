@@ -48,7 +48,7 @@ autoscaler's first change takes the field over from the handover manager.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubeforge.api.kinds import MODELSERVICE
@@ -79,6 +79,15 @@ ADAPTERS_READY = "AdaptersReady"
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """Where what a ModelService serves comes from, following its refs: the base model (as a FineTuneJob's
+    spec.model; a URI source is its own) and the quantization method (None: not quantized)."""
+
+    base: Mapping[str, Any] | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
 class ServiceObserved:
     body: Mapping[str, Any]
     now: str
@@ -90,6 +99,8 @@ class ServiceObserved:
     keda_available: bool = False  # scaledobjects.keda.sh
     gateway_available: bool = False  # httproutes.gateway.networking.k8s.io
     inference_pool_available: bool = False  # inferencepools.inference.networking.k8s.io
+    # lineage(spec, lookup), resolved once by whoever observes (the architecture is read from its base)
+    lineage: Lineage = field(kw_only=True)
 
     @property
     def apis(self) -> ServingApis:
@@ -97,9 +108,8 @@ class ServiceObserved:
                            inference_pool=self.inference_pool_available)  # fmt: skip
 
 
-def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Mapping[str, Any] | None, str | None]:
-    """(base model as a FineTuneJob's spec.model, quantization method) of what a ModelService spec serves,
-    following refs; a URI source is its own base model."""
+def lineage(spec: Mapping[str, Any], lookup: Lookup) -> Lineage:
+    """The Lineage of what a ModelService (or QuantizeJob) spec serves, following refs."""
     source = spec.get("source") or {}
     method = None
     if (source.get("quantizeJobRef") or {}).get("name"):
@@ -108,8 +118,8 @@ def lineage(spec: Mapping[str, Any], lookup: Lookup) -> tuple[Mapping[str, Any] 
         source = (qj.get("spec") or {}).get("source") or {}
     if (source.get("fineTuneJobRef") or {}).get("name"):
         ftj = lookup("FineTuneJob", source["fineTuneJobRef"]["name"]) or {}
-        return (ftj.get("spec") or {}).get("model"), method
-    return ({"uri": source["uri"]} if source.get("uri") else None), method
+        return Lineage((ftj.get("spec") or {}).get("model"), method)
+    return Lineage({"uri": source["uri"]} if source.get("uri") else None, method)
 
 
 def decide_service(obs: ServiceObserved) -> Decision:
@@ -141,7 +151,7 @@ def decide_service(obs: ServiceObserved) -> Decision:
         return state.decision(old)
     state.set(SOURCE_READY, "True", "SourceReady", source.message)
 
-    _, method = lineage(obs.body.get("spec") or {}, obs.lookup)
+    method = obs.lineage.method
     adapters = [resolve_adapter(a, obs.lookup) for a in svc.spec.adapters]
     plan = plan_serving(
         engine=svc.spec.engine,

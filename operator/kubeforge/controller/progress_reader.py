@@ -1,0 +1,82 @@
+"""Rank 0's progress, read off the event loop's critical path: asynchronously, with a total deadline.
+
+A FineTuneJob's loop (handlers.py) reads the progress endpoint named in the runtime
+contract before its pass, never inside it: a pod that answers slowly (or one byte at a
+time) costs its own job at most DEADLINE seconds and nobody else anything, since the
+read is a coroutine and the deadline covers connect, headers and body together. The
+body is capped (a progress document is a few hundred bytes). The last answer is kept
+per job, so passes that run between reads (create, update, resume) report it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+
+from kubeforge.controller.finetune import rank0_pod
+from kubeforge.runtime.contract import PROGRESS_PATH, PROGRESS_PORT, PROGRESS_PORT_NAME
+
+DEADLINE = float(os.environ.get("KUBEFORGE_PROGRESS_DEADLINE_SECONDS", "2"))
+MAX_BYTES = 64 * 1024
+
+
+def progress_url(pods: Iterable[Mapping[str, Any]]) -> str | None:
+    """Rank 0's progress endpoint, as named in the contract (None while it has no IP)."""
+    pod = rank0_pod(list(pods))
+    ip = ((pod or {}).get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    port = PROGRESS_PORT
+    for container in (pod.get("spec") or {}).get("containers") or []:  # type: ignore[union-attr]
+        for p in container.get("ports") or []:
+            if p.get("name") == PROGRESS_PORT_NAME:
+                port = int(p["containerPort"])
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}{PROGRESS_PATH}"
+
+
+async def read_progress(url: str, deadline: float = DEADLINE) -> dict[str, Any] | None:
+    """The JSON document at ``url``, or None (unreachable, slow past the deadline, too big, not JSON)."""
+    try:
+        async with asyncio.timeout(deadline):
+            timeout = aiohttp.ClientTimeout(total=deadline)
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+                if response.status != 200:
+                    return None
+                body = await response.content.read(MAX_BYTES + 1)
+        if len(body) > MAX_BYTES:
+            return None
+        data = json.loads(body.decode())
+        return data if isinstance(data, dict) else None
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+        return None
+
+
+class ProgressCache:
+    """The last progress read per job (by its owner key), and when it was read."""
+
+    def __init__(self) -> None:
+        self._last: dict[Any, tuple[float, dict[str, Any]]] = {}
+
+    def get(self, key: Any) -> dict[str, Any] | None:
+        found = self._last.get(key)
+        return found[1] if found else None
+
+    def due(self, key: Any, every: float, now: float) -> bool:
+        found = self._last.get(key)
+        return found is None or now - found[0] >= every
+
+    def put(self, key: Any, progress: dict[str, Any] | None, now: float) -> None:
+        if progress is None:
+            previous = self._last.get(key)
+            self._last[key] = (now, previous[1]) if previous else (now, {})
+        else:
+            self._last[key] = (now, progress)
+
+    def forget(self, key: Any) -> None:
+        self._last.pop(key, None)

@@ -1,0 +1,127 @@
+"""Event-driven reconciles: a change of a child, a pod or a source wakes its owner's pass.
+
+Each FineTuneJob, QuantizeJob and ModelService has one loop (a kopf daemon, see
+handlers.py) that sleeps until it is woken or until a slow resync comes due. The watch
+handlers of the children (Jobs, JobSets, Deployments, LeaderWorkerSets, pods) wake the
+owner named by the child's owner labels; a FineTuneJob's or QuantizeJob's change wakes
+the QuantizeJobs and ModelServices whose spec refers to it; a change in what the nodes
+offer wakes every object, since any of them may have been waiting for GPUs. Wake-ups
+that arrive while a pass runs coalesce into one more pass.
+
+Everything here runs on the operator's event loop (one thread): no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+Key = tuple[Any, ...]  # labels.owner_key(namespace, kind, name): how the child indexes are keyed
+Source = tuple[str | None, str, str]  # (namespace, kind, name) of a FineTuneJob or QuantizeJob
+
+DEBOUNCE = 0.05  # seconds: a burst of child events (pod created, then its status) makes one pass
+JITTER = 0.1  # resyncs spread over +-10% of the interval: objects created together do not resync together
+
+
+class Wakeups:
+    def __init__(self) -> None:
+        self._triggers: dict[Key, asyncio.Event] = {}
+        self._sources: dict[Key, frozenset[Source]] = {}
+        self._node_facts: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._triggers)
+
+    def register(self, key: Key) -> asyncio.Event:
+        trigger = self._triggers.get(key)
+        if trigger is None:
+            trigger = self._triggers[key] = asyncio.Event()
+        return trigger
+
+    def unregister(self, key: Key, trigger: asyncio.Event) -> None:
+        if self._triggers.get(key) is trigger:
+            del self._triggers[key]
+            self._sources.pop(key, None)
+
+    def wake(self, key: Key) -> bool:
+        trigger = self._triggers.get(key)
+        if trigger is not None:
+            trigger.set()
+        return trigger is not None
+
+    def refers_to(self, key: Key, sources: frozenset[Source]) -> None:
+        """``key`` waits for these FineTuneJobs/QuantizeJobs: their changes wake it."""
+        self._sources[key] = sources
+
+    def wake_dependents(self, source: Source) -> int:
+        woken = [k for k, sources in self._sources.items() if source in sources]
+        for key in woken:
+            self.wake(key)
+        return len(woken)
+
+    def node_changed(self, name: str, facts: Any) -> bool:
+        """Record what a node offers (None: deleted); True (and everyone woken) when that changed."""
+        if facts is None:
+            changed = self._node_facts.pop(name, None) is not None
+        else:
+            changed = self._node_facts.get(name) != facts
+            self._node_facts[name] = facts
+        if changed:
+            for trigger in self._triggers.values():
+                trigger.set()
+        return changed
+
+    async def loop(
+        self,
+        key: Key,
+        stopped: Any,
+        interval: Callable[[], float],
+        one_pass: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Run ``one_pass(cause)`` each time ``key`` is woken ("woken"), and at least every ``interval()``
+        seconds ("resync")."""
+        trigger = self.register(key)
+        try:
+            while not stopped:
+                cause = "woken"
+                try:
+                    await asyncio.wait_for(trigger.wait(), timeout=interval() * random.uniform(1 - JITTER, 1 + JITTER))
+                except TimeoutError:
+                    cause = "resync"
+                if stopped:
+                    break
+                await asyncio.sleep(DEBOUNCE)
+                trigger.clear()
+                await one_pass(cause)
+        finally:
+            self.unregister(key, trigger)
+
+
+def sources_of(namespace: str | None, spec: Mapping[str, Any]) -> frozenset[Source]:
+    """The FineTuneJobs and QuantizeJobs a QuantizeJob or ModelService spec refers to (a QuantizeJob's
+    own source is followed through the QuantizeJob: its status changes when its source's does)."""
+    out: set[Source] = set()
+    source = spec.get("source") or {}
+    for field, ref_kind in (("fineTuneJobRef", "FineTuneJob"), ("quantizeJobRef", "QuantizeJob")):
+        name = (source.get(field) or {}).get("name")
+        if name:
+            out.add((namespace, ref_kind, name))
+    for adapter in spec.get("adapters") or []:
+        name = ((adapter or {}).get("fineTuneJobRef") or {}).get("name")
+        if name:
+            out.add((namespace, "FineTuneJob", name))
+    return frozenset(out)
+
+
+def node_facts(body: Mapping[str, Any]) -> Any:
+    """What the inventory reads of a Node (labels, schedulability, capacity): not its heartbeats."""
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    return (
+        tuple(sorted((meta.get("labels") or {}).items())),
+        bool(spec.get("unschedulable")),
+        tuple(sorted((str(t.get("key")), str(t.get("effect"))) for t in spec.get("taints") or [])),
+        tuple(sorted((status.get("allocatable") or {}).items())),
+        tuple(sorted((status.get("capacity") or {}).items())),
+    )
