@@ -11,6 +11,7 @@ endpoint answers (one local server for all, its step advancing), so the operator
 progress and writes it to each job's status every KUBEFORGE_PROGRESS_SECONDS.
 
     python bench/operator_scale.py [--jobs 1000] [--window 60] [--progress] [--json out.json]
+    python bench/operator_scale.py --ref 8292d39 --resync 10   # an older operator, for comparison
 
 Run it on a quiet machine; the emulator shares the CPUs with the operator, and its own CPU
 is not counted.
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ import kmock  # noqa: E402
 import psutil  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+import tests.harness.operator as harness_operator  # noqa: E402
 from tests.builders import DELETE, finetune  # noqa: E402
 from tests.harness.cluster import add_nodes, start_pods  # noqa: E402
 from tests.harness.emulator import FaithfulEmulator  # noqa: E402
@@ -99,12 +102,28 @@ class CountingEmulator(FaithfulEmulator):
         return await super()._handle(request)
 
 
+def passes(log: str) -> int:
+    """Passes in the operator's log: its loops' (this tree) or kopf's resync timers' (older refs)."""
+    return log.count("pass succeeded") + log.count("Timer 'finetunejob' succeeded")
+
+
 def writes(_: FaithfulEmulator) -> int:
     return WRITES["count"]
 
 
+def checkout(ref: str, into: Path) -> Path:
+    """The operator and runtime packages of a git ref (read with git archive; the work tree is untouched)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "operator", "runtime"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="kubeforge-scale-"))
+    if args.ref:  # the operator process runs that ref's code (PYTHONPATH and cwd from the harness' ROOT)
+        harness_operator.ROOT = checkout(args.ref, work / "src")
     async with CountingEmulator(strict=False) as api, kmock.Server(api) as server:
         api.url = str(server.url).rstrip("/")
         api.log_limit = 25  # as tests/operator/test_faults.py: measure the operator, not kmock's log scans
@@ -137,7 +156,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.settle)
 
             proc = psutil.Process(operator.proc.pid)  # type: ignore[union-attr]
-            log_before = operator.logs().count("pass succeeded")
+            log_before = passes(operator.logs())
             woken_before = operator.logs().count("pass succeeded (woken")
             writes_before, cpu_before, t0 = writes(api), sum(proc.cpu_times()[:2]), time.monotonic()
             rss = []
@@ -147,6 +166,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             elapsed = time.monotonic() - t0
             cpu = sum(proc.cpu_times()[:2]) - cpu_before
             result = {
+                "operator": args.ref or "work tree",
                 "jobs": args.jobs,
                 "progress_endpoints": bool(args.progress),
                 "resync_seconds": args.resync,
@@ -156,7 +176,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "window_s": round(elapsed, 1),
                 "cpu_percent_of_one_core": round(100 * cpu / elapsed, 2),
                 "rss_mib_max": round(max(rss) / 2**20, 1),
-                "passes_per_s": round((operator.logs().count("pass succeeded") - log_before) / elapsed, 2),
+                "passes_per_s": round((passes(operator.logs()) - log_before) / elapsed, 2),
                 "woken_passes_per_s": round(
                     (operator.logs().count("pass succeeded (woken") - woken_before) / elapsed, 2
                 ),
@@ -181,6 +201,7 @@ if __name__ == "__main__":
     parser.add_argument("--progress", action="store_true", help="every pod answers its progress endpoint")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--ref", default=None, help="run the operator of this git ref (default: the work tree)")
     ns = parser.parse_args()
     out = asyncio.run(main(ns))
     print(json.dumps(out, indent=2))

@@ -147,3 +147,18 @@ def test_no_policies_when_disabled():
     assert not of_kind(docs, "NetworkPolicy")
     rank0, _ = trainers()
     assert may_connect(docs, operator_of(docs), rank0, PROGRESS_PORT)
+
+
+def test_prometheus_reaches_the_trainers_metrics_only_when_their_podmonitor_is_on():
+    scraper = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    rank0, _ = trainers()
+    prometheus, stranger = Pod("monitoring", {"app": "prometheus"}), Pod("team-a", {"app": "notebook"})
+    on = {"metrics": {"podMonitors": {"trainer": {"enabled": True}}}}
+    docs = render({**WATCHED, **on, "networkPolicy": {"metricsFrom": scraper}})
+    assert may_connect(docs, prometheus, rank0, PROGRESS_PORT)
+    assert not may_connect(docs, stranger, rank0, PROGRESS_PORT)
+    assert may_connect(render({**WATCHED, **on}), stranger, rank0, PROGRESS_PORT)  # metricsFrom empty: any peer
+    assert not may_connect(render({**WATCHED, "networkPolicy": {"metricsFrom": scraper}}), prometheus, rank0,
+                           PROGRESS_PORT)  # fmt: skip
+    for doc in of_kind(docs, "NetworkPolicy"):
+        validate_manifest(doc)
