@@ -29,7 +29,7 @@ pytestmark = pytest.mark.operator
 BASE = "/apis/kubeforge.io/v1alpha1/namespaces/team-a"
 FTJ, QJ = "kubeforge.io/v1alpha1/finetunejobs", "kubeforge.io/v1alpha1/quantizejobs"
 FAR = {"KUBEFORGE_RESYNC_SECONDS": "600", "KUBEFORGE_PROGRESS_SECONDS": "0.5",
-       "KUBEFORGE_PROGRESS_DEADLINE_SECONDS": "1"}  # fmt: skip
+       "KUBEFORGE_PROGRESS_DEADLINE_SECONDS": "3"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def endpoint(handler: type[http.server.BaseHTTPRequestHandler]):
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):
-    """A progress endpoint that sends its body one byte every half second."""
+    """A progress endpoint that sends its body one byte every half second (15 s: far past the deadline)."""
 
     def do_GET(self) -> None:
         body = json.dumps({"step": 1, "totalSteps": 10}).encode()
@@ -122,7 +122,8 @@ async def test_a_slow_progress_endpoint_holds_up_nobody(emulator, tmp_path, requ
             await start_pods(emulator, gangs["slow"], progress_port=slow)
             await start_pods(emulator, gangs["fast"], progress_port=fast)
             stepped = lambda s: (s.get("progress") or {}).get("step") == 7  # noqa: E731
-            fast_job = await wait_status(emulator, FTJ, "team-a", "fast", stepped, what="the fast job's progress")
+            fast_job = await wait_status(emulator, FTJ, "team-a", "fast", stepped, what="the fast job's progress",
+                                         timeout=60)  # fmt: skip
             assert fast_job["status"]["progress"]["loss"] == 0.5
             # meanwhile the slow one is Running (its pods' event), without progress: each read hit the deadline
             slow_job = await wait_phase(emulator, FTJ, "team-a", "slow", "Running")
