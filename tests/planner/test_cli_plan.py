@@ -21,7 +21,7 @@ KEYS = {
     "microBatchSize", "gradientAccumulationSteps", "gradientCheckpointing", "attention", "memoryPerGPU",
     "estimatedStepSeconds", "estimatedGPUHours", "reasons",
 }  # fmt: skip
-MEMORY_KEYS = {"weights", "gradients", "optimizer", "activations", "overhead", "total", "available"}
+MEMORY_KEYS = {"weights", "gradients", "optimizer", "gathered", "activations", "overhead", "total", "available"}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -42,7 +42,8 @@ def test_every_example_job_on_every_example_cluster(capsys, job, cluster):
         assert set(plan) >= KEYS
         assert set(plan["memoryPerGPU"]) == MEMORY_KEYS
         mem = plan["memoryPerGPU"]
-        assert mem["total"] == sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations", "overhead"))
+        parts = ("weights", "gradients", "optimizer", "gathered", "activations", "overhead")
+        assert mem["total"] == sum(mem[k] for k in parts)
         assert mem["total"] <= mem["available"]
         assert plan["totalGPUs"] == plan["nodes"] * plan["gpusPerNode"]
         assert (

@@ -137,3 +137,35 @@ def test_activations_follow_the_formula_for_one_layer():
     layout = Layout(method="full", strategy="ddp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
     per_token = 6 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
     assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * 6
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_fsdp_offload_keeps_only_the_gathered_layers_on_the_gpu_and_every_shard_state_on_the_host(method):
+    """FSDP2's CPUOffloadPolicy: the shards (fp32 trainable, the frozen base as stored), their fp32 gradients and
+    AdamW's two fp32 moments live in host memory; the GPU holds what plain fsdp gathers, nothing sharded."""
+    arch = lookup("meta-llama/Llama-3.1-70B")
+    lora = {} if method == "full" else {"lora_rank": 16}
+    on_gpu = model_states(arch, Layout(method=method, strategy="fsdp", nodes=4, gpus_per_node=2, **lora))
+    offloaded = model_states(arch, Layout(method=method, strategy="fsdp-offload", nodes=4, gpus_per_node=2, **lora))
+    assert offloaded.weights == offloaded.gradients == offloaded.optimizer == 0
+    assert offloaded.gathered == on_gpu.gathered > 0
+    sharded = on_gpu.weights + on_gpu.gradients + on_gpu.optimizer  # (B + (4 + 4 + 8) T) / N per GPU
+    assert offloaded.host_per_node == pytest.approx(sharded * 2 * 1.5, rel=1e-9)  # 2 GPUs a node, pinned blocks
+
+
+def test_fsdp_gathers_a_qlora_base_in_nf4_and_dequantizes_one_linear_weight_at_a_time():
+    """In flight under FSDP2: c x root + 2 x (NF4 x linear per layer + c x the rest of a layer) + c x the largest
+    linear weight, not the compute dtype for everything."""
+    from kubeforge.planner.memory import fsdp_gathered
+    from kubeforge.runtime.contract import NF4_BYTES
+
+    arch = lookup("meta-llama/Llama-3.1-70B")
+    root = arch.total_parameters - arch.num_layers * arch.params_per_layer
+    linear = arch.linear_parameters / arch.num_layers
+    largest = arch.hidden_size * arch.intermediate_size  # gate, up and down are the largest
+    expected = 2 * root + 2 * (NF4_BYTES * linear + 2 * (arch.params_per_layer - linear)) + 2 * largest
+    assert fsdp_gathered(arch, "qlora", 2.0) == pytest.approx(expected, rel=1e-12)
+    assert fsdp_gathered(arch, "lora", 2.0) == 2 * (root + 2 * arch.params_per_layer)
+    assert fsdp_gathered(arch, "qlora", 2.0) < 0.75 * fsdp_gathered(arch, "lora", 2.0)
+    layout = Layout(method="qlora", strategy="fsdp", nodes=4, gpus_per_node=1)
+    assert model_states(arch, layout).gathered == fsdp_gathered(arch, "qlora", 2.0)

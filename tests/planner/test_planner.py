@@ -228,3 +228,35 @@ def test_strategy_reason_quotes_the_numbers():
     assert result.feasible and result.strategy != "ddp"
     sentence = next(r for r in result.reasons if r.startswith(("ZeRO", "FSDP", "Megatron")))
     assert "unsharded (DDP) the model states would need" in sentence and "GiB" in sentence
+
+
+LLAMA_70B_QLORA = {"model": {"uri": "hf://meta-llama/Llama-3.1-70B"}, "method": "qlora", "dataset.maxSeqLength": 4096,
+                   "training.globalBatchSize": 16}  # fmt: skip
+
+
+def test_a_70b_qlora_base_on_four_single_a10_nodes_trains_with_fsdp_offload():
+    """Answer.AI's fsdp_qlora recipe: FSDP alone needs more than an A10 (the gathered layers and activations on top
+    of a quarter of the NF4 base), so FSDP2 keeps its shards in host memory; it beats ZeRO-3's parameter offload."""
+    four = cluster(("NVIDIA-A10", 1, 4), host_gib=256)
+    alone = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "fsdp"}), four)
+    assert not alone.feasible and "per GPU" in alone.reason, alone.reason
+    auto = planned(job(**LLAMA_70B_QLORA), four)
+    assert auto.feasible and auto.strategy == "fsdp-offload", auto.reason
+    assert auto.offload == "parameters" and auto.memory.weights == auto.memory.optimizer == 0
+    zero3 = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "zero3-offload"}), four)
+    assert zero3.feasible and auto.estimated_step_seconds < zero3.estimated_step_seconds
+
+
+def test_fsdp_offload_needs_the_host_memory_it_fills():
+    small = cluster(("NVIDIA-A10", 1, 4), host_gib=16)  # 80% of 16 GiB < the ~15 GiB of shards each node keeps
+    result = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "fsdp-offload"}), small)
+    assert not result.feasible and "of host memory per node for offloading" in result.reason, result.reason
+
+
+def test_fsdp_offload_is_not_chosen_when_fsdp_fits():
+    """Never offload when a layout without it fits: with 8 GPUs a node the same job fits sharded in GPU memory."""
+    eight = cluster(("NVIDIA-A10", 8, 1), host_gib=512)
+    result = planned(job(**LLAMA_70B_QLORA), eight)
+    assert result.feasible and result.offload == "none", result.strategy
+    forced = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "fsdp-offload"}), eight)
+    assert forced.feasible and forced.strategy == "fsdp-offload"  # an explicit choice is honoured

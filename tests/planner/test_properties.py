@@ -42,7 +42,9 @@ def inventories(draw):
 @st.composite
 def specs(draw):
     method = draw(st.sampled_from(["full", "lora", "qlora"]))
-    strategy = draw(st.sampled_from(["auto", "auto", "ddp", "zero2", "zero3", "zero3-offload", "fsdp", "megatron"]))
+    strategy = draw(
+        st.sampled_from(["auto", "auto", "ddp", "zero2", "zero3", "zero3-offload", "fsdp", "fsdp-offload", "megatron"])
+    )
     if method != "full" and strategy == "megatron":  # Megatron trains method full only (an API rule)
         strategy = "auto"
     changes = {

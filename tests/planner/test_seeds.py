@@ -1,6 +1,7 @@
 """The seeds' recipes, end to end through `kubeforge plan` on the example clusters:
 
-    A10  -> QLoRA with FlashAttention-2, sharded (a 70B NF4 base does not fit one 24 GB card)
+    A10  -> QLoRA with FlashAttention-2 and FSDP (a 70B NF4 base does not fit one 24 GB card; on four
+            single-GPU nodes FSDP2 offloads its shards to host memory, as Answer.AI's fsdp_qlora)
     A100 -> Megatron tensor and pipeline parallelism (full fine-tuning of 70B)
     H100 -> FP8 with Ulysses sequence parallelism for a long context (128k tokens)
 
@@ -23,7 +24,7 @@ ROWS = {
     "a10-qlora-70b": dict(
         cluster="a10-4x1",
         method="qlora",
-        strategies={"zero3", "zero3-offload-optimizer", "zero3-offload"},  # NF4 shards: ZeRO-3 in this runtime
+        strategies={"fsdp-offload"},  # the seeds' "QLoRA with FSDP": plain fsdp needs 28.8 GiB of an A10's 20.2
         attention="flash_attention_2",
         precision="bf16",
         tp_pp=(1, 1),
@@ -85,3 +86,25 @@ def test_the_long_context_job_needs_ulysses_because_nothing_fits_without_it(caps
     plan = json.loads(capsys.readouterr().out)
     assert code == 1 and not plan["feasible"]
     assert "activations" in plan["reason"]
+
+
+def test_the_a10_job_offloads_because_fsdp_alone_does_not_fit(capsys, tmp_path):
+    """The same QLoRA job with strategy fsdp is refused (the gathered layers and activations on top of the NF4
+    shards exceed an A10), and the refusal points at fsdp-offload; the chosen plan names that constraint."""
+    import yaml
+
+    doc = yaml.safe_load((SEEDS / "a10-qlora-70b.yaml").read_text())
+    doc["spec"]["parallelism"] = {"strategy": "fsdp"}
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cluster = str(CLUSTERS / "a10-4x1.yaml")
+    code = main(["plan", str(path), "--cluster", cluster, "--offline", "-o", "json"])
+    refused = json.loads(capsys.readouterr().out)
+    assert code == 1 and not refused["feasible"]
+    assert "does not fit within strategy fsdp" in refused["reason"] and "per GPU" in refused["reason"]
+    assert any(a["strategy"] == "fsdp-offload" for a in refused["alternatives"]), refused["alternatives"]
+
+    assert main(["plan", str(SEEDS / "a10-qlora-70b.yaml"), "--cluster", cluster, "--offline", "-o", "json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert chosen["offload"] == "parameters" and chosen["hostMemoryPerNode"] > 0
+    assert any("without offloading, FSDP would need" in r for r in chosen["reasons"]), chosen["reasons"]

@@ -29,6 +29,7 @@ REFUSED = [
     ({"strategy": "megatron", "precision": "fp32", "device": "cuda"}, "compute.device cuda: the plan needs a CUDA"),
     ({"method": "lora", "precision": "fp8"}, "compute.precision fp8 trains training.method full only"),
     ({"strategy": "zero3-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
+    ({"strategy": "fsdp-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
 ]
 
 
@@ -37,6 +38,15 @@ def test_plans_the_runtime_cannot_honour_are_refused_with_the_field(tiny_model, 
     contract = contract_for(tiny_model, task_data, tmp_path, **change)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         engines.check(contract, cuda=False)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_fsdp_offload_is_a_plan_the_runtime_honours(tiny_model, task_data, tmp_path, method):
+    """FSDP2 with CPUOffloadPolicy trains every method (QLoRA's NF4Tensor shards move to the GPU in 4 bits;
+    tests/runtime/test_fsdp_offload.py runs them)."""
+    pytest.importorskip("torchao")
+    contract = contract_for(tiny_model, task_data, tmp_path, method=method, strategy="fsdp-offload", host=2**20)
+    engines.check(contract, cuda=False, host_memory_bytes=2**30)
 
 
 def test_a_refused_plan_exits_3_before_loading_weights(tiny_model, task_data, tmp_path, monkeypatch):

@@ -19,6 +19,12 @@
                 checkpointing); each GPU sends (u-1)/u of its slice, (2 q width + 2 kv width) x 2
                 bytes per token, never hidden, inside a node.
     offload   = parameters and gradients over PCIe, plus the host's Adam step (HOST_ADAM rate).
+                fsdp-offload: per micro-batch, each rank copies its shards (as stored: NF4 and
+                compute-dtype base, fp32 trainable) to the GPU before each all-gather (forward,
+                backward, and the recomputed forward with checkpointing) and its fp32 gradient
+                shards back (the runtime reduce-scatters every micro-batch: unsharded gradients
+                would pile up on the GPU); AdamW steps on the host (torch's fused CPU AdamW, about
+                DeepSpeed's CPUAdam rate: 0.127 vs 0.137 G params/s measured on 2 cores).
     latency   = kernel launches (LAYER_LAUNCH_SECONDS per layer and micro-batch, forward and
                 backward; tensor parallelism does not reduce it) and collective latencies
                 (COLLECTIVE_LATENCY inside a node, x5 across nodes): the floor that keeps tiny
@@ -49,6 +55,7 @@ EFFICIENCY = {
     "megatron": 0.45,
     "megatron-offload-optimizer": 0.45,
     "zero3-offload": 0.30,
+    "fsdp-offload": 0.32,  # fsdp's 0.40 x zero3-offload's 0.30 / zero3's 0.38: each gather waits for its copy
 }  # the offload's own cost is the `offload` term
 TP_GEMM_EFFICIENCY = 0.93  # per doubling of TP: smaller matrix multiplies run less efficiently
 FP8_FRACTION = 0.65  # of the fp8 peak reached, relative to bf16 (about 1.3x over bf16 on H100)
@@ -119,12 +126,15 @@ class JobTerms:
     work: tuple[float, float]  # tokens per step x FLOPs per token, without and with gradient checkpointing
     trainable: int
     base_bytes: float  # the weights' bytes as gathered (base_weight_bytes in bf16)
+    stored_bytes: float = 0.0  # the frozen base as stored (0 for full fine-tuning: every weight trains, in fp32)
 
 
 def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
     work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, gc) for gc in (False, True))
-    return JobTerms(work, trainable_parameters(arch, layout), base_weight_bytes(arch, layout.method))  # type: ignore[arg-type]
+    trainable = trainable_parameters(arch, layout)
+    stored = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method)
+    return JobTerms(work, trainable, base_weight_bytes(arch, layout.method), stored)  # type: ignore[arg-type]
 
 
 class StepShape:
@@ -142,6 +152,7 @@ class StepShape:
         "layers",
         "moved",
         "offload",
+        "offload_micro",
         "p",
         "per_stage",
         "qlora",
@@ -199,6 +210,12 @@ class StepShape:
             if facts.offload == "parameters":  # every step gathers the weights from host memory, forward and backward
                 moved += 2 * job.base_bytes / layout.world
         self.moved = moved
+        self.offload_micro = (0.0, 0.0)  # bytes over PCIe per micro-batch, without and with checkpointing
+        if facts.engine == "fsdp" and facts.offload == "parameters":
+            stored = (job.stored_bytes + 4.0 * trainable) / layout.world  # this rank's shards as kept on the host
+            grads = 4.0 * trainable / layout.world
+            self.moved = 0.0
+            self.offload_micro = (2 * stored + grads, 3 * stored + grads)
 
 
 class StepModel:
@@ -206,7 +223,7 @@ class StepModel:
     accumulation: what does not depend on those three is computed once (StepShape and the pool's terms
     here), the rest in ``terms`` (StepTime's fields, in order) or ``seconds`` (their total)."""
 
-    __slots__ = ("data_parallel", "intra", "offload", "shape", "world_peak")
+    __slots__ = ("data_parallel", "intra", "offload", "offload_micro", "shape", "world_peak")
 
     def __init__(
         self,
@@ -230,9 +247,11 @@ class StepModel:
         self.intra = intra
         self.data_parallel = (shape.dp_bytes[0] / across * (1 - OVERLAP), shape.dp_bytes[1] / across * (1 - OVERLAP))
         offload = 0.0
+        self.offload_micro = (0.0, 0.0)
         if shape.offload != "none":  # Adam on the host's cores
             pcie = pool.gpu.pcie_gbps * 1e9
             offload = shape.moved / pcie + shape.trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
+            self.offload_micro = (shape.offload_micro[0] / pcie, shape.offload_micro[1] / pcie)
         self.offload = offload
 
     def terms(
@@ -275,7 +294,8 @@ class StepModel:
         if p > 1:
             collectives += 2 * (micro_batches + p - 1)
         latency = launches + collectives * s.alpha
-        return compute, bubble, self.data_parallel[checkpointing], tensor, self.offload, latency, ulysses
+        offload = self.offload + micro_batches * self.offload_micro[checkpointing]
+        return compute, bubble, self.data_parallel[checkpointing], tensor, offload, latency, ulysses
 
     def seconds(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
         """StepTime.total of ``terms`` without building the StepTime."""

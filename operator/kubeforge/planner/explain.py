@@ -24,6 +24,7 @@ NAMES = {
     "zero3-offload-optimizer": "ZeRO-3 with the optimizer offloaded to CPU",
     "zero3-offload": "ZeRO-3 with parameters and optimizer offloaded to CPU",
     "fsdp": "FSDP",
+    "fsdp-offload": "FSDP with parameters, gradients and optimizer offloaded to CPU",
     "megatron": "Megatron",
     "megatron-offload-optimizer": "Megatron with the optimizer offloaded to CPU",
 }
@@ -205,7 +206,9 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
     )
     out.append(
         f"Memory per GPU: weights {gib(mem.weights)}, gradients {gib(mem.gradients)}, optimizer "
-        f"{gib(mem.optimizer)}, activations {gib(mem.activations)}, overhead {gib(mem.overhead)}; total "
+        f"{gib(mem.optimizer)}, "
+        + (f"gathered in flight {gib(mem.gathered)}, " if mem.gathered else "")
+        + f"activations {gib(mem.activations)}, overhead {gib(mem.overhead)}; total "
         f"{gib(mem.total)} of {gib(0.9 * pool.memory_bytes)} usable (90% of {gib(pool.memory_bytes)})."
     )
     t = best.time
@@ -311,8 +314,14 @@ def _strategy_sentence(arch: Architecture, best: Candidate) -> str:
             f"{lay.pipeline_parallel} divides the {arch.num_layers} layers."
         )
     extra = ""
-    if STRATEGIES[lay.strategy].offload != "none":
+    facts = STRATEGIES[lay.strategy]
+    if facts.offload != "none":
         extra = f"; offloading needs {gib(best.memory.host_per_node)} of host memory per node"
+    sharded = next((s for s, f in STRATEGIES.items() if f.offload == "none" and (f.engine, f.zero_stage) ==
+                    (facts.engine, facts.zero_stage)), None)  # fmt: skip
+    if facts.offload == "parameters" and sharded is not None:  # the binding constraint: sharding alone is too big
+        kept = estimate(arch, replace(lay, strategy=sharded))
+        extra += f"; without offloading, {NAMES[sharded]} would need {gib(kept.total)} per GPU"
     return f"{NAMES[lay.strategy]}: {simpler}{extra}."
 
 

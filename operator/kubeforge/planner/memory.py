@@ -10,7 +10,7 @@ fp32 moments (8), f = frozen base weights (c, or NF4 for QLoRA); B = the frozen 
 the optimizer step), as measured on the runtime itself (tests/runtime/test_precision_policy.py):
 
     ddp        weights B + mT       gradients gT       optimizer oT        torch AMP: fp32 weights, autocast
-    fsdp       weights (B + mT)/N   gradients gT/N     optimizer oT/N      + gathered c x (root + 2 layers)
+    fsdp       weights (B + mT)/N   gradients gT/N     optimizer oT/N      + gathered (below)
     zero1      weights B + cT       gradients cT       optimizer (m+o)T/N  DeepSpeed: a compute-dtype working
     zero2      weights B + cT       gradients cT/N     optimizer (m+o)T/N    copy, fp32 masters in its optimizer
     zero3      weights (B + cT)/N   gradients cT/N     optimizer (m+o)T/N    (+ 4LL gathered for zero3)
@@ -20,7 +20,16 @@ the optimizer step), as measured on the runtime itself (tests/runtime/test_preci
 Offload (contract.STRATEGIES): "optimizer" moves the fp32 masters, the moments and the fp32
 gradients the host's Adam reads to host memory: (m + o + g)T/N per GPU, times the GPUs of a
 node and DeepSpeed's 1.5 buffer factor; "parameters" (zero3-offload) moves the working copy
-there too, leaving only the in-flight modules on the GPU.
+there too, leaving only the in-flight modules on the GPU. fsdp-offload (FSDP2's CPUOffloadPolicy) keeps
+every shard, its fp32 gradient and AdamW's moments on the host: (B + (m + g + o)T)/N per GPU, times the
+GPUs of a node and the same 1.5 (FSDP2 pins the shards and gradients, and the CUDA host allocator rounds
+each pinned block up to a power of two); the GPU holds only the gathered modules.
+
+Gathered (FSDP, fsdp-offload): the root's parameters (embeddings, head, final norm) and two decoder layers
+(the one computing and the one prefetched), all-gathered in the compute dtype: c x (root + 2 layers).
+QLoRA gathers its NF4 base in 4 bits (torchao's NF4Tensor) and dequantizes one linear weight at a time
+for its matmul: c x root + 2 x (NF4 x linear per layer + c x the rest of a layer) + c x the largest
+linear weight (tests/runtime/test_qlora_fsdp.py measures the bytes each rank holds).
 
 DeepSpeed's estimate_zero3_model_states_mem_needs counts 18P/N for ZeRO-3 (fp32 gradient
 partitions); DeepSpeed 0.19.8 holds the gradient partitions in the compute dtype (measured:
@@ -180,8 +189,11 @@ def model_states(arch: Architecture, layout: Layout) -> States:
     if facts.engine == "ddp":
         states = States(B + m * T, g * T, o * T)
     elif facts.engine == "fsdp":
-        root = max(0, P - arch.num_layers * arch.params_per_layer)  # embeddings, head, final norm
-        states = States((B + m * T) / n, g * T / n, o * T / n, gathered=c * (root + 2 * arch.params_per_layer))
+        gathered = fsdp_gathered(arch, layout.method, c)
+        if facts.offload == "parameters":  # shards, gradients and AdamW's moments all in host memory
+            host = (B + (m + g + o) * T) / n * layout.gpus_per_node * OFFLOAD_BUFFER_FACTOR
+            return States(0.0, 0.0, 0.0, host, gathered)
+        states = States((B + m * T) / n, g * T / n, o * T / n, gathered=gathered)
     elif facts.engine == "deepspeed":
         sharded = facts.zero_stage == 3
         weights = (B + c * T) / n if sharded else B + c * T
@@ -195,6 +207,18 @@ def model_states(arch: Architecture, layout: Layout) -> States:
     else:
         raise ValueError(f"unknown strategy {layout.strategy!r}")
     return _offload(states, facts.offload, layout, (m + o + g) * T, n)
+
+
+def fsdp_gathered(arch: Architecture, method: str, c: float) -> float:
+    """Bytes of the unsharded modules in flight under FSDP2: the root and two decoder layers (QLoRA: their
+    linear weights in NF4, plus one of them dequantized for its matmul)."""
+    root = max(0, arch.total_parameters - arch.num_layers * arch.params_per_layer)  # embeddings, head, final norm
+    layer = arch.params_per_layer
+    if method != "qlora":
+        return c * (root + 2 * layer)
+    linear = arch.linear_parameters / arch.num_layers
+    largest = max(a * b for a, b in arch.module_shapes().values())
+    return c * root + 2 * (NF4_BYTES * linear + c * (layer - linear)) + c * largest
 
 
 def _offload(states: States, offload: str, layout: Layout, optimizer_bytes: float, n: int) -> States:

@@ -24,16 +24,18 @@ class MemoryPerGPU:
     activations: int
     overhead: int
     available: int
+    gathered: int = 0  # unsharded copies of the modules in flight (FSDP, ZeRO-3): transient, at the peak
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.overhead
 
     def to_json(self) -> dict[str, int]:
         return {
             "weights": self.weights,
             "gradients": self.gradients,
             "optimizer": self.optimizer,
+            "gathered": self.gathered,
             "activations": self.activations,
             "overhead": self.overhead,
             "total": self.total,

@@ -48,7 +48,7 @@ def table(plan: Plan) -> str:
         mem = plan.memory
         assert mem is not None
         lines.append("  Memory per GPU (GiB):")
-        for key in ("weights", "gradients", "optimizer", "activations", "overhead"):
+        for key in ("weights", "gradients", "optimizer", "gathered", "activations", "overhead"):
             lines.append(f"    {key:<12} {getattr(mem, key) / GIB:8.1f}")
         lines.append(f"    {'total':<12} {mem.total / GIB:8.1f}  of {mem.available / GIB:.1f} usable")
         if plan.offload:

@@ -75,6 +75,7 @@ STRATEGIES = (
     "zero2-offload-optimizer",
     "zero3-offload-optimizer",
     "megatron-offload-optimizer",
+    "fsdp-offload",
     "zero3-offload",
 )
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -689,6 +690,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
             mem.activations,
             mem.overhead,
             int(pool.memory_bytes * UTILISATION),
+            gathered=mem.gathered,
         ),
         host_memory_per_node=mem.host_per_node,
         host_memory_available=int(pool.host_memory_bytes * HOST_UTILISATION),

@@ -128,6 +128,7 @@ class TrainingConfig(_Model):
 Strategy = Literal[
     "ddp",
     "fsdp",
+    "fsdp-offload",
     "zero1",
     "zero2",
     "zero2-offload-optimizer",
@@ -151,6 +152,7 @@ class StrategyFacts:
 STRATEGIES: dict[str, StrategyFacts] = {
     "ddp": StrategyFacts("ddp"),
     "fsdp": StrategyFacts("fsdp"),
+    "fsdp-offload": StrategyFacts("fsdp", 0, "parameters"),  # FSDP2 CPUOffloadPolicy: shards, grads, AdamW on host
     "zero1": StrategyFacts("deepspeed", 1),
     "zero2": StrategyFacts("deepspeed", 2),
     "zero2-offload-optimizer": StrategyFacts("deepspeed", 2, "optimizer"),

@@ -5,7 +5,8 @@ asks which one it has:
 
 - ``ddp.DDPEngine``: one process or torch DDP; each rank holds the whole model.
 - ``fsdp.FSDPEngine``: FSDP2, built on the meta device; each rank reads only its shards (QLoRA:
-  and quantizes them to torchao's NF4Tensor, which FSDP2 shards and gathers in 4 bits, nf4.py).
+  and quantizes them to torchao's NF4Tensor, which FSDP2 shards and gathers in 4 bits, nf4.py);
+  fsdp-offload keeps the shards, gradients and optimizer states in host memory (CPUOffloadPolicy).
 - ``zero.DeepSpeedEngine``: ZeRO-1/2/3 with optimizer or parameter offload; ZeRO-3 builds
   partitioned and reads only each rank's range.
 - ``kubeforge.runtime.mcore.engine.MegatronEngine``: tensor and pipeline parallelism (CUDA).
@@ -73,7 +74,7 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
 
         if not float8.available():
             raise UserError("compute.precision fp8 needs torchao in the trainer image (pip install torchao)")
-    if method == "qlora" and engine == "fsdp" and contract.parallel.world_size > 1:
+    if method == "qlora" and engine == "fsdp" and _sharded(contract.parallel.strategy, contract.parallel.world_size):
         from kubeforge.runtime.engines import nf4
 
         if not nf4.available():
@@ -88,6 +89,12 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
             f"compute.hostMemoryBytes: the plan offloads {need / 2**30:.1f} GiB to host memory on this node, "
             f"which has {have / 2**30:.1f} GiB available"
         )
+
+
+def _sharded(strategy: str, world: int) -> bool:
+    """Whether an fsdp strategy runs FSDP2 (plain fsdp alone on one device is DDP's whole model; fsdp-offload
+    still shards over a one-rank mesh, so that its parameters live in host memory)."""
+    return world > 1 or STRATEGIES[strategy].offload != "none"
 
 
 def _check_objective(contract: Contract, engine: str) -> None:
@@ -177,9 +184,13 @@ def _build(setup: Setup) -> Engine:
         from kubeforge.runtime.engines.zero import DeepSpeedEngine
 
         return DeepSpeedEngine(setup)
-    if engine == "fsdp" and setup.dist.world > 1:
+    if engine == "fsdp" and _sharded(setup.contract.parallel.strategy, setup.dist.world):
         from kubeforge.runtime.engines.fsdp import FSDPEngine
 
+        if setup.dist.world == 1:  # FSDP2's device mesh wants a process group, even alone
+            from kubeforge.runtime.train import _init_process_group
+
+            _init_process_group(setup.dist, setup.device)
         return FSDPEngine(setup)
     from kubeforge.runtime.engines.ddp import DDPEngine
 

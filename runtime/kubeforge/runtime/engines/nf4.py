@@ -90,9 +90,10 @@ def _skipped(name: str) -> bool:
     return name.endswith("lm_head") or ".lora_" in name or name.split(".")[-1].startswith("lora_")
 
 
-def load_rows(local: torch.Tensor, rows: torch.Tensor, group=None) -> None:
+def load_rows(local: torch.Tensor, rows: torch.Tensor, group=None, comm_device: torch.device | None = None) -> None:
     """Quantize this rank's ``rows`` of a weight into its NF4 shard ``local`` (allocated by to_empty).
-    Every rank of ``group`` calls it for the same weight: the mean of the block scales is all-reduced."""
+    Every rank of ``group`` calls it for the same weight: the mean of the block scales is all-reduced, on
+    ``comm_device`` (the GPU where NCCL runs the collective while the shard itself is offloaded to the host)."""
     import torch.distributed as td
     from torchao.quantization import NF4Tensor
 
@@ -101,7 +102,9 @@ def load_rows(local: torch.Tensor, rows: torch.Tensor, group=None) -> None:
     scales = flat.view(-1, BLOCK).abs().amax(dim=1)  # one absmax per block of 64
     total = torch.stack([scales.float().sum(), torch.tensor(float(scales.numel()), device=scales.device)])
     if td.is_initialized():
-        td.all_reduce(total, group=group)
+        on_wire = total.to(comm_device) if comm_device is not None else total
+        td.all_reduce(on_wire, group=group)
+        total = on_wire.to(scales.device)
     mean = (total[0] / total[1]).to(rows.dtype)
     centred = (scales - mean).view(-1, SCALER_BLOCK)
     factor = 256 / (2 * centred.abs().amax(dim=1))  # one per scaler block
