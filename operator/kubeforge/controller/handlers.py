@@ -91,16 +91,23 @@ async def node_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
 @kopf.on.event("", "v1", "pods", labels=OURS)
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)
 @kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=OURS)
-async def child_event(body: kopf.Body, **_: Any) -> None:
+async def child_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """A child or pod changed: its owner's loop runs a pass (instead of polling for it)."""
-    WAKEUPS.wake(owner_key(body))
+    if _changed(event, body):
+        WAKEUPS.wake(owner_key(body))
 
 
 @kopf.on.event(*FINETUNEJOBS)
 @kopf.on.event(*QUANTIZEJOBS)
-async def source_event(body: kopf.Body, **_: Any) -> None:
+async def source_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     """A FineTuneJob or QuantizeJob changed: the QuantizeJobs and ModelServices that use it look again."""
-    WAKEUPS.wake_dependents((body.metadata.namespace, body.get("kind", ""), body.metadata.name or ""))
+    if _changed(event, body):
+        WAKEUPS.wake_dependents((body.metadata.namespace, body.get("kind", ""), body.metadata.name or ""))
+
+
+def _changed(event: kopf.RawEvent, body: kopf.Body) -> bool:
+    return WAKEUPS.changed(body.metadata.uid or "", body.metadata.get("resourceVersion"),
+                           deleted=event.get("type") == "DELETED")  # fmt: skip
 
 
 @kopf.index("", "v1", "configmaps", labels=OURS)

@@ -5,8 +5,10 @@ handlers.py) that sleeps until it is woken or until a slow resync comes due. The
 handlers of the children (Jobs, JobSets, Deployments, LeaderWorkerSets, pods) wake the
 owner named by the child's owner labels; a FineTuneJob's or QuantizeJob's change wakes
 the QuantizeJobs and ModelServices whose spec refers to it; a change in what the nodes
-offer wakes every object, since any of them may have been waiting for GPUs. Wake-ups
-that arrive while a pass runs coalesce into one more pass.
+offer wakes every object, since any of them may have been waiting for GPUs. Only a real
+change wakes anyone: an object seen again at the same resourceVersion (kopf re-lists every
+watched object whenever a watch is re-established) is not one. Wake-ups that arrive while a
+pass runs coalesce into one more pass.
 
 Everything here runs on the operator's event loop (one thread): no locks.
 """
@@ -30,6 +32,7 @@ class Wakeups:
         self._triggers: dict[Key, asyncio.Event] = {}
         self._sources: dict[Key, frozenset[Source]] = {}
         self._node_facts: dict[str, Any] = {}
+        self._versions: dict[str, str] = {}  # uid -> the last resourceVersion seen of a child or source
 
     def __len__(self) -> int:
         return len(self._triggers)
@@ -44,6 +47,18 @@ class Wakeups:
         if self._triggers.get(key) is trigger:
             del self._triggers[key]
             self._sources.pop(key, None)
+
+    def changed(self, uid: str, version: str | None, deleted: bool = False) -> bool:
+        """Whether this event brings a new version of object ``uid`` (a re-list repeats the last one)."""
+        if deleted:
+            self._versions.pop(uid, None)
+            return True
+        if not uid or version is None:
+            return True
+        if self._versions.get(uid) == version:
+            return False
+        self._versions[uid] = version
+        return True
 
     def wake(self, key: Key) -> bool:
         trigger = self._triggers.get(key)
