@@ -46,6 +46,7 @@ async def running_operator(
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     env = {
         "KUBEFORGE_RESYNC_SECONDS": "0.5",  # the safety-net resync; the chart's default is 60 s
+        "KUBEFORGE_FULL_PASS_SECONDS": "0",  # every resync a full pass (what the tests count), never skipped
         "KUBEFORGE_OFFLINE": "1",  # no Hub lookups from tests
         "KUBEFORGE_METRICS_PORT": str(free_port()),
         **env_overrides,

@@ -54,7 +54,7 @@ async def test_the_operator_answers_its_probes_and_runs_the_images_the_chart_nam
     resp = await emulator.post(LEASES, json=lease)
     assert resp.status in (200, 201), await resp.text()
     images = {k: v for k, v in operator_env(docs).items() if k.startswith("KUBEFORGE_IMAGE_")}
-    env = {**images, "KUBEFORGE_RESYNC_SECONDS": "0.5", "KUBEFORGE_OFFLINE": "1",
+    env = {**images, "KUBEFORGE_RESYNC_SECONDS": "0.5", "KUBEFORGE_FULL_PASS_SECONDS": "0", "KUBEFORGE_OFFLINE": "1",
            "KUBEFORGE_METRICS_PORT": str(free_port()), "POD_NAME": "replica-b"}  # fmt: skip
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
     proc = OperatorProcess(kubeconfig, tmp_path / "operator.log", emulator, (liveness, *ELECTION), env=env)

@@ -79,3 +79,28 @@ async def test_the_loop_runs_a_pass_per_wake_and_on_resync_and_says_which():
     w.wake(key)
     await asyncio.wait_for(loop, 2)
     assert len(w) == 0  # unregistered on the way out
+
+
+def test_a_resync_is_skipped_only_while_the_inputs_are_the_same_and_a_full_pass_is_not_due():
+    from kubeforge.controller.wakeups import SeenInputs, inputs_digest
+
+    job = {"metadata": {"uid": "j", "resourceVersion": "7"}}
+    pod = {"metadata": {"uid": "p", "resourceVersion": "3"}}
+    digest = inputs_digest(job, [pod], {"step": 1}, "inventory-1")
+    seen, key = SeenInputs(full_every=100.0), ("ns", "FineTuneJob", "a")
+    assert not seen.unchanged(key, digest, now=0.0)  # never seen: a pass
+    seen.record(key, digest, now=0.0)
+    assert seen.unchanged(key, digest, now=50.0)
+    assert not seen.unchanged(key, digest, now=100.0)  # a full pass is due
+    seen.record(key, digest, now=100.0)  # ... and ran: the next is due from there
+    assert seen.unchanged(key, digest, now=150.0) and not seen.unchanged(key, digest, now=200.0)
+    for changed in (
+        inputs_digest({"metadata": {"uid": "j", "resourceVersion": "8"}}, [pod], {"step": 1}, "inventory-1"),
+        inputs_digest(job, [{"metadata": {"uid": "p", "resourceVersion": "4"}}], {"step": 1}, "inventory-1"),
+        inputs_digest(job, [pod], {"step": 2}, "inventory-1"),
+        inputs_digest(job, [pod], {"step": 1}, "inventory-2"),
+        inputs_digest(job, [], {"step": 1}, "inventory-1"),
+    ):
+        assert not seen.unchanged(key, changed, now=60.0)
+    assert inputs_digest(job, [pod, job], None) == inputs_digest(job, [job, pod], None)  # order does not matter
+    assert not SeenInputs(full_every=0.0).unchanged(key, digest, now=0.0)

@@ -122,8 +122,12 @@ async def test_a_slow_progress_endpoint_holds_up_nobody(emulator, tmp_path, requ
             await start_pods(emulator, gangs["slow"], progress_port=slow)
             await start_pods(emulator, gangs["fast"], progress_port=fast)
             stepped = lambda s: (s.get("progress") or {}).get("step") == 7  # noqa: E731
-            fast_job = await wait_status(emulator, FTJ, "team-a", "fast", stepped, what="the fast job's progress",
-                                         timeout=60)  # fmt: skip
+            try:
+                fast_job = await wait_status(emulator, FTJ, "team-a", "fast", stepped, what="the fast job's progress",
+                                             timeout=60)  # fmt: skip
+            except AssertionError:
+                print(operator.logs()[-12000:])
+                raise
             assert fast_job["status"]["progress"]["loss"] == 0.5
             # meanwhile the slow one is Running (its pods' event), without progress: each read hit the deadline
             slow_job = await wait_phase(emulator, FTJ, "team-a", "slow", "Running")

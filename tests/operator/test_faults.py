@@ -45,6 +45,7 @@ async def faulty(
     async with FaultProxy(emulator.url, RATE, seed=12, retry_after=1, stall=4.0) as proxy:
         env = {
             "KUBEFORGE_RESYNC_SECONDS": "0.5",
+            "KUBEFORGE_FULL_PASS_SECONDS": "0",
             "KUBEFORGE_OFFLINE": "1",
             "KUBEFORGE_METRICS_PORT": str(free_port()),
             "KUBEFORGE_API_TIMEOUT_SECONDS": "3",  # below the proxy's 4 s stall: those are timeouts

@@ -189,6 +189,7 @@ async def run_chain(emulator: Any, tmp_path: Any, namespace_args: tuple[str, ...
     assert resp.status == 201, await resp.text()
     env = {
         "KUBEFORGE_RESYNC_SECONDS": "0.5",
+        "KUBEFORGE_FULL_PASS_SECONDS": "0",
         "KUBEFORGE_OFFLINE": "1",
         "KUBEFORGE_METRICS_PORT": str(free_port()),
         "POD_NAME": "kubeforge-0",

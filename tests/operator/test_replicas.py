@@ -60,6 +60,7 @@ class Replica(OperatorProcess):
 def replica(emulator: FaithfulEmulator, tmp_path: Path, name: str) -> Replica:
     env = {
         "KUBEFORGE_RESYNC_SECONDS": "0.5",
+        "KUBEFORGE_FULL_PASS_SECONDS": "0",
         "KUBEFORGE_OFFLINE": "1",
         "KUBEFORGE_METRICS_PORT": str(free_port()),
         "POD_NAME": name,

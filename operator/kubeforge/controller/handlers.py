@@ -13,14 +13,16 @@ import kopf
 from kubeforge.api.kinds import GROUP, VERSION
 from kubeforge.controller import metrics
 from kubeforge.controller.kube import Kube
-from kubeforge.controller.progress_reader import ProgressCache, progress_url, read_progress
+from kubeforge.controller.plancache import inventory_digest
+from kubeforge.controller.progress_reader import ProgressCache, close_sessions, progress_url, read_progress
 from kubeforge.controller.reconcile import (
+    inventory,
     lookup_in,
     reconcile_finetunejob,
     reconcile_modelservice,
     reconcile_quantizejob,
 )
-from kubeforge.controller.wakeups import Wakeups, node_facts, sources_of
+from kubeforge.controller.wakeups import SeenInputs, Wakeups, inputs_digest, node_facts, sources_of
 from kubeforge.render import labels as L
 
 FINETUNEJOBS = (GROUP, VERSION, "finetunejobs")
@@ -63,6 +65,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         metrics.serve(METRICS_PORT)
 
 
+@kopf.on.cleanup()
+async def close_progress_sessions(**_: Any) -> None:
+    await close_sessions()
+
+
 def owner_key(body: kopf.Body) -> tuple[str | None, str | None, str | None]:
     """A child's index key, from its owner labels: the handlers look it up with L.owner_key()."""
     labels = body.get("metadata", {}).get("labels") or {}
@@ -77,6 +84,9 @@ def gpu_nodes(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
 
 WAKEUPS = Wakeups()
 PROGRESS_READ = ProgressCache()
+# A FineTuneJob's resync skips its pass while its inputs are unchanged, but runs a full one this often (0: always).
+FULL_EVERY = float(os.environ.get("KUBEFORGE_FULL_PASS_SECONDS", str(10 * RESYNC)))
+SEEN = SeenInputs(FULL_EVERY)
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -138,7 +148,13 @@ def owned_pods(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
 @kopf.on.resume(*FINETUNEJOBS)
 @kopf.on.create(*FINETUNEJOBS)
 @kopf.on.update(*FINETUNEJOBS)
-def finetunejob(
+def finetunejob(**kwargs: Any) -> None:
+    """Plan, render, apply the gang, follow it: one level-triggered pass (controller/finetune.py decides).
+    (kopf keeps a handler's return value in the status: this one returns nothing.)"""
+    finetunejob_pass(**kwargs)
+
+
+def finetunejob_pass(
     body: kopf.Body,
     memo: kopf.Memo,
     gpu_nodes: kopf.Index,
@@ -147,22 +163,27 @@ def finetunejob(
     owned_jobs: kopf.Index,
     owned_jobsets: kopf.Index,
     owned_pods: kopf.Index,
+    skip_unchanged: bool = False,
     **_: Any,
-) -> None:
-    """Plan, render, apply the gang, follow it: one level-triggered pass (controller/finetune.py decides)."""
+) -> bool:
+    """One pass of a FineTuneJob. With ``skip_unchanged`` (a resync of the job's loop) nothing is done
+    when the pass would decide from the same inputs as the last one: the job, its children and pods at
+    the same versions, the same progress, the same GPU inventory. False when skipped."""
     key = L.owner_key(body.metadata.namespace, "FineTuneJob", body.metadata.name or "")
+    nodes = gpu_nodes.get(None, [])
+    children = [
+        c for index in (owned_configmaps, owned_services, owned_jobs, owned_jobsets) for c in index.get(key, [])
+    ]
+    pods, progress = owned_pods.get(key, []), PROGRESS_READ.get(key)
+    digest = inputs_digest(body, [*children, *pods], progress, inventory_digest(inventory(nodes)))
+    if skip_unchanged and SEEN.unchanged(key, digest):
+        return False
     with metrics.measured("FineTuneJob"):
-        decision = reconcile_finetunejob(
-            body,
-            nodes=gpu_nodes.get(None, []),
-            children=[
-                c for index in (owned_configmaps, owned_services, owned_jobs, owned_jobsets) for c in index.get(key, [])
-            ],
-            pods=owned_pods.get(key, []),
-            kube=memo.kube,
-            progress=PROGRESS_READ.get(key),
-        )
+        decision = reconcile_finetunejob(body, nodes=nodes, children=children, pods=pods, kube=memo.kube,
+                                         progress=progress)  # fmt: skip
+    SEEN.record(key, digest)
     _report("FineTuneJob", body, decision)
+    return True
 
 
 @kopf.daemon(*FINETUNEJOBS, cancellation_timeout=5.0)
@@ -180,10 +201,15 @@ async def finetunejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwa
                 PROGRESS_READ.put(key, await read_progress(url), time.monotonic())
 
     try:
-        interval = lambda: min(RESYNC, PROGRESS) if running() else RESYNC  # noqa: E731
-        await _follow(finetunejob, key, body, memo, stopped, kwargs, before=read_progress_if_due, interval=interval)
+        # Every PROGRESS seconds whatever the phase: the wait starts before the job's own status write comes
+        # back as Running, so a phase-dependent interval could sleep a whole resync; a resync whose inputs are
+        # unchanged costs a digest (finetunejob_pass, skip_unchanged).
+        interval = lambda: min(RESYNC, PROGRESS)  # noqa: E731
+        await _follow(finetunejob_pass, key, body, memo, stopped, kwargs,
+                      before=read_progress_if_due, interval=interval, skips=True)  # fmt: skip
     finally:
         PROGRESS_READ.forget(key)
+        SEEN.forget(key)
 
 
 @kopf.on.delete(*FINETUNEJOBS, optional=True)
@@ -319,12 +345,12 @@ async def modelservice_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kw
 
 async def _follow(
     handler: Any, key: Any, body: kopf.Body, memo: kopf.Memo, stopped: Any, kwargs: dict[str, Any],
-    before: Any = None, interval: Any = None,
+    before: Any = None, interval: Any = None, skips: bool = False,
 ) -> None:  # fmt: skip
     """An object's loop: a pass (in kopf's handler threads, like its create/update/resume handlers) each
     time the object is woken (controller/wakeups.py) or its resync comes due. A failed pass is logged and
     tried again after kopf's backoff, or sooner if an event comes."""
-    logger = kwargs["logger"]
+    logger, name = kwargs["logger"], handler.__name__.removesuffix("_pass")
 
     def refers() -> None:
         WAKEUPS.refers_to(key, sources_of(body.metadata.namespace, body.get("spec") or {}))
@@ -334,14 +360,16 @@ async def _follow(
         try:
             if before is not None:
                 await before()
-            await asyncio.get_running_loop().run_in_executor(
-                memo.executor, lambda: handler(body=body, memo=memo, **kwargs)
+            extra = {"skip_unchanged": cause == "resync"} if skips else {}
+            ran = await asyncio.get_running_loop().run_in_executor(
+                memo.executor, lambda: handler(body=body, memo=memo, **kwargs, **extra)
             )
         except Exception as err:  # the loop must outlive a failed pass, as kopf's timers did
-            logger.exception(f"Loop '{handler.__name__}' pass failed: {err}; retried")
+            logger.exception(f"Loop '{name}' pass failed: {err}; retried")
             asyncio.get_running_loop().call_later(RETRY_AFTER, WAKEUPS.wake, key)
         else:
-            logger.info(f"Loop '{handler.__name__}' pass succeeded ({cause}: {body.metadata.name}).")
+            if ran is not False:
+                logger.info(f"Loop '{name}' pass succeeded ({cause}: {body.metadata.name}).")
 
     refers()
     await WAKEUPS.loop(key, stopped, interval or (lambda: RESYNC), one_pass)

@@ -40,12 +40,29 @@ def progress_url(pods: Iterable[Mapping[str, Any]]) -> str | None:
     return f"http://{host}:{port}{PROGRESS_PATH}"
 
 
+_sessions: dict[int, aiohttp.ClientSession] = {}  # one per event loop, its connections pooled across reads
+
+
+async def close_sessions() -> None:
+    for session in list(_sessions.values()):
+        await session.close()
+    _sessions.clear()
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = id(asyncio.get_running_loop())
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        session = _sessions[loop] = aiohttp.ClientSession()
+    return session
+
+
 async def read_progress(url: str, deadline: float = DEADLINE) -> dict[str, Any] | None:
     """The JSON document at ``url``, or None (unreachable, slow past the deadline, too big, not JSON)."""
     try:
         async with asyncio.timeout(deadline):
             timeout = aiohttp.ClientTimeout(total=deadline)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            async with _session().get(url, timeout=timeout) as response:
                 if response.status != 200:
                     return None
                 body = await response.content.read(MAX_BYTES + 1)

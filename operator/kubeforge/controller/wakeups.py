@@ -16,8 +16,11 @@ Everything here runs on the operator's event loop (one thread): no locks.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 Key = tuple[Any, ...]  # labels.owner_key(namespace, kind, name): how the child indexes are keyed
@@ -140,3 +143,35 @@ def node_facts(body: Mapping[str, Any]) -> Any:
         tuple(sorted((status.get("allocatable") or {}).items())),
         tuple(sorted((status.get("capacity") or {}).items())),
     )
+
+
+class SeenInputs:
+    """What each object's last pass decided from, as a digest: a resync that finds the same inputs skips its
+    pass (the decision would be the same, and it was applied), except once every ``full_every`` seconds."""
+
+    def __init__(self, full_every: float) -> None:
+        self.full_every = full_every
+        self._seen: dict[Key, tuple[str, float]] = {}
+
+    def unchanged(self, key: Key, digest: str, now: float | None = None) -> bool:
+        seen = self._seen.get(key)
+        now = time.monotonic() if now is None else now
+        return seen is not None and seen[0] == digest and now - seen[1] < self.full_every
+
+    def record(self, key: Key, digest: str, now: float | None = None) -> None:
+        """A pass ran from these inputs (a full one: the next is due ``full_every`` from now)."""
+        self._seen[key] = (digest, time.monotonic() if now is None else now)
+
+    def forget(self, key: Key) -> None:
+        self._seen.pop(key, None)
+
+
+def inputs_digest(body: Mapping[str, Any], objects: Iterable[Mapping[str, Any]], *extra: Any) -> str:
+    """The object's version, each child's and pod's (uid, version), and whatever else a pass reads."""
+    versions = sorted(
+        (str((o.get("metadata") or {}).get("uid")), str((o.get("metadata") or {}).get("resourceVersion")))
+        for o in objects
+    )
+    meta = body.get("metadata") or {}
+    doc = [meta.get("uid"), meta.get("resourceVersion"), versions, *extra]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
