@@ -127,6 +127,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     async with CountingEmulator(strict=False) as api, kmock.Server(api) as server:
         api.url = str(server.url).rstrip("/")
         api.log_limit = 25  # as tests/operator/test_faults.py: measure the operator, not kmock's log scans
+        api.resume_watches = True  # as the API server: a reconnecting watch gets what changed, not everything
         resp = await api.post("/api/v1/namespaces", json={"metadata": {"name": NS}})
         assert resp.status == 201, await resp.text()
         await add_nodes(api, "h100-4x8.yaml")

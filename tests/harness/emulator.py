@@ -30,7 +30,8 @@ What it still lacks (tests must not rely on these):
 - no schema validation, defaulting, CEL or admission webhooks (tests validate
   manifests with kubernetes-validate and the CRD schema separately);
 - a watch starts with the current objects as ADDED instead of resuming from the
-  requested resourceVersion; no bookmarks, no 410 Gone;
+  requested resourceVersion (unless ``resume_watches``: then only the objects changed since
+  it, as ADDED; deletions in between are not replayed); no bookmarks, no 410 Gone;
 - no controllers: nothing runs Jobs or Pods; tests play the job controller and kubelet
   by patching status.
 """
@@ -105,6 +106,13 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 parsing.parse_path = _parse_path  # kmock's rendering calls parsing.parse_path at request time
 
 
+def _version(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def now_rfc3339() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -154,6 +162,9 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
     # request against the whole log, so a long run otherwise measures the emulator, not the operator.
     # None keeps everything, for tests that count requests.
     log_limit: int | None = attrs.field(default=None, init=False)
+    # Resume a watch that names a resourceVersion (as the API server does) instead of replaying every object:
+    # for long runs (bench/operator_scale.py), where each reconnect would otherwise re-send the whole store.
+    resume_watches: bool = attrs.field(default=False, init=False)
     # "group/version/plural" -> (specReplicasPath, statusReplicasPath, labelSelectorPath or None)
     _scale_paths: dict[str, tuple[str, str, str | None]] = attrs.field(factory=lambda: dict(BUILTIN_SCALE), init=False)
 
@@ -478,8 +489,10 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         labels = parse_label_selector(request.params.get("labelSelector", ""))
         fields = parse_field_selector(request.params.get("fieldSelector", ""))
         yield b""
+        since = _version(request.params.get("resourceVersion")) if self.resume_watches else 0
         async with self._lock:
-            events = [{"type": "ADDED", "object": raw} for raw in self._matching(request)]
+            events = [{"type": "ADDED", "object": raw} for raw in self._matching(request)
+                      if _version((raw.get("metadata") or {}).get("resourceVersion")) > since]  # fmt: skip
         for event in events:
             yield event
         async for event in self._buses[request.resource]:
