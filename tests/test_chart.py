@@ -58,7 +58,8 @@ def test_deployment_runs_the_operator_as_non_root_with_a_liveness_probe():
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["args"][:2] == ["--liveness=http://0.0.0.0:8080/healthz", "--namespace=team-a"]
+    liveness = "--liveness=http://0.0.0.0:8080/healthz"
+    assert container["args"][:3] == [liveness, "--log-format=text", "--namespace=team-a"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["image"] == "ghcr.io/kubeforge/operator:0.1.0"
 
@@ -69,6 +70,7 @@ def test_two_replicas_with_leader_election_and_a_disruption_budget():
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][1:] == [
+        "--log-format=text",
         "--leader-elect",
         "--lease-name=kubeforge",
         "--lease-namespace=kubeforge-system",
