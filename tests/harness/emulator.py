@@ -489,10 +489,12 @@ class FaithfulEmulator(kmock.KubernetesEmulator):
         labels = parse_label_selector(request.params.get("labelSelector", ""))
         fields = parse_field_selector(request.params.get("fieldSelector", ""))
         yield b""
-        since = _version(request.params.get("resourceVersion")) if self.resume_watches else 0
+        since = _version(request.params.get("resourceVersion")) if self.resume_watches else None
         async with self._lock:
-            events = [{"type": "ADDED", "object": raw} for raw in self._matching(request)
-                      if _version((raw.get("metadata") or {}).get("resourceVersion")) > since]  # fmt: skip
+            current = self._matching(request)
+            if since is not None:
+                current = [o for o in current if _version((o.get("metadata") or {}).get("resourceVersion")) > since]
+            events = [{"type": "ADDED", "object": raw} for raw in current]
         for event in events:
             yield event
         async for event in self._buses[request.resource]:
