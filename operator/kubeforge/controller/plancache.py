@@ -25,7 +25,6 @@ SIZE = 4096  # distinct (spec, inventory, architecture) triples kept; a plan is 
 _plans: OrderedDict[tuple[str, str, Architecture], Plan] = OrderedDict()
 _guard = threading.Lock()
 _last_inventory: tuple[weakref.ReferenceType[Inventory], str] | None = None
-stats = {"hits": 0, "misses": 0}
 
 
 def inventory_digest(inventory: Inventory) -> str:
@@ -50,11 +49,9 @@ def cached_plan(spec: FineTuneJobSpec, inventory: Inventory, arch: Architecture,
         found = _plans.get(key)
         if found is not None:
             _plans.move_to_end(key)
-            stats["hits"] += 1
             return found
     result = make_plan(spec, inventory, arch, **kwargs)  # outside the lock: passes of other objects go on
     with _guard:
-        stats["misses"] += 1
         _plans[key] = result
         while len(_plans) > SIZE:
             _plans.popitem(last=False)
@@ -66,4 +63,3 @@ def clear() -> None:
     with _guard:
         _plans.clear()
         _last_inventory = None
-        stats.update(hits=0, misses=0)
