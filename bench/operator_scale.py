@@ -8,7 +8,8 @@ ConfigMap, Service and Job, creates each Job's pod as the Job controller and kub
 the operator process alone over a steady window: CPU time used (as a share of one core),
 resident memory, passes run, API writes made. With ``--progress`` every pod's progress
 endpoint answers (one local server for all, its step advancing), so the operator reads
-progress and writes it to each job's status every KUBEFORGE_PROGRESS_SECONDS.
+progress and writes it to each job's status every KUBEFORGE_PROGRESS_SECONDS, or less often
+as the reads' budget asks (KUBEFORGE_PROGRESS_READS_PER_SECOND over all jobs).
 
     python bench/operator_scale.py [--jobs 1000] [--window 60] [--progress] [--json out.json]
     python bench/operator_scale.py --ref 8292d39 --resync 10   # an older operator, for comparison
@@ -137,6 +138,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "KUBEFORGE_METRICS_PORT": str(free_port()),
             "KUBEFORGE_RESYNC_SECONDS": str(args.resync),
             "KUBEFORGE_PROGRESS_SECONDS": str(args.progress_seconds),
+            "KUBEFORGE_PROGRESS_READS_PER_SECOND": str(args.progress_reads),
         }
         kubeconfig = write_kubeconfig(work / "kubeconfig", api.url)
         operator = OperatorProcess(kubeconfig, work / "operator.log", api, env=env)
@@ -172,6 +174,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "progress_endpoints": bool(args.progress),
                 "resync_seconds": args.resync,
                 "progress_seconds": args.progress_seconds,
+                "progress_reads_per_s": args.progress_reads,
                 "children_created_s": round(children_s, 1),
                 "all_running_s": round(ramp_s, 1),
                 "window_s": round(elapsed, 1),
@@ -200,6 +203,8 @@ if __name__ == "__main__":
     parser.add_argument("--resync", type=float, default=60.0, help="KUBEFORGE_RESYNC_SECONDS (the chart's default)")
     parser.add_argument("--progress-seconds", type=float, default=30.0, help="KUBEFORGE_PROGRESS_SECONDS")
     parser.add_argument("--progress", action="store_true", help="every pod answers its progress endpoint")
+    parser.add_argument("--progress-reads", type=float, default=2.0,
+                        help="KUBEFORGE_PROGRESS_READS_PER_SECOND (the chart's default; 0: no budget)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--ref", default=None, help="run the operator of this git ref (default: the work tree)")

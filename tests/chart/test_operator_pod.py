@@ -60,6 +60,7 @@ def test_env_env_from_and_resources_are_values():
     assert container["env"][-2:] == env  # after the operator's own
     assert {"name": "KUBEFORGE_RESYNC_SECONDS", "value": "60"} in container["env"]
     assert {"name": "KUBEFORGE_PROGRESS_SECONDS", "value": "30"} in container["env"]
+    assert {"name": "KUBEFORGE_PROGRESS_READS_PER_SECOND", "value": "2"} in container["env"]
     assert container["envFrom"] == [{"configMapRef": {"name": "proxy"}}]
     assert container["resources"]["requests"] == {"cpu": "1", "memory": "1Gi"}
     assert "envFrom" not in operator_container(render())

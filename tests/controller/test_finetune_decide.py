@@ -30,7 +30,8 @@ def body(generation: int = 1, status: dict | None = None, **changes) -> dict:
 
 def observe(doc: dict, inventory=H100, **kw) -> Observed:
     kw.setdefault("architecture", QWEN)
-    return Observed(body=doc, inventory=inventory, now=NOW, **kw)
+    kw.setdefault("now", NOW)
+    return Observed(body=doc, inventory=inventory, **kw)
 
 
 def cond(status: dict, type_: str) -> dict | None:
@@ -137,8 +138,15 @@ def test_progress_is_reported_while_running():
     ]
     progress = {"step": 50, "totalSteps": 200, "loss": 1.5, "tokensPerSecond": 1000.0, "etaSeconds": 300, "epoch": 0.7}
     again = decide(observe(body(status=decision.status), children=children, pods=pods, progress=progress))
+    assert again.status["progress"]["updatedAt"] == NOW  # no read time: the pass's
+    read = {**progress, "readAt": "2026-11-22T09:59:30Z"}
+    again = decide(observe(body(status=decision.status), children=children, pods=pods, progress=read))
+    later = decide(
+        observe(body(status=again.status), children=children, pods=pods, progress=read, now="2026-11-22T10:05:00Z")
+    )
+    assert later.status == again.status  # the same answer, the same status: no write
     assert again.status["progress"] == {
-        "updatedAt": NOW,
+        "updatedAt": "2026-11-22T09:59:30Z",
         "step": 50,
         "totalSteps": 200,
         "percent": 25,

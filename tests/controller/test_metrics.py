@@ -65,12 +65,12 @@ def test_the_delete_handler_forgets_an_object_of_every_kind(kind: str):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_deleted_event_forgets_an_object_without_a_delete_handler_call(kind: str):
+async def test_a_deleted_event_forgets_an_object_without_a_delete_handler_call(kind: str):
     report(kind, "a", "Running")
     for event_type in ("ADDED", "MODIFIED", None):
-        handlers.gone(event={"type": event_type}, body=body(kind, "a"))
+        await handlers.object_event(event={"type": event_type}, body=body(kind, "a"))
     assert objects() == {(kind, "Running"): 1}
-    handlers.gone(event={"type": "DELETED"}, body=body(kind, "a"))
+    await handlers.object_event(event={"type": "DELETED"}, body=body(kind, "a"))
     assert objects() == {}
 
 

@@ -8,8 +8,9 @@ import asyncio
 from kubeforge.controller.wakeups import Wakeups, node_facts, sources_of
 
 
-def node(labels: dict, gpus: str = "8", heartbeat: str = "t0") -> dict:
-    status = {"allocatable": {"nvidia.com/gpu": gpus}, "conditions": [{"lastHeartbeatTime": heartbeat}]}
+def node(labels: dict, gpus: str = "8", heartbeat: str = "t0", ready: str = "True") -> dict:
+    ready_condition = {"type": "Ready", "status": ready, "lastHeartbeatTime": heartbeat}
+    status = {"allocatable": {"nvidia.com/gpu": gpus}, "conditions": [ready_condition]}
     return {"metadata": {"name": "n1", "labels": labels, "resourceVersion": heartbeat}, "spec": {}, "status": status}
 
 
@@ -48,6 +49,9 @@ async def test_a_node_wakes_everyone_when_what_it_offers_changes_not_on_heartbea
     assert not trigger.is_set()
     assert w.node_changed("n1", node_facts(node({"gpu": "h100"}, gpus="4")))
     assert trigger.is_set()
+    trigger.clear()
+    assert w.node_changed("n1", node_facts(node({"gpu": "h100"}, gpus="4", ready="False")))  # the inventory drops it
+    assert trigger.is_set()
 
 
 async def test_the_loop_runs_a_pass_per_wake_and_on_resync_and_says_which():
@@ -84,7 +88,7 @@ async def test_the_loop_runs_a_pass_per_wake_and_on_resync_and_says_which():
 def test_a_resync_is_skipped_only_while_the_inputs_are_the_same_and_a_full_pass_is_not_due():
     from kubeforge.controller.wakeups import SeenInputs, inputs_digest
 
-    job = {"metadata": {"uid": "j", "resourceVersion": "7"}}
+    job = {"metadata": {"uid": "j", "generation": 1, "resourceVersion": "7"}}
     pod = {"metadata": {"uid": "p", "resourceVersion": "3"}}
     digest = inputs_digest(job, [pod], {"step": 1}, "inventory-1")
     seen, key = SeenInputs(full_every=100.0), ("ns", "FineTuneJob", "a")
@@ -95,12 +99,16 @@ def test_a_resync_is_skipped_only_while_the_inputs_are_the_same_and_a_full_pass_
     seen.record(key, digest, now=100.0)  # ... and ran: the next is due from there
     assert seen.unchanged(key, digest, now=150.0) and not seen.unchanged(key, digest, now=200.0)
     for changed in (
-        inputs_digest({"metadata": {"uid": "j", "resourceVersion": "8"}}, [pod], {"step": 1}, "inventory-1"),
+        inputs_digest({"metadata": {**job["metadata"], "generation": 2}}, [pod], {"step": 1}, "inventory-1"),
+        inputs_digest({"metadata": {**job["metadata"], "deletionTimestamp": "t"}}, [pod], {"step": 1}, "inventory-1"),
         inputs_digest(job, [{"metadata": {"uid": "p", "resourceVersion": "4"}}], {"step": 1}, "inventory-1"),
         inputs_digest(job, [pod], {"step": 2}, "inventory-1"),
         inputs_digest(job, [pod], {"step": 1}, "inventory-2"),
         inputs_digest(job, [], {"step": 1}, "inventory-1"),
     ):
         assert not seen.unchanged(key, changed, now=60.0)
+    # the pass's own status write moves the job's resourceVersion, not its inputs
+    rewritten = {"metadata": {**job["metadata"], "resourceVersion": "9"}, "status": {"phase": "Running"}}
+    assert inputs_digest(rewritten, [pod], {"step": 1}, "inventory-1") == digest
     assert inputs_digest(job, [pod, job], None) == inputs_digest(job, [job, pod], None)  # order does not matter
     assert not SeenInputs(full_every=0.0).unchanged(key, digest, now=0.0)

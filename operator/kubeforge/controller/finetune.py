@@ -222,8 +222,14 @@ def rank0_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return None
 
 
+READ_AT = "readAt"  # set by the reader (controller/progress_reader.py): when rank 0 answered
+
+
 def _progress(progress: Mapping[str, Any], now: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"updatedAt": now}
+    """status.progress from rank 0's answer; updatedAt is when it answered, so that a pass that finds the
+    same answer writes the same status (a pass's time there made every pass a write, and every write a pass)."""
+    read_at = progress.get(READ_AT)
+    out: dict[str, Any] = {"updatedAt": read_at if isinstance(read_at, str) else now}
     step, total = progress.get("step"), progress.get("totalSteps") or progress.get("total")
     if isinstance(step, int):
         out["step"] = step

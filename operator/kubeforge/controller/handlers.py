@@ -14,7 +14,13 @@ from kubeforge.api.kinds import GROUP, VERSION
 from kubeforge.controller import metrics
 from kubeforge.controller.kube import Kube
 from kubeforge.controller.plancache import inventory_digest
-from kubeforge.controller.progress_reader import ProgressCache, close_sessions, progress_url, read_progress
+from kubeforge.controller.progress_reader import (
+    READS_PER_SECOND,
+    ProgressCache,
+    close_sessions,
+    progress_url,
+    read_progress,
+)
 from kubeforge.controller.reconcile import (
     inventory,
     lookup_in,
@@ -77,13 +83,13 @@ def owner_key(body: kopf.Body) -> tuple[str | None, str | None, str | None]:
 
 
 @kopf.index("", "v1", "nodes")
-def gpu_nodes(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
+async def gpu_nodes(body: kopf.Body, **_: Any) -> dict[None, dict[str, Any]]:
     """Every Node, as the inventory reads it (labels, schedulability, capacity)."""
     return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
 WAKEUPS = Wakeups()
-PROGRESS_READ = ProgressCache()
+PROGRESS_READ = ProgressCache(READS_PER_SECOND)
 # A FineTuneJob's resync skips its pass while its inputs are unchanged, but runs a full one this often (0: always).
 FULL_EVERY = float(os.environ.get("KUBEFORGE_FULL_PASS_SECONDS", str(10 * RESYNC)))
 SEEN = SeenInputs(FULL_EVERY)
@@ -107,41 +113,33 @@ async def child_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         WAKEUPS.wake(owner_key(body))
 
 
-@kopf.on.event(*FINETUNEJOBS)
-@kopf.on.event(*QUANTIZEJOBS)
-async def source_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    """A FineTuneJob or QuantizeJob changed: the QuantizeJobs and ModelServices that use it look again."""
-    if _changed(event, body):
-        WAKEUPS.wake_dependents((body.metadata.namespace, body.get("kind", ""), body.metadata.name or ""))
-
-
 def _changed(event: kopf.RawEvent, body: kopf.Body) -> bool:
     return WAKEUPS.changed(body.metadata.uid or "", body.metadata.get("resourceVersion"),
                            deleted=event.get("type") == "DELETED")  # fmt: skip
 
 
 @kopf.index("", "v1", "configmaps", labels=OURS)
-def owned_configmaps(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_configmaps(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("", "v1", "services", labels=OURS)
-def owned_services(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_services(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=OURS)
-def owned_jobs(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_jobs(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("jobset.x-k8s.io", "v1alpha2", "jobsets", labels=OURS)
-def owned_jobsets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_jobsets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("", "v1", "pods", labels=OURS)
-def owned_pods(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_pods(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
@@ -154,21 +152,18 @@ def finetunejob(**kwargs: Any) -> None:
     finetunejob_pass(**kwargs)
 
 
-def finetunejob_pass(
+def finetunejob_inputs(
     body: kopf.Body,
-    memo: kopf.Memo,
     gpu_nodes: kopf.Index,
     owned_configmaps: kopf.Index,
     owned_services: kopf.Index,
     owned_jobs: kopf.Index,
     owned_jobsets: kopf.Index,
     owned_pods: kopf.Index,
-    skip_unchanged: bool = False,
     **_: Any,
-) -> bool:
-    """One pass of a FineTuneJob. With ``skip_unchanged`` (a resync of the job's loop) nothing is done
-    when the pass would decide from the same inputs as the last one: the job, its children and pods at
-    the same versions, the same progress, the same GPU inventory. False when skipped."""
+) -> tuple[Any, list[Any], list[Any], list[Any], dict[str, Any] | None, str]:
+    """What a FineTuneJob's pass decides from (key, nodes, children, pods, progress), and its digest: the
+    job, its children and pods at their versions, the progress, the GPU inventory."""
     key = L.owner_key(body.metadata.namespace, "FineTuneJob", body.metadata.name or "")
     nodes = gpu_nodes.get(None, [])
     children = [
@@ -176,26 +171,39 @@ def finetunejob_pass(
     ]
     pods, progress = owned_pods.get(key, []), PROGRESS_READ.get(key)
     digest = inputs_digest(body, [*children, *pods], progress, inventory_digest(inventory(nodes)))
-    if skip_unchanged and SEEN.unchanged(key, digest):
-        return False
+    return key, nodes, children, pods, progress, digest
+
+
+def finetunejob_unchanged(**kwargs: Any) -> bool:
+    """A resync of the job's loop finds the inputs of its last pass (and no full pass is due): the pass
+    would decide the same, and that was applied. Runs on the event loop: a skipped check costs a digest."""
+    key, *_, digest = finetunejob_inputs(**kwargs)
+    return SEEN.unchanged(key, digest)
+
+
+def finetunejob_pass(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """One pass of a FineTuneJob (in kopf's handler threads)."""
+    key, nodes, children, pods, progress, digest = finetunejob_inputs(body=body, **kwargs)
     with metrics.measured("FineTuneJob"):
         decision = reconcile_finetunejob(body, nodes=nodes, children=children, pods=pods, kube=memo.kube,
                                          progress=progress)  # fmt: skip
     SEEN.record(key, digest)
     _report("FineTuneJob", body, decision)
-    return True
 
 
 @kopf.daemon(*FINETUNEJOBS, cancellation_timeout=5.0)
 async def finetunejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwargs: Any) -> None:
-    """Passes woken by the gang's events; while running, rank 0's progress is read every PROGRESS seconds."""
+    """Passes woken by the gang's events; while running, rank 0's progress is read every PROGRESS seconds
+    (longer with many running jobs: controller/progress_reader.py's budget)."""
     key = L.owner_key(body.metadata.namespace, "FineTuneJob", body.metadata.name or "")
 
     def running() -> bool:
         return (body.get("status") or {}).get("phase") == "Running"
 
     async def read_progress_if_due() -> None:
-        if running() and PROGRESS_READ.due(key, PROGRESS, time.monotonic()):
+        if not running():
+            PROGRESS_READ.forget(key)
+        elif PROGRESS_READ.due(key, PROGRESS, time.monotonic()):
             url = progress_url(kwargs["owned_pods"].get(key, []))
             if url:
                 PROGRESS_READ.put(key, await read_progress(url), time.monotonic())
@@ -203,10 +211,10 @@ async def finetunejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwa
     try:
         # Every PROGRESS seconds whatever the phase: the wait starts before the job's own status write comes
         # back as Running, so a phase-dependent interval could sleep a whole resync; a resync whose inputs are
-        # unchanged costs a digest (finetunejob_pass, skip_unchanged).
+        # unchanged costs a digest (finetunejob_unchanged).
         interval = lambda: min(RESYNC, PROGRESS)  # noqa: E731
         await _follow(finetunejob_pass, key, body, memo, stopped, kwargs,
-                      before=read_progress_if_due, interval=interval, skips=True)  # fmt: skip
+                      before=read_progress_if_due, interval=interval, unchanged=finetunejob_unchanged)  # fmt: skip
     finally:
         PROGRESS_READ.forget(key)
         SEEN.forget(key)
@@ -223,49 +231,52 @@ def deleted(body: kopf.Body, **_: Any) -> None:
 @kopf.on.event(*FINETUNEJOBS)
 @kopf.on.event(*QUANTIZEJOBS)
 @kopf.on.event(*MODELSERVICES)
-def gone(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    """A deletion kopf held no finalizer for still leaves the metrics."""
-    metrics.forget_if_deleted(
-        event.get("type"), body.get("kind", ""), body.metadata.namespace or "", body.metadata.name or ""
-    )
+async def object_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Any change of one of ours: a FineTuneJob's or QuantizeJob's wakes the QuantizeJobs and ModelServices
+    that use it; a deletion kopf held no finalizer for still leaves the metrics. (One handler for both: each
+    handler costs every event an invocation and a log line.)"""
+    kind, namespace, name = body.get("kind", ""), body.metadata.namespace, body.metadata.name or ""
+    metrics.forget_if_deleted(event.get("type"), kind, namespace or "", name)
+    if kind in ("FineTuneJob", "QuantizeJob") and _changed(event, body):
+        WAKEUPS.wake_dependents((namespace, kind, name))
 
 
 @kopf.index(*FINETUNEJOBS)
 @kopf.index(*QUANTIZEJOBS)
-def kubeforge_objects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def kubeforge_objects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     """FineTuneJobs and QuantizeJobs by (namespace, kind, name): the sources others wait for."""
     return {(body.metadata.namespace, body.get("kind"), body.metadata.name): dict(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=OURS)
-def owned_deployments(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_deployments(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=OURS)
-def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_leaderworkersets(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 # A ModelService's optional children: its autoscaler (KEDA's own HPA carries its ScaledObject's labels,
 # so it shows here too: controller/service.py tells them apart by name) and its route.
 @kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=OURS)
-def owned_horizontalpodautoscalers(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_horizontalpodautoscalers(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("keda.sh", "v1alpha1", "scaledobjects", labels=OURS)
-def owned_scaledobjects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_scaledobjects(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("gateway.networking.k8s.io", "v1", "httproutes", labels=OURS)
-def owned_httproutes(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_httproutes(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
 @kopf.index("inference.networking.k8s.io", "v1", "inferencepools", labels=OURS)
-def owned_inferencepools(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
+async def owned_inferencepools(body: kopf.Body, **_: Any) -> dict[tuple, dict[str, Any]]:
     return {owner_key(body): dict(body)}
 
 
@@ -345,11 +356,12 @@ async def modelservice_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kw
 
 async def _follow(
     handler: Any, key: Any, body: kopf.Body, memo: kopf.Memo, stopped: Any, kwargs: dict[str, Any],
-    before: Any = None, interval: Any = None, skips: bool = False,
+    before: Any = None, interval: Any = None, unchanged: Any = None,
 ) -> None:  # fmt: skip
     """An object's loop: a pass (in kopf's handler threads, like its create/update/resume handlers) each
     time the object is woken (controller/wakeups.py) or its resync comes due. A failed pass is logged and
-    tried again after kopf's backoff, or sooner if an event comes."""
+    tried again after kopf's backoff, or sooner if an event comes. A resync for which ``unchanged`` (if
+    given) says that the inputs of the last pass are unchanged is skipped, on the event loop."""
     logger, name = kwargs["logger"], handler.__name__.removesuffix("_pass")
 
     def refers() -> None:
@@ -360,16 +372,16 @@ async def _follow(
         try:
             if before is not None:
                 await before()
-            extra = {"skip_unchanged": cause == "resync"} if skips else {}
-            ran = await asyncio.get_running_loop().run_in_executor(
-                memo.executor, lambda: handler(body=body, memo=memo, **kwargs, **extra)
+            if cause == "resync" and unchanged is not None and unchanged(body=body, **kwargs):
+                return
+            await asyncio.get_running_loop().run_in_executor(
+                memo.executor, lambda: handler(body=body, memo=memo, **kwargs)
             )
         except Exception as err:  # the loop must outlive a failed pass, as kopf's timers did
             logger.exception(f"Loop '{name}' pass failed: {err}; retried")
             asyncio.get_running_loop().call_later(RETRY_AFTER, WAKEUPS.wake, key)
         else:
-            if ran is not False:
-                logger.info(f"Loop '{name}' pass succeeded ({cause}: {body.metadata.name}).")
+            logger.info(f"Loop '{name}' pass succeeded ({cause}: {body.metadata.name}).")
 
     refers()
     await WAKEUPS.loop(key, stopped, interval or (lambda: RESYNC), one_pass)

@@ -18,10 +18,12 @@ from typing import Any
 
 import aiohttp
 
-from kubeforge.controller.finetune import rank0_pod
+from kubeforge.controller.conditions import now_rfc3339
+from kubeforge.controller.finetune import READ_AT, rank0_pod
 from kubeforge.runtime.contract import PROGRESS_PATH, PROGRESS_PORT, PROGRESS_PORT_NAME
 
 DEADLINE = float(os.environ.get("KUBEFORGE_PROGRESS_DEADLINE_SECONDS", "2"))
+READS_PER_SECOND = float(os.environ.get("KUBEFORGE_PROGRESS_READS_PER_SECOND", "2"))
 MAX_BYTES = 64 * 1024
 
 
@@ -75,10 +77,21 @@ async def read_progress(url: str, deadline: float = DEADLINE) -> dict[str, Any] 
 
 
 class ProgressCache:
-    """The last progress read per job (by its owner key), and when it was read."""
+    """The last progress read per running job (by its owner key), and when it was read.
 
-    def __init__(self) -> None:
+    Reads are budgeted: all jobs together are read at most ``rate`` times a second (0: no
+    budget), so with N running jobs each one's progress is read every max(every, N / rate)
+    seconds. Each read that brings a new step costs a pass and a status write; the budget keeps
+    that bounded for the operator and the API server at any number of jobs.
+    """
+
+    def __init__(self, rate: float = 0.0) -> None:
+        self.rate = rate
         self._last: dict[Any, tuple[float, dict[str, Any]]] = {}
+
+    def interval(self, every: float) -> float:
+        """Seconds between two reads of one job: ``every``, or longer when the budget asks for it."""
+        return max(every, len(self._last) / self.rate) if self.rate > 0 else every
 
     def get(self, key: Any) -> dict[str, Any] | None:
         found = self._last.get(key)
@@ -86,14 +99,17 @@ class ProgressCache:
 
     def due(self, key: Any, every: float, now: float) -> bool:
         found = self._last.get(key)
-        return found is None or now - found[0] >= every
+        return found is None or now - found[0] >= self.interval(every)
 
-    def put(self, key: Any, progress: dict[str, Any] | None, now: float) -> None:
+    def put(self, key: Any, progress: dict[str, Any] | None, now: float, wall: str | None = None) -> None:
+        """A read at ``now`` (monotonic); an answer is stamped with ``wall`` (RFC 3339, default: now) as its
+        READ_AT, a failed read (None) keeps the last answer."""
         if progress is None:
             previous = self._last.get(key)
             self._last[key] = (now, previous[1]) if previous else (now, {})
         else:
-            self._last[key] = (now, progress)
+            self._last[key] = (now, {**progress, READ_AT: wall or now_rfc3339()})
 
     def forget(self, key: Any) -> None:
+        """The job is not running (or gone): it no longer counts against the budget."""
         self._last.pop(key, None)

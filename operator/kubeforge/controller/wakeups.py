@@ -134,14 +134,16 @@ def sources_of(namespace: str | None, spec: Mapping[str, Any]) -> frozenset[Sour
 
 
 def node_facts(body: Mapping[str, Any]) -> Any:
-    """What the inventory reads of a Node (labels, schedulability, capacity): not its heartbeats."""
+    """What the inventory reads of a Node (labels, schedulability, readiness, capacity): not its heartbeats."""
     meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    conditions = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
     return (
         tuple(sorted((meta.get("labels") or {}).items())),
         bool(spec.get("unschedulable")),
         tuple(sorted((str(t.get("key")), str(t.get("effect"))) for t in spec.get("taints") or [])),
         tuple(sorted((status.get("allocatable") or {}).items())),
         tuple(sorted((status.get("capacity") or {}).items())),
+        tuple(sorted((str(c.get("type")), str(c.get("status"))) for c in conditions if c.get("type") == "Ready")),
     )
 
 
@@ -167,11 +169,13 @@ class SeenInputs:
 
 
 def inputs_digest(body: Mapping[str, Any], objects: Iterable[Mapping[str, Any]], *extra: Any) -> str:
-    """The object's version, each child's and pod's (uid, version), and whatever else a pass reads."""
+    """The object's spec version (generation), each child's and pod's (uid, resourceVersion), and whatever else
+    a pass reads. Not the object's resourceVersion: that moves with every status write, so each pass's own
+    write would make the next check a pass too; a change of its spec or metadata runs kopf's update handler."""
     versions = sorted(
         (str((o.get("metadata") or {}).get("uid")), str((o.get("metadata") or {}).get("resourceVersion")))
         for o in objects
     )
     meta = body.get("metadata") or {}
-    doc = [meta.get("uid"), meta.get("resourceVersion"), versions, *extra]
+    doc = [meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"), versions, *extra]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

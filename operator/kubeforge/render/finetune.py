@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any, Literal
 
 from kubeforge.api.finetune import FineTuneJob
@@ -75,8 +76,18 @@ def rank0_address(job_name: str, gang: Gang) -> str:
     return f"{n['job']}-0.{n['service']}"
 
 
+_digests: dict[int, tuple[weakref.ref[Plan], str]] = {}  # id(plan) -> (the plan, its digest), while it lives
+
+
 def plan_digest(plan: Plan) -> str:
-    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    """16 hex digits of the plan's JSON; remembered per Plan (frozen, and shared by controller/plancache.py)."""
+    key = id(plan)
+    found = _digests.get(key)
+    if found is not None and found[0]() is plan:
+        return found[1]
+    digest = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    _digests[key] = (weakref.ref(plan, lambda _: _digests.pop(key, None)), digest)
+    return digest
 
 
 def render_finetune(
