@@ -39,7 +39,14 @@ def with_spec(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-DELETE = object()
+class _Delete:
+    """The marker for a key to remove; its repr is stable, so test ids are the same in every process."""
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 
 def set_path(obj: dict[str, Any], dotted: str, value: Any) -> None:

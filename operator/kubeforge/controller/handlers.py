@@ -28,6 +28,7 @@ from kubeforge.controller.reconcile import (
     reconcile_modelservice,
     reconcile_quantizejob,
 )
+from kubeforge.controller.state import names_taken
 from kubeforge.controller.wakeups import SeenInputs, Wakeups, inputs_digest, node_facts, sources_of
 from kubeforge.render import labels as L
 
@@ -187,7 +188,8 @@ def finetunejob_pass(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     with metrics.measured("FineTuneJob"):
         decision = reconcile_finetunejob(body, nodes=nodes, children=children, pods=pods, kube=memo.kube,
                                          progress=progress)  # fmt: skip
-    SEEN.record(key, digest)
+    if not names_taken(decision.status):  # else the next check looks again: is the name free now?
+        SEEN.record(key, digest)
     _report("FineTuneJob", body, decision)
 
 

@@ -30,7 +30,7 @@ from kubeforge.controller.metrics import APPLIES
 from kubeforge.controller.quantize import QuantizeObserved, decide_quantize
 from kubeforge.controller.service import ServiceObserved, decide_service, lineage
 from kubeforge.controller.sources import Lookup
-from kubeforge.controller.state import Decision
+from kubeforge.controller.state import Decision, refuse_taken_names, taken_by
 from kubeforge.inventory.pools import Inventory, pools_from_nodes
 from kubeforge.planner import ArchitectureUnknown, resolve
 from kubeforge.planner.architecture import Architecture
@@ -209,13 +209,13 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
     held = _lock_for(body)
     with held.lock:
         children = _with_applied(body, children)
-        decision = decide_from(body, children)
+        decision = _guarded(decide_from(body, children), body, children, kube)
         if decision.events:
             fresh = kube.read(object_path(body))
             if fresh is None:
                 return decision  # deleted meanwhile: nothing to do
             if _version(fresh) != _version(body) or not _same(fresh.get("status") or {}, body.get("status") or {}):
-                body, decision = fresh, decide_from(fresh, children)
+                body, decision = fresh, _guarded(decide_from(fresh, children), fresh, children, kube)
         for event in decision.events:
             posted = kube.post_event(event_object(body, event.type, event.reason, event.message, event.key,
                                                   kube.identity))  # fmt: skip
@@ -230,6 +230,26 @@ def run_pass(body: Mapping[str, Any], children: list[Mapping[str, Any]], decide_
         if status_changed(decision, body):
             kube.patch_status(object_path(body), decision.status, _version(body), body.get("status") or {})
     return decision
+
+
+def _guarded(decision: Decision, body: Mapping[str, Any], children: list[Mapping[str, Any]], kube: Kube) -> Decision:
+    """The decision, unless a child it would create has a name another object holds (another kubeforge
+    object's child, whose derived name can be spelled by another kind's name, or anything not ours): server-
+    side apply under kubeforge's field manager would take that object over. Each new child is read first
+    (one GET, only when a pass creates something); then nothing is created (state.refuse_taken_names)."""
+    ours = {(c.get("kind"), (c.get("metadata") or {}).get("name")) for c in children}
+    meta = body.get("metadata") or {}
+    taken = [
+        why
+        for obj in decision.apply
+        if (obj.get("kind"), obj["metadata"].get("name")) not in ours
+        and (why := taken_by(obj, kube.read(object_path(obj)), meta.get("uid")))
+    ]
+    if not taken:
+        return decision
+    log.info("%s %s/%s: %s", body.get("kind"), meta.get("namespace"), meta.get("name"), "; ".join(taken))
+    return refuse_taken_names(decision, body.get("status") or {}, taken, str(body.get("kind")),
+                              meta.get("generation"), now_rfc3339())  # fmt: skip
 
 
 def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

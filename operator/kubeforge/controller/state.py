@@ -15,6 +15,7 @@ from kubeforge.runtime.contract import read_termination_message
 
 ACCEPTED, PLANNED, FAILED = "Accepted", "Planned", "Failed"
 TERMINAL = ("Succeeded", "Failed")
+NAME_TAKEN = "NameTaken"  # Accepted=False: a child's name is held by an object that is not this one's
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,35 @@ def job_failed(state: State, failed: Mapping[str, Any], summary: Mapping[str, An
     state.set("Running", "False", "Failed", detail)
     state.set(FAILED, "True", str(failed.get("reason") or "JobFailed"), detail)
     state.phase = "Failed"
+
+
+def taken_by(child: Mapping[str, Any], stored: Mapping[str, Any] | None, owner_uid: str | None) -> str | None:
+    """Why the object the API server holds under ``child``'s name is not this owner's child (None: there is
+    none, or it is this owner's, by its controller reference)."""
+    if stored is None:
+        return None
+    refs = (stored.get("metadata") or {}).get("ownerReferences") or []
+    controller = next((r for r in refs if isinstance(r, Mapping) and r.get("controller")), None)
+    if controller is not None and controller.get("uid") == owner_uid:
+        return None
+    meta = child.get("metadata") or {}
+    holder = f"{controller.get('kind')} {controller.get('name')}'s" if controller else "not created by kubeforge"
+    return f"{child.get('kind')} {meta.get('namespace')}/{meta.get('name')} exists and is {holder}"
+
+
+def refuse_taken_names(decision: Decision, old: Mapping[str, Any], taken: Sequence[str], kind: str,
+                       generation: int | None, now: str) -> Decision:  # fmt: skip
+    """The decision when some children it would create have names other objects hold: nothing is created,
+    changed or deleted (no half-created set of children, nobody else's object overwritten), Accepted=False
+    (so Stalled=True) names each object, and the phase is Pending until the name is free or this one renamed."""
+    state = State(dict(old), generation, now, kind)  # the written conditions: transition times keep
+    state.status = {k: v for k, v in decision.status.items() if k not in ("conditions", "phase")}
+    advice = f"nothing was created; delete or rename that object, or rename this {kind}"
+    state.set(ACCEPTED, "False", NAME_TAKEN, f"{'; '.join(taken)}: {advice}")
+    state.phase = "Pending"
+    return state.decision(old)
+
+
+def names_taken(status: Mapping[str, Any]) -> bool:
+    accepted = next((c for c in status.get("conditions") or [] if c.get("type") == ACCEPTED), None)
+    return accepted is not None and accepted.get("reason") == NAME_TAKEN
