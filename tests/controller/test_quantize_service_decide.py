@@ -550,7 +550,7 @@ def test_a_pass_deletes_then_hands_over_then_applies():
                         delete=[{**workload, "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"}],
                         handover=[{**workload, "spec": {"replicas": 3}}])  # fmt: skip
     kube = RecordingKube()
-    run_pass(body, [], lambda obj, children: decision, kube)
+    run_pass(body, [workload], lambda obj, children: decision, kube)  # the Deployment is the service's already
     assert [(m, q.get("fieldManager"), p.rsplit("/", 2)[-2]) for m, p, q, _, _ in kube.calls] == [
         ("DELETE", None, "horizontalpodautoscalers"),
         ("PATCH", "kubeforge-handover", "deployments"),
