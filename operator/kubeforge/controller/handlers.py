@@ -211,10 +211,12 @@ async def finetunejob_loop(body: kopf.Body, memo: kopf.Memo, stopped: Any, **kwa
                 PROGRESS_READ.put(key, await read_progress(url), time.monotonic())
 
     try:
-        # Every PROGRESS seconds whatever the phase: the wait starts before the job's own status write comes
-        # back as Running, so a phase-dependent interval could sleep a whole resync; a resync whose inputs are
+        # A check is due when a progress read or a full pass is: every PROGRESS seconds, or as the reads'
+        # budget spreads them over many running jobs, whatever this job's phase (the wait starts before the
+        # job's own status write comes back as Running, so a phase-dependent interval could sleep a whole
+        # resync). Between checks every change the pass reads wakes the loop; a check whose inputs are
         # unchanged costs a digest (finetunejob_unchanged).
-        interval = lambda: min(RESYNC, PROGRESS)  # noqa: E731
+        interval = lambda: min(FULL_EVERY if FULL_EVERY > 0 else RESYNC, PROGRESS_READ.interval(PROGRESS))  # noqa: E731
         await _follow(finetunejob_pass, key, body, memo, stopped, kwargs,
                       before=read_progress_if_due, interval=interval, unchanged=finetunejob_unchanged)  # fmt: skip
     finally:
