@@ -80,9 +80,10 @@ class ProgressCache:
     """The last progress read per running job (by its owner key), and when it was read.
 
     Reads are budgeted: all jobs together are read at most ``rate`` times a second (0: no
-    budget), so with N running jobs each one's progress is read every max(every, N / rate)
-    seconds. Each read that brings a new step costs a pass and a status write; the budget keeps
-    that bounded for the operator and the API server at any number of jobs.
+    budget), so with N running jobs no job's progress is read more often than every
+    max(every, N / rate) seconds (reads happen at the job's jittered checks: in practice about
+    every 1-2 such intervals). Each read that brings a new step costs a pass and a status write;
+    the budget keeps that bounded for the operator and the API server at any number of jobs.
     """
 
     def __init__(self, rate: float = 0.0) -> None:
@@ -90,7 +91,7 @@ class ProgressCache:
         self._last: dict[Any, tuple[float, dict[str, Any]]] = {}
 
     def interval(self, every: float) -> float:
-        """Seconds between two reads of one job: ``every``, or longer when the budget asks for it."""
+        """The least time between two reads of one job: ``every``, or longer when the budget asks for it."""
         return max(every, len(self._last) / self.rate) if self.rate > 0 else every
 
     def get(self, key: Any) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge.controller.conditions import condition, set_condition
+from kubeforge.controller.conditions import condition, find, set_condition
 from kubeforge.controller.diff import is_subset
 from kubeforge.controller.readiness import SUMMARY, summarize
 from kubeforge.runtime.contract import read_termination_message
@@ -189,5 +189,5 @@ def refuse_taken_names(decision: Decision, old: Mapping[str, Any], taken: Sequen
 
 
 def names_taken(status: Mapping[str, Any]) -> bool:
-    accepted = next((c for c in status.get("conditions") or [] if c.get("type") == ACCEPTED), None)
+    accepted = find(status.get("conditions") or [], ACCEPTED)
     return accepted is not None and accepted.get("reason") == NAME_TAKEN
