@@ -263,8 +263,14 @@ def _pool_sentence(best: Candidate, fitting: Iterable[Candidate]) -> str:
     tail = ""
     if others:
         listed = ", ".join(f"{name} at {secs:.2f} s/step" for name, secs in sorted(others.items(), key=lambda x: x[1]))
-        tail = f" Other pools that fit: {listed}."
+        tail = f" Other pools that fit{_kept(best)}: {listed}."
     return f"Pool {pool.name}, {link}, chosen for the fastest estimated step.{tail}"
+
+
+def _kept(best: Candidate) -> str:
+    """What the compared layouts have in common: without offloading, the search compared only those
+    (offloading is searched only when no layout without it fits)."""
+    return " without offloading" if best.group.offload == "none" else ""
 
 
 def _gpus_sentence(best: Candidate, fitting: list[Candidate]) -> str:
@@ -281,7 +287,7 @@ def _gpus_sentence(best: Candidate, fitting: list[Candidate]) -> str:
             f"fewer ({slower.world}) would fit but take {slower.seconds:.2f} s/step instead of {best.seconds:.2f} s"
         )
     else:
-        parts.append("the fewest that fit")
+        parts.append(f"the fewest that fit{_kept(best)}")
     if larger:
         faster = min(larger, key=lambda c: c.seconds)
         parts.append(

@@ -121,9 +121,7 @@ def layout_like(base: Layout, **changes: Any) -> Layout:
     dataclass's field-by-field __setattr__ (about 10x slower). ``changes`` must name fields."""
     layout = object.__new__(Layout)
     values = layout.__dict__
-    source = base.__dict__
-    for name in LAYOUT_FIELDS:
-        values[name] = source[name]
+    values.update(base.__dict__)  # exactly LAYOUT_FIELDS
     values.update(changes)
     return layout
 
@@ -304,7 +302,7 @@ class MemoryModel:
     """estimate() for one layout's fixed choices, per micro-batch, checkpointing and accumulation. ``total``
     is ``at(...).total`` without building the Memory (the search asks it of every candidate)."""
 
-    __slots__ = ("activations", "fixed_overhead", "states", "states_ints", "states_sum")
+    __slots__ = ("_totals", "activations", "fixed_overhead", "states", "states_ints", "states_sum")
 
     def __init__(
         self,
@@ -319,6 +317,7 @@ class MemoryModel:
         self.fixed_overhead = _fixed_overhead(arch, layout)
         self.states_sum = states.weights + states.gradients + states.optimizer + states.gathered
         self.states_ints = int(states.weights) + int(states.gradients) + int(states.optimizer) + int(states.gathered)
+        self._totals: dict[tuple[int, bool, int], int] = {}  # pools with the same layouts ask the same totals
 
     def at(self, micro_batch: int, checkpointing: bool, accumulation: int) -> Memory:
         states = self.states
@@ -334,5 +333,10 @@ class MemoryModel:
         )
 
     def total(self, micro_batch: int, checkpointing: bool, accumulation: int) -> int:
-        acts = self.activations(micro_batch, checkpointing, accumulation)
-        return self.states_ints + int(acts) + int(self.fixed_overhead + FRAGMENTATION * (self.states_sum + acts))
+        key = (micro_batch, checkpointing, accumulation)
+        total = self._totals.get(key)
+        if total is None:
+            acts = self.activations(micro_batch, checkpointing, accumulation)
+            total = self.states_ints + int(acts) + int(self.fixed_overhead + FRAGMENTATION * (self.states_sum + acts))
+            self._totals[key] = total
+        return total

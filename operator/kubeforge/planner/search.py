@@ -23,8 +23,11 @@ step-time terms, the Layout) is computed once per group, and what does not depen
 cost.StepModel.seconds when it fits); its Layout, Memory and StepTime objects are built only for the
 few that explain() and build() read, and candidates that do not fit stay plain tuples unless nothing
 fits. With one pipeline stage memory only grows with the micro-batch, so once a micro-batch does not
-fit without checkpointing, the larger ones are not computed. The plans are the same as computing every
-candidate in full (tests/planner/test_plan_stable.py).
+fit without checkpointing, the larger ones are not computed. A Shape's memory totals are kept for the
+other pools (pools of equal GPU counts ask the same ones). Offloading strategies are searched only when
+no layout without offload fits in time (choose() would never pick one otherwise), which halves the
+candidates of a typical plan; the decision sentences then compare layouts without offloading and say
+so. The plans are the same as computing every candidate in full (tests/planner/test_plan_stable.py).
 """
 
 from __future__ import annotations
@@ -305,36 +308,55 @@ def plan_request(req: Request, inventory: Inventory, arch: Architecture, *, alte
         reason = explain.no_pool_reason(req, inventory)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         return Plan(False, reason, tuple(notes), alts)
-    fitting: list[Candidate] = []
-    unfit: list[Unfit] = []
-    rejections: list[str] = []
     shared: dict = {}
-    for pool in pools:
-        precision, why = choose_precision(req, pool)
-        if precision is None:
-            rejections.append(why)
-            continue
-        enumerate_candidates(req, pool, arch, precision, rejections, fitting, unfit, shared)
+    tried = strategies(req)
+    in_memory = tuple(s for s in tried if FACTS[s].offload == "none")
+    # never offload when a layout without it fits (choose): offloading strategies are searched only when
+    # no in-memory layout fits in time, and then the whole search runs again in its own order
+    for phase in (in_memory, tried) if 0 < len(in_memory) < len(tried) else (tried,):
+        fitting, unfit, rejections = search_pools(req, pools, arch, phase, shared)
+        in_time = _in_time(req, arch, fitting)
+        if in_time:
+            break
     if not fitting:
         candidates = unfit_candidates(unfit)  # every candidate, in search order
         reason = explain.infeasible_reason(req, arch, pools, candidates, rejections)
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         details = explain.infeasible_details(req, arch, candidates, rejections)
         return Plan(False, reason, tuple(notes + details), alts)
-    limit = req.max_hours or DEFAULT_MAX_HOURS
-    steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
-    if steps is None:
-        in_time = fitting
-    elif req.objective != "dpo":  # within_time, whose reference pass is 0 s without DPO
-        in_time = [c for c in fitting if c.seconds * steps / 3600 <= limit]
-    else:
-        in_time = [c for c in fitting if within_time(req, arch, c)]
     if not in_time:
         reason = explain.too_slow_reason(req, arch, fitting, run_hours(req, arch, min(fitting, key=_wall)))
         alts = _alternatives(req, inventory, arch) if alternatives else ()
         return Plan(False, reason, tuple(notes), alts)
     best = choose(in_time)
     return build(req, arch, best, in_time, notes)
+
+
+def search_pools(
+    req: Request, pools: list[Pool], arch: Architecture, tried: tuple[str, ...], shared: dict
+) -> tuple[list[Candidate], list[Unfit], list[str]]:
+    """(fitting, unfit, rejections) of the ``tried`` strategies on every pool, in search order."""
+    fitting: list[Candidate] = []
+    unfit: list[Unfit] = []
+    rejections: list[str] = []
+    for pool in pools:
+        precision, why = choose_precision(req, pool)
+        if precision is None:
+            rejections.append(why)
+            continue
+        enumerate_candidates(req, pool, arch, precision, rejections, fitting, unfit, shared, tried)
+    return fitting, unfit, rejections
+
+
+def _in_time(req: Request, arch: Architecture, fitting: list[Candidate]) -> list[Candidate]:
+    """The candidates whose whole run fits in resources.maxHours (default DEFAULT_MAX_HOURS)."""
+    limit = req.max_hours or DEFAULT_MAX_HOURS
+    steps = total_steps(req.epochs, req.max_steps, req.examples, req.global_batch)
+    if steps is None:
+        return fitting
+    if req.objective != "dpo":  # within_time, whose reference pass is 0 s without DPO
+        return [c for c in fitting if c.seconds * steps / 3600 <= limit]
+    return [c for c in fitting if within_time(req, arch, c)]
 
 
 def run_hours(req: Request, arch: Architecture, c: Candidate) -> float | None:
@@ -463,15 +485,15 @@ def enumerate_candidates(
     fitting: list[Candidate],
     unfit: list[Unfit],
     shared: dict | None = None,
+    tried: tuple[str, ...] | None = None,
 ) -> None:
     """Appends, in search order, the candidates that fit to ``fitting`` and the others to ``unfit`` (they
     only matter when nothing fits: see ``unfit_candidates``). ``shared``: what does not depend on the
     pool (each group's Layout and memory terms, the job's step-time terms), kept across the pools of one
-    plan."""
+    plan. ``tried``: the strategies to search (default: every one the request allows)."""
     shared = {} if shared is None else shared
-    tried = shared.get("strategies")
     if tried is None:
-        tried = shared["strategies"] = strategies(req)
+        tried = strategies(req)
     global_batch = req.global_batch
     gpu_limit = UTILISATION * pool.memory_bytes
     host_limit = HOST_UTILISATION * pool.host_memory_bytes
