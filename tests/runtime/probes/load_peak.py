@@ -2,7 +2,8 @@
 
     python -m tests.runtime.probes.load_peak CONTRACT.json OUT_DIR   (under torchrun)
 
-After the imports and the process group (what any process of the gang holds anyway), the
+After the imports and the process group (what any process of the gang holds anyway; for DeepSpeed
+also deepspeed.init_distributed, whose workspace does not depend on the model), the
 kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the RSS read: the baseline of
 a process that only imported the same libraries. Then the strategy's loader builds the model
 (ddp: every weight; fsdp: meta build + this rank's rows; zero3: zero.Init + this rank's
@@ -40,8 +41,10 @@ def main(argv: list[str]) -> int:
     _init_process_group(dist, device)
     setup = Setup(contract, dist, device, Path(contract.model.local_path), total_steps=1)
     facts = STRATEGIES[contract.parallel.strategy]
-    if facts.engine == "deepspeed":
-        import deepspeed  # noqa: F401  (imported before the baseline, like the other libraries)
+    if facts.engine == "deepspeed":  # imported and its communication set up before the baseline, like the
+        import deepspeed  # process group: DeepSpeed's CPU shared-memory collectives keep a fixed workspace
+
+        deepspeed.init_distributed(dist_backend="gloo")  # (112 MB here, whatever the model's size)
     common.return_freed_memory()  # as train.run does
     td.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -72,13 +72,20 @@ def build_partitioned_model(setup: common.Setup, config: dict[str, Any]) -> torc
     contract, device = setup.contract, setup.device
     hf = AutoConfig.from_pretrained(setup.model_dir)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    keep = HfDeepSpeedConfig(config)  # noqa: F841  makes from_config build under zero.Init
+    keep = HfDeepSpeedConfig(config)  # noqa: F841  the engine and transformers see ZeRO-3
     from transformers.initialization import no_init_weights
+    from transformers.modeling_utils import set_zero3_state
 
-    with no_init_weights():  # every weight is read from the checkpoint below: no random init to gather
+    # Our own zero.Init, with transformers told one is open (set_zero3_state): left to itself, from_config
+    # opens one and then gathers every module's weights whole (all ranks, one module at a time) to
+    # initialise them, which every weight read below overwrites: that gather was the load's peak (0.62
+    # of the model per process instead of its half, bench/sharded_load.py)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=config), set_zero3_state():
         model = AutoModelForCausalLM.from_config(
             hf, dtype=loading.compute_dtype(contract), attn_implementation=contract.compute.attention
         )
+    if getattr(hf, "tie_word_embeddings", False):
+        model.tie_weights()
     model = loading.prepare(contract, model, device)
     ckpt = shards.Checkpoint(setup.model_dir)
     tied = getattr(hf, "tie_word_embeddings", False)
