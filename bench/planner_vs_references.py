@@ -27,8 +27,9 @@ Mapping rules (printed with each row):
   GPU         a GFD product label the inventory names (tests/planner/nodes.py); an A100 of unstated
               size -> the 80GB part; the 96GB H100 -> the H100 with a 96 GiB memory label; a GPU
               the inventory cannot name (RTX cards, "24 GB GPU") gets memory only, no step time
-              or verdict. Nodes carry only GFD labels, so the inventory assumes its defaults for
-              what the entries do not state: 100 Gb/s between nodes (DEFAULT_NETWORK_GBPS) and
+              or verdict. Nodes carry GFD labels, and kubeforge.io/network-gbps where the entry
+              states its network (gpus.network_gbps_per_node, quoted in network_where); otherwise
+              the inventory assumes its defaults: 100 Gb/s between nodes (DEFAULT_NETWORK_GBPS) and
               --host-gib of host memory (1024, as tests/planner/nodes.py).
 
 Planner verdict: infeasible -> does-not-fit; offload -> needs-offload; else fits-one-gpu when the
@@ -57,6 +58,7 @@ for extra in (str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT)):
 import yaml  # noqa: E402
 
 from kubeforge.api import parse  # noqa: E402
+from kubeforge.inventory.labels import NETWORK_GBPS  # noqa: E402
 from kubeforge.inventory.pools import Inventory, pools_from_nodes  # noqa: E402
 from kubeforge.planner import catalog  # noqa: E402
 from kubeforge.planner.architecture import Architecture  # noqa: E402
@@ -287,7 +289,9 @@ def inventory(entry: dict[str, Any], host_gib: int = 1024) -> Inventory | None:
     per_node = gpus["count"] // nodes
     built = []
     for i in range(nodes):
-        node = gfd_node(f"ref-{i}", product, per_node, host_gib=host_gib)
+        network = gpus.get("network_gbps_per_node")
+        labels = {NETWORK_GBPS: str(network)} if network else None
+        node = gfd_node(f"ref-{i}", product, per_node, host_gib=host_gib, labels=labels)
         if memory:
             node["metadata"]["labels"]["nvidia.com/gpu.memory"] = str(memory)
         built.append(node)
@@ -608,7 +612,7 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     _print_steps("Step time, all", s["step_time"])
     _print_steps("Step time, one node", s["step_time_one_node"])
-    _print_steps("Step time, several nodes (100 Gb/s per node assumed)", s["step_time_multi_node"])
+    _print_steps("Step time, several nodes (the entry's network, else 100 Gb/s per node)", s["step_time_multi_node"])
     v = s["verdict"]
     print(
         f"Verdict: {v['agree']}/{v['compared']} agree ({v['compared']} of the {v['with_published_verdict']} entries "

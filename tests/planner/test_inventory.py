@@ -63,6 +63,33 @@ def test_gke_labels_and_instance_type_supply_host_memory_and_network():
     assert pool.network_gbps == 1000
 
 
+def test_network_label_sets_the_bandwidth_between_nodes():
+    """kubeforge.io/network-gbps wins over the instance type's figure and the 100 Gb/s default; a value
+    that is not a whole number of Gb/s excludes the node with the label named. The pool keeps the
+    slowest node's figure, and multi-node step times follow it."""
+    from kubeforge.planner.cost import step_time
+    from kubeforge.planner.memory import Layout
+
+    label = "kubeforge.io/network-gbps"
+    fast = [gfd_node(f"f{i}", "NVIDIA-H100-80GB-HBM3", 8, labels={label: "3200"}) for i in range(2)]
+    plain = [gfd_node(f"p{i}", "NVIDIA-H100-80GB-HBM3", 8) for i in range(2)]
+    (pool_fast,) = pools_from_nodes(fast).pools
+    (pool_plain,) = pools_from_nodes(plain).pools
+    assert (pool_fast.network_gbps, pool_plain.network_gbps) == (3200, 100)
+    mixed = [fast[0], gfd_node("slow", "NVIDIA-H100-80GB-HBM3", 8, labels={label: "400"})]
+    assert pools_from_nodes(mixed).pools[0].network_gbps == 400
+    bad = pools_from_nodes([gfd_node("b", "NVIDIA-H100-80GB-HBM3", 8, labels={label: "fast"})])
+    assert not bad.pools and label in bad.excluded[0][1] and "whole number" in bad.excluded[0][1]
+
+    from kubeforge.api.finetune import ModelSource
+    from kubeforge.planner import resolve
+
+    arch = resolve(ModelSource(uri="hf://meta-llama/Llama-3.1-8B"))
+    layout = Layout("full", "fsdp", 2, 8, seq_len=8192, micro_batch=2, gradient_checkpointing=True)
+    t_fast, t_plain = (step_time(arch, layout, pool, 32) for pool in (pool_fast, pool_plain))
+    assert t_fast.data_parallel < t_plain.data_parallel / 20 and t_fast.total < t_plain.total
+
+
 def test_allocatable_gpus_win_over_labels():
     node = gfd_node("n", "NVIDIA-A100-SXM4-80GB", 8)
     node["status"]["allocatable"]["nvidia.com/gpu"] = "6"  # two GPUs held by the device plugin

@@ -95,3 +95,46 @@ def test_runs_with_unmodelled_memory_savers_are_overestimated_never_under():
     rows = [memory_row(e) for e in ENTRIES if e["id"] in UNMODELLED]
     under = {r.id: round(r.ratio, 2) for r in rows if r.ratio is not None and r.ratio < 1}
     assert not under, under
+
+
+# Step time (issue 11: within 1.5x where published). Every run outside 1.5x is named here with why; the
+# test fails when another one leaves the band and when one of these comes back into it (then drop it).
+STEP_MISSES = {
+    "torchtitan-llama3-8b-fsdp-64xa100": "the page does not state the network between its 8 nodes; at the assumed "
+    "100 Gb/s FSDP's gathers alone take longer than the published 2.76 s step",
+    "torchtitan-llama3-70b-fsdp-64xa100": "network not stated, as the 8B row",
+    "trainy-llama31-8b-fsdp-32xh200-fp8": "torch.compile (and fp8 all-gathers) in the published run; kubeforge's "
+    "runtime does not compile",
+    "torchtitan-llama31-70b-fsdp-tp-256xh100-fp8": "torch.compile + async TP in the published run (1.51x)",
+    "torchtune-llama32-3b-qlora-a100": "1.60x: kubeforge's QLoRA estimates on A100 run 1.0-1.6x slow (open)",
+    "qwen-72b-lora-zero3-4xa100-2048": "1.65x: ZeRO-3 LoRA over 4 A100 (open)",
+}
+VERDICT_MISSES = {
+    "torchtune-llama31-70b-full-8xa100-cpu-offload": "the recipe fuses the optimizer step into the backward pass "
+    "(13.9 GiB per GPU); kubeforge's parameter offload needs more host memory than the assumed node has",
+    "swift-qwen-7b-chat-full-1xa100-2048": "the published run can only be pure bf16 (74 GiB); kubeforge keeps fp32 "
+    "masters and Adam moments, which need optimizer offload on one A100",
+    "answerai-llama2-70b-qlora-fsdp-4xh100-2048": "the run chose 4 GPUs for speed (no peak published); the planner "
+    "finds one H100 with checkpointing enough for the memory",
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    from bench.planner_vs_references import evaluate
+
+    return [evaluate(e) for e in ENTRIES]
+
+
+def test_step_times_within_one_and_a_half_times_the_published_ones(evaluated):
+    compared = [r for r in evaluated if r.step_ratio is not None]
+    assert len(compared) >= 20
+    outside = {r.id: round(r.step_ratio, 2) for r in compared if abs(math.log(r.step_ratio)) > math.log(1.5)}
+    assert set(outside) == set(STEP_MISSES), outside
+
+
+def test_verdicts_agree_with_the_published_runs(evaluated):
+    compared = [r for r in evaluated if r.verdict and r.planner_verdict]
+    assert len(compared) >= 30
+    differ = {r.id: (r.verdict, r.planner_verdict) for r in compared if r.verdict != r.planner_verdict}
+    assert set(differ) == set(VERDICT_MISSES), differ

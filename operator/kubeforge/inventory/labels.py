@@ -21,6 +21,10 @@ KARPENTER_GPU_MANUFACTURER = "karpenter.k8s.aws/instance-gpu-manufacturer"
 INSTANCE_TYPE = "node.kubernetes.io/instance-type"
 INSTANCE_TYPE_BETA = "beta.kubernetes.io/instance-type"
 
+# Set by the cluster's admins where nothing else tells it (on-premises fabrics, unlisted instance types):
+# the node's network bandwidth to other nodes in Gb/s (e.g. 3200 for 8 x 400 Gb/s RDMA NICs).
+NETWORK_GBPS = "kubeforge.io/network-gbps"
+
 # Extended resource the NVIDIA device plugin advertises.
 GPU_RESOURCE = "nvidia.com/gpu"
 

@@ -26,6 +26,7 @@ from kubeforge.inventory.quantity import QuantityError, parse_quantity
 MAX_GPUS_PER_NODE = 1024
 MAX_GPU_MEMORY_MIB = 2**24  # 16 TiB per GPU
 MAX_COMPUTE_CAPABILITY = 100
+MAX_NETWORK_GBPS = 1_000_000
 
 # label -> (smallest, largest) whole number it may hold
 NUMERIC_LABELS = {
@@ -36,6 +37,7 @@ NUMERIC_LABELS = {
     L.KARPENTER_GPU_MEMORY_MIB: (0, MAX_GPU_MEMORY_MIB),
     L.GPU_COMPUTE_MAJOR: (0, MAX_COMPUTE_CAPABILITY),
     L.GPU_COMPUTE_MINOR: (0, MAX_COMPUTE_CAPABILITY),
+    L.NETWORK_GBPS: (1, MAX_NETWORK_GBPS),
 }
 NOT_NODES = "expected a List of Nodes (kubectl get nodes -o yaml), a NodeList or a Node"
 

@@ -179,7 +179,7 @@ def node_gpus(node: Node) -> NodeGPUs | None:
         memory_mib=memory_mib,
         host_memory_bytes=host,
         cpus=allocatable.cpus or capacity.cpus or 0.0,
-        network_gbps=instance.network_gbps if instance else DEFAULT_NETWORK_GBPS,
+        network_gbps=node.number(L.NETWORK_GBPS) or (instance.network_gbps if instance else DEFAULT_NETWORK_GBPS),
         selector=selector,
         source=source,
         clique=labels.get(L.GPU_CLIQUE),
