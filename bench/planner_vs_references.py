@@ -58,6 +58,7 @@ for extra in (str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT)):
 import yaml  # noqa: E402
 
 from kubeforge.api import parse  # noqa: E402
+from kubeforge.inventory.gpus import lookup_gpu  # noqa: E402
 from kubeforge.inventory.labels import NETWORK_GBPS  # noqa: E402
 from kubeforge.inventory.pools import Inventory, pools_from_nodes  # noqa: E402
 from kubeforge.planner import catalog  # noqa: E402
@@ -139,7 +140,7 @@ STRATEGY = {
     "zero2": "zero2",
     "zero3": "zero3",
     "zero3-offload": "zero3-offload",
-    "fsdp-offload": "zero3-offload",
+    "fsdp-offload": "fsdp-offload",
     "fsdp+tp": "fsdp",
 }
 TARGETS = {
@@ -518,6 +519,27 @@ def _step_stats(rows: list[Row]) -> dict[str, Any]:
     return out
 
 
+def family_calibration(rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """Per GPU family, over the one-node runs with a published step and no unmodelled memory savers: the
+    factor on cost.FAMILY_EFFICIENCY that would reproduce each published step (the compute term scaled,
+    the other terms kept), as median, range and count. With calibrated constants the medians are ~1.0."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r.step_ratio is None or r.nodes != 1 or r.caveats:
+            continue
+        terms = r.step_breakdown[r.step_gc]
+        other = sum(v for k, v in terms.items() if k != "compute")
+        if r.measured_step is None or r.measured_step <= other:
+            continue
+        facts = lookup_gpu(r.gpu)
+        family = facts.family if facts else r.gpu
+        out.setdefault(family, []).append(terms["compute"] / (r.measured_step - other))
+    return {
+        family: {"n": len(v), "median": statistics.median(v), "low": min(v), "high": max(v)}
+        for family, v in sorted(out.items())
+    }
+
+
 def summary(rows: list[Row]) -> dict[str, Any]:
     mem = [r for r in rows if r.ratio is not None]
     steps = [r for r in rows if r.step_ratio is not None]
@@ -540,6 +562,7 @@ def summary(rows: list[Row]) -> dict[str, Any]:
             ],
         },
         "skipped": {r.id: r.skipped for r in rows if r.skipped},
+        "family_calibration": family_calibration(rows),
     }
 
 
@@ -621,6 +644,9 @@ def print_summary(s: dict[str, Any]) -> None:
     )
     for line in v["disagreements"]:
         print(f"  {line}")
+    print("Step-time calibration, one node (factor on cost.FAMILY_EFFICIENCY that reproduces each published step):")
+    for family, c in s["family_calibration"].items():
+        print(f"  {family:<6} n={c['n']:<3} median {c['median']:.2f}  range {c['low']:.2f}-{c['high']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,9 +105,6 @@ STEP_MISSES = {
     "torchtitan-llama3-70b-fsdp-64xa100": "network not stated, as the 8B row",
     "trainy-llama31-8b-fsdp-32xh200-fp8": "torch.compile (and fp8 all-gathers) in the published run; kubeforge's "
     "runtime does not compile",
-    "torchtitan-llama31-70b-fsdp-tp-256xh100-fp8": "torch.compile + async TP in the published run (1.51x)",
-    "torchtune-llama32-3b-qlora-a100": "1.60x: kubeforge's QLoRA estimates on A100 run 1.0-1.6x slow (open)",
-    "qwen-72b-lora-zero3-4xa100-2048": "1.65x: ZeRO-3 LoRA over 4 A100 (open)",
 }
 VERDICT_MISSES = {
     "torchtune-llama31-70b-full-8xa100-cpu-offload": "the recipe fuses the optimizer step into the backward pass "
