@@ -134,9 +134,12 @@ def test_activations_follow_the_formula_for_one_layer():
         num_layers=1, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, intermediate_size=4096,
         vocab_size=1000,
     )  # fmt: skip
-    layout = Layout(method="full", strategy="ddp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
-    per_token = 6 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
+    layout = Layout(method="full", strategy="fsdp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
+    per_token = 12 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
     assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * 6
+    # DDP's full fine-tuning under autocast: a fp32 residual stream (12h more) and a bf16 copy of each weight
+    amp = estimate(arch, replace(layout, strategy="ddp")).activations
+    assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * 6
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

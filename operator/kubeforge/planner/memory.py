@@ -40,16 +40,22 @@ with double-quantized constants for the linear layers' weights (QLoRA); the adap
 any weight (fp32 masters, fp32 gradients, fp32 moments).
 
 Activations, bytes per token per layer in bf16 (flash attention: no s^2 scores), for a Llama-style
-block with hidden h, kv width k and MLP width i: 6h (norms, residual) + 8h + 4k (attention inputs
-and outputs) + 8i (SwiGLU), after Korthikanti et al. 2022 ("Reducing Activation Recomputation");
-tensor parallelism divides all but the 6h, sequence parallelism divides that too. With gradient
-checkpointing only each layer's input (2h) is kept, plus one layer recomputed at a time. Pipeline
-stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits add 6 bytes per token
-per vocabulary entry (bf16 logits and their fp32 softmax). DeepSpeed-Ulysses (degree u) divides all
-of it by u: each GPU holds 1/u of every sequence, and attention holds the whole sequence for 1/u of
-the heads. DPO runs each pair's chosen and rejected sequences in one forward pass (twice the tokens
-of a micro-batch); its reference model is the starting model's log-probabilities, computed once
-before training (8 bytes per pair), so it adds no second model.
+block with hidden h, kv width k and MLP width i: 12h (residual stream and the two RMSNorms, which
+transformers computes in fp32; 6h in megatron-core's layers) + 8h + 4k (attention inputs and
+outputs) + 8i (SwiGLU), after Korthikanti et al. 2022 ("Reducing Activation Recomputation") with the
+norms as transformers runs them; tensor parallelism divides all but the 12h, sequence parallelism
+divides that too. DDP's full fine-tuning (fp32 weights under autocast) keeps the residual stream in
+fp32 (12h more) and the bf16 copy autocast makes of every weight until the backward pass (2 bytes
+per parameter). LoRA adds 4h per layer, and with dropout 4 bytes per element of each adapted
+module's input. With gradient checkpointing only each layer's input (2h, 4h under autocast) is kept,
+plus one layer recomputed at a time. Every case is counted on the runtime's own modules
+(tests/planner/test_activations.py: the bytes autograd saves, within 10%). Pipeline stages hold L/p
+layers for up to p micro-batches in flight (1F1B). The logits add 6 bytes per token per vocabulary
+entry (bf16 logits and their fp32 softmax). DeepSpeed-Ulysses (degree u) divides all of it by u:
+each GPU holds 1/u of every sequence, and attention holds the whole sequence for 1/u of the heads.
+DPO runs each pair's chosen and rejected sequences in one forward pass (twice the tokens of a
+micro-batch); its reference model is the starting model's log-probabilities, computed once before
+training (8 bytes per pair), so it adds no second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
@@ -238,7 +244,9 @@ class Activations:
     """activation_bytes for one layout's fixed choices (parallel degrees, method, precision), evaluated per
     micro-batch, gradient checkpointing and accumulation: the search calls it once per candidate."""
 
-    __slots__ = ("divide", "examples", "h", "layers", "p", "per_layer", "scale", "seq_len", "t", "u", "vocab")
+    __slots__ = (
+        "casts", "divide", "examples", "h", "kept", "layers", "p", "per_layer", "scale", "seq_len", "t", "u", "vocab",
+    )  # fmt: skip
 
     def __init__(self, arch: Architecture, layout: Layout) -> None:
         h, k, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size * arch.num_experts_per_token
@@ -248,13 +256,27 @@ class Activations:
         self.h, self.t, self.p, self.u = h, t, layout.pipeline_parallel, layout.ulysses
         self.examples, self.seq_len = layout.sequences_per_example, layout.seq_len
         self.divide = t if layout.sequence_parallel else 1
-        shared = 6 * h / self.divide
+        # the residual stream and the two RMSNorms: transformers' LlamaRMSNorm computes in fp32 and keeps its
+        # fp32 input and output for the backward pass (12h measured, tests/planner/test_activations.py);
+        # megatron-core's own layers keep Korthikanti's 6h
+        megatron = STRATEGIES[layout.strategy].engine == "megatron"
+        shared = (6 if megatron else 12) * h / self.divide
         split = (8 * h + 4 * k + 8 * i) / t
         per_layer = shared + split
-        if layout.method != "full" and layout.lora_dropout > 0:
-            # peft applies dropout to each adapted module's input (q, k, v, gate, up: h; o: q width;
-            # down: i) and keeps the result (bf16) and its mask (1 byte) for the backward pass
-            per_layer += 3 * (5 * h + arch.q_dim + arch.intermediate_size) / t
+        # DDP trains full fine-tuning with fp32 weights under autocast (torch AMP): the residual stream stays
+        # fp32 (12h more per layer, 4h kept per layer with checkpointing), and autograd keeps the bf16 copy
+        # autocast makes of every weight until the backward pass (one layer at a time with checkpointing)
+        amp = STRATEGIES[layout.strategy].engine == "ddp" and layout.method == "full" and layout.precision != "fp32"
+        if amp:
+            per_layer += 12 * h / self.divide
+        self.kept = (4 if amp else 2) * h / self.divide  # each layer's input, with checkpointing
+        self.casts = 2.0 * arch.params_per_layer / t if amp else 0.0  # per layer, without checkpointing
+        if layout.method != "full":
+            # peft's adapters add 4h per layer (measured); with dropout, peft drops each adapted module's input
+            # (q, k, v, gate, up: h; o: q width; down: i) and keeps 4 bytes per element for the backward pass
+            per_layer += 4 * h / t
+            if layout.lora_dropout > 0:
+                per_layer += 4 * (5 * h + arch.q_dim + arch.intermediate_size) / t
         self.per_layer = per_layer
         self.layers = arch.num_layers / self.p
         self.vocab = arch.vocab_size
@@ -265,10 +287,10 @@ class Activations:
         p = self.p
         in_flight = 1 if p == 1 else min(p, max(1, accumulation))
         if checkpointing:
-            kept = self.layers * in_flight * 2 * self.h / self.divide
-            body = tokens * (kept + self.per_layer)
+            kept = self.layers * in_flight * self.kept
+            body = tokens * (kept + self.per_layer) + self.casts
         else:
-            body = tokens * self.layers * in_flight * self.per_layer
+            body = tokens * self.layers * in_flight * self.per_layer + self.layers * self.casts
         logits = tokens * self.vocab * LOGIT_BYTES / self.t
         return (body + logits) * self.scale
 

@@ -605,7 +605,9 @@ def _group(
             gradient_accumulation=accumulation,
             ulysses=u,
         )
-        acts_key = ("activations", t, p, sp, u, precision == "fp32")  # the same for most strategies and GPU counts
+        amp = FACTS[strategy].engine == "ddp" and req.method == "full" and precision != "fp32"  # memory.Activations
+        megatron = FACTS[strategy].engine == "megatron"
+        acts_key = ("activations", t, p, sp, u, precision == "fp32", amp, megatron)  # shared by most strategies
         acts = shared.get(acts_key)
         if acts is None:
             acts = shared[acts_key] = Activations(arch, layout)
