@@ -60,7 +60,9 @@ class FaultProxy:
     async def __aenter__(self) -> FaultProxy:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # shutdown_timeout: at exit the relays of watch streams (held open by the emulator until an event) are
+        # cancelled after a second instead of aiohttp's default 60 s wait for every handler to finish
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -131,63 +131,88 @@ def test_bad_data_fails_fast_with_the_line_and_a_user_error_code(tiny_model, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def full_runs(tiny_model, task_data, tmp_path_factory):
+    """Full fine-tuning for 6 steps (lr 1e-3, a global batch of 8), each run made once in this module and read by
+    every test that compares with it: ``full_runs("single", schedule)`` is one process (4 x 2 accumulation),
+    ``full_runs(strategy, schedule)`` 2 processes under torchrun (4 each, checkpoints every 3).
+    Returns (output folder, termination summary, log)."""
+    made: dict[tuple[str, str], tuple[Path, dict, str]] = {}
+
+    def run(strategy: str, scheduler: str) -> tuple[Path, dict, str]:
+        if (strategy, scheduler) not in made:
+            folder = tmp_path_factory.mktemp(f"{strategy}-{scheduler}")
+            settings = {"method": "full", "steps": 6, "lr": 1e-3, "micro": 4, "scheduler": scheduler}
+            logs: list[str] = []
+            if strategy == "single":
+                contract = make_contract(tiny_model, task_data[0], folder / "out", accumulation=2, **settings)
+                code, summary = run_inline(contract, folder)
+                logs.append("")
+            else:
+                contract = make_contract(tiny_model, task_data[0], folder / "out", accumulation=1, world=2,
+                                         strategy=strategy, every=3, **settings)  # fmt: skip
+                code, summary = run_torchrun(contract, folder, 2, logs)
+            assert code == 0, (summary, logs[0][-4000:])
+            made[strategy, scheduler] = (folder / "out", summary, logs[0])
+        return made[strategy, scheduler]
+
+    return run
+
+
+# full fine-tuning on fsdp (and zero3 below) with a constant lr: the very runs the resume test continues; the
+# cosine schedule on 2 processes is checked by the lora case (the same FSDPEngine optimizer and schedule) and zero2
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp2_really_shards_and_matches_one_process(tiny_model, task_data, tmp_path, method):
-    single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"
-    single_dir.mkdir()
-    fsdp_dir.mkdir()
-    lr = 1e-3 if method == "full" else 3e-3
-    one = make_contract(
-        tiny_model, task_data[0], single_dir / "out", method=method, steps=6, lr=lr, micro=4, accumulation=2
-    )
-    assert run_inline(one, single_dir)[0] == 0
-    two = make_contract(tiny_model, task_data[0], fsdp_dir / "out", method=method, steps=6, lr=lr, micro=4,
-                        accumulation=1, world=2, strategy="fsdp", every=3)  # fmt: skip
-    logs: list[str] = []
-    code, summary = run_torchrun(two, fsdp_dir, 2, logs)
-    assert code == 0, logs[0][-3000:]
-    assert "this rank holds 5" in logs[0] or "this rank holds 4" in logs[0], logs[0][-2000:]  # about half each
-    assert losses(fsdp_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=2e-3)
-    assert export.verify(fsdp_dir / "out") == []
-    assert summary["digest"] == export.digest(fsdp_dir / "out")
+def test_fsdp2_really_shards_and_matches_one_process(tiny_model, task_data, tmp_path, method, full_runs):
+    if method == "full":
+        single_out = full_runs("single", "constant")[0]
+        fsdp_out, summary, log = full_runs("fsdp", "constant")
+    else:
+        single_dir, fsdp_dir = tmp_path / "single", tmp_path / "fsdp"
+        single_dir.mkdir()
+        fsdp_dir.mkdir()
+        one = make_contract(tiny_model, task_data[0], single_dir / "out", method=method, steps=6, lr=3e-3, micro=4,
+                            accumulation=2)  # fmt: skip
+        assert run_inline(one, single_dir)[0] == 0
+        two = make_contract(tiny_model, task_data[0], fsdp_dir / "out", method=method, steps=6, lr=3e-3, micro=4,
+                            accumulation=1, world=2, strategy="fsdp", every=3)  # fmt: skip
+        logs: list[str] = []
+        code, summary = run_torchrun(two, fsdp_dir, 2, logs)
+        assert code == 0, logs[0][-3000:]
+        single_out, fsdp_out, log = single_dir / "out", fsdp_dir / "out", logs[0]
+    assert "this rank holds 5" in log or "this rank holds 4" in log, log[-2000:]  # about half each
+    assert losses(fsdp_out) == pytest.approx(losses(single_out), abs=2e-3)
+    assert export.verify(fsdp_out) == []
+    assert summary["digest"] == export.digest(fsdp_out)
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_deepspeed_zero_with_two_processes_matches_one_process(tiny_model, task_data, tmp_path, strategy):
-    single_dir, ds_dir = tmp_path / "single", tmp_path / "ds"
-    single_dir.mkdir()
-    ds_dir.mkdir()
-    one = make_contract(
-        tiny_model, task_data[0], single_dir / "out", method="full", steps=6, lr=1e-3, micro=4, accumulation=2
-    )
-    assert run_inline(one, single_dir)[0] == 0
-    two = make_contract(tiny_model, task_data[0], ds_dir / "out", method="full", steps=6, lr=1e-3, micro=4,
-                        accumulation=1, world=2, strategy=strategy, every=3)  # fmt: skip
-    logs: list[str] = []
-    code, _ = run_torchrun(two, ds_dir, 2, logs)
-    assert code == 0, logs[0][-4000:]
-    assert losses(ds_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=5e-3)
-    assert export.verify(ds_dir / "out") == []
-    assert (ds_dir / "out" / "checkpoints").is_dir()
+@pytest.mark.parametrize(("strategy", "scheduler"), [("zero2", "cosine"), ("zero3", "constant")])
+def test_deepspeed_zero_with_two_processes_matches_one_process(strategy, scheduler, full_runs):
+    """zero2 with the cosine schedule (DeepSpeed steps the one it was given, the same for every stage); zero3 with
+    a constant lr: the run the resume test continues."""
+    single_out = full_runs("single", scheduler)[0]
+    ds_out = full_runs(strategy, scheduler)[0]
+    assert losses(ds_out) == pytest.approx(losses(single_out), abs=5e-3)
+    assert export.verify(ds_out) == []
+    assert (ds_out / "checkpoints").is_dir()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_sharded_checkpoints_resume_exactly(tiny_model, task_data, tmp_path, strategy):
-    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight_dir.mkdir()
-    resumed_dir.mkdir()
+def test_sharded_checkpoints_resume_exactly(tiny_model, task_data, tmp_path, strategy, full_runs):
+    """Stopped at step 3 and resumed: the same losses as the straight 6-step run (the one the tests above compare
+    with one process)."""
 
-    def contract(folder, steps):
-        return make_contract(tiny_model, task_data[0], folder / "out", method="full", steps=steps, lr=1e-3, micro=4,
-                             accumulation=1, world=2, strategy=strategy, every=3, scheduler="constant")  # fmt: skip
+    def contract(steps):
+        return make_contract(tiny_model, task_data[0], tmp_path / "out", method="full", steps=steps, lr=1e-3,
+                             micro=4, accumulation=1, world=2, strategy=strategy, every=3,
+                             scheduler="constant")  # fmt: skip
 
-    assert run_torchrun(contract(straight_dir, 6), straight_dir, 2)[0] == 0
-    assert run_torchrun(contract(resumed_dir, 3), resumed_dir, 2)[0] == 0
+    straight = full_runs(strategy, "constant")[0]
+    assert run_torchrun(contract(3), tmp_path, 2)[0] == 0
     logs: list[str] = []
-    code, _ = run_torchrun(contract(resumed_dir, 6), resumed_dir, 2, logs)
+    code, _ = run_torchrun(contract(6), tmp_path, 2, logs)
     assert code == 0
     assert "resuming from" in logs[0] and "at step 3" in logs[0]
-    assert losses(resumed_dir / "out") == pytest.approx(losses(straight_dir / "out"), abs=1e-4)
+    assert losses(tmp_path / "out") == pytest.approx(losses(straight), abs=1e-4)
 
 
 def test_deepspeed_runs_in_one_process_with_lora(tiny_model, task_data, tmp_path):
