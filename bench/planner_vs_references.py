@@ -188,6 +188,8 @@ UNMODELLED: dict[str, tuple[str, ...]] = {
     "torchtune-llama32-3b-full-8bit-adamw-a100": ("8-bit AdamW", "optimizer in backward", "activation offload"),
     "torchtune-llama32-3b-lora-a100": ("activation offload",),
     "torchtune-llama32-3b-qlora-a100": ("activation offload",),
+    # recipes/configs/llama3_1/8B_qlora_single_device.yaml (pytorch/torchtune@0b3e04a): loss CEWithChunkedOutputLoss
+    "torchtune-llama31-8b-qlora-1x4090": ("chunked cross-entropy",),
     "swift-qwen-7b-chat-full-1xa100-2048": ("pure bf16 (the entry's reading: fp32 masters + Adam cannot fit)",),
 }
 

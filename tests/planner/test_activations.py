@@ -83,3 +83,39 @@ def test_two_layers_keep_what_the_formula_says(case, shape):
                              intermediate_size=i, vocab_size=VOCAB) for n in (1, 2))  # fmt: skip
     formula = Activations(two, layout)(1, checkpointing, 1) - Activations(one, layout)(1, checkpointing, 1)
     assert abs(formula / measured - 1) <= 0.10, (measured / SEQ / h, formula / SEQ / h)
+
+
+def loss_peak(vocab: int, seq: int = 256) -> int:
+    """The highest allocated CPU bytes of one forward and backward pass through transformers' causal-LM loss
+    (bf16 weights, one small layer that trains), from the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=seq,
+                         tie_word_embeddings=False, attn_implementation="sdpa")  # fmt: skip
+    with no_init_weights():
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02).requires_grad_(False)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    ids = torch.randint(0, vocab, (1, seq))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    live = peak = 0
+    for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_logits_cost_what_the_loss_really_allocates():
+    """memory.LOGIT_BYTES per token and vocabulary entry: the peak grows by exactly that with the vocabulary
+    (the bf16 logits, their fp32 copy and the fp32 log-softmax the loss keeps)."""
+    from kubeforge.planner.memory import LOGIT_BYTES
+
+    seq = 256
+    per_entry = (loss_peak(16000, seq) - loss_peak(8000, seq)) / (seq * 8000)
+    assert abs(per_entry - LOGIT_BYTES) <= 0.05 * LOGIT_BYTES, per_entry

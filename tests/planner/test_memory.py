@@ -8,7 +8,7 @@ import pytest
 
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.catalog import lookup
-from kubeforge.planner.memory import Layout, estimate, model_states
+from kubeforge.planner.memory import LOGIT_BYTES, Layout, estimate, model_states
 
 deepspeed_zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 deepspeed_zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
@@ -136,10 +136,10 @@ def test_activations_follow_the_formula_for_one_layer():
     )  # fmt: skip
     layout = Layout(method="full", strategy="fsdp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
     per_token = 12 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
-    assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * 6
+    assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * LOGIT_BYTES
     # DDP's full fine-tuning under autocast: a fp32 residual stream (12h more) and a bf16 copy of each weight
     amp = estimate(arch, replace(layout, strategy="ddp")).activations
-    assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * 6
+    assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * LOGIT_BYTES
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

@@ -230,21 +230,30 @@ def test_strategy_reason_quotes_the_numbers():
     assert "unsharded (DDP) the model states would need" in sentence and "GiB" in sentence
 
 
-LLAMA_70B_QLORA = {"model": {"uri": "hf://meta-llama/Llama-3.1-70B"}, "method": "qlora", "dataset.maxSeqLength": 4096,
-                   "training.globalBatchSize": 16}  # fmt: skip
+LLAMA_70B_QLORA = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-70B"},
+    "method": "qlora",
+    "dataset.maxSeqLength": 2048,
+    "training.globalBatchSize": 16,
+}  # fmt: skip  (Answer.AI's fsdp_qlora runs: 2,048 tokens)
 
 
-def test_a_70b_qlora_base_on_four_single_a10_nodes_trains_with_fsdp_offload():
+OFFLOADS = ("fsdp-offload", "zero3-offload")
+
+
+def test_a_70b_qlora_base_on_four_single_a10_nodes_offloads_its_shards():
     """Answer.AI's fsdp_qlora recipe: FSDP alone needs more than an A10 (the gathered layers and activations on top
-    of a quarter of the NF4 base), so FSDP2 keeps its shards in host memory; it beats ZeRO-3's parameter offload."""
+    of a quarter of the NF4 base), so the shards go to host memory: FSDP2's CPU offload or ZeRO-3's parameter
+    offload, whichever is estimated faster (both fit), and an explicit fsdp-offload is honoured."""
     four = cluster(("NVIDIA-A10", 1, 4), host_gib=256)
     alone = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "fsdp"}), four)
     assert not alone.feasible and "per GPU" in alone.reason, alone.reason
     auto = planned(job(**LLAMA_70B_QLORA), four)
-    assert auto.feasible and auto.strategy == "fsdp-offload", auto.reason
+    assert auto.feasible and auto.strategy in OFFLOADS, auto.reason
     assert auto.offload == "parameters" and auto.memory.weights == auto.memory.optimizer == 0
-    zero3 = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "zero3-offload"}), four)
-    assert zero3.feasible and auto.estimated_step_seconds < zero3.estimated_step_seconds
+    both = [planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": s}), four) for s in OFFLOADS]
+    assert all(p.feasible for p in both)
+    assert auto.estimated_step_seconds == min(p.estimated_step_seconds for p in both)
 
 
 def test_fsdp_offload_needs_the_host_memory_it_fills():

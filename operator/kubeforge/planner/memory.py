@@ -50,12 +50,13 @@ per parameter). LoRA adds 4h per layer, and with dropout 4 bytes per element of 
 module's input. With gradient checkpointing only each layer's input (2h, 4h under autocast) is kept,
 plus one layer recomputed at a time. Every case is counted on the runtime's own modules
 (tests/planner/test_activations.py: the bytes autograd saves, within 10%). Pipeline stages hold L/p
-layers for up to p micro-batches in flight (1F1B). The logits add 6 bytes per token per vocabulary
-entry (bf16 logits and their fp32 softmax). DeepSpeed-Ulysses (degree u) divides all of it by u:
-each GPU holds 1/u of every sequence, and attention holds the whole sequence for 1/u of the heads.
-DPO runs each pair's chosen and rejected sequences in one forward pass (twice the tokens of a
-micro-batch); its reference model is the starting model's log-probabilities, computed once before
-training (8 bytes per pair), so it adds no second model.
+layers for up to p micro-batches in flight (1F1B). The logits add 10 bytes per token per vocabulary
+entry at the loss's peak (bf16 logits, their fp32 copy and the fp32 log-softmax; measured).
+DeepSpeed-Ulysses (degree u) divides all of it by u: each GPU holds 1/u of every sequence, and
+attention holds the whole sequence for 1/u of the heads. DPO runs each pair's chosen and rejected
+sequences in one forward pass (twice the tokens of a micro-batch); its reference model is the
+starting model's log-probabilities, computed once before training (8 bytes per pair), so it adds no
+second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
@@ -76,7 +77,7 @@ CUDA_CONTEXT = 1 * GIB
 NCCL_BUFFERS = GIB // 2
 FRAGMENTATION = 0.08
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor
-LOGIT_BYTES = 6
+LOGIT_BYTES = 10  # per token and vocabulary entry at the loss's peak, measured (tests/planner/test_activations.py)
 
 
 @dataclass(frozen=True)
