@@ -27,19 +27,15 @@ def _status(key: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    import torch
     import torch.distributed as td
     import transformers  # noqa: F401
 
-    from kubeforge.runtime.contract import STRATEGIES, load
-    from kubeforge.runtime.engines import Setup, common, fsdp, loading, zero
-    from kubeforge.runtime.train import _dist_env, _init_process_group
+    from kubeforge.runtime.contract import STRATEGIES
+    from kubeforge.runtime.engines import common, fsdp, loading, zero
+    from tests.runtime.probes import gang
 
-    contract, out = load(argv[0]), Path(argv[1])
-    dist = _dist_env()
-    device = torch.device("cpu")
-    _init_process_group(dist, device)
-    setup = Setup(contract, dist, device, Path(contract.model.local_path), total_steps=1)
+    contract, setup = gang.join(argv[0])
+    out, dist, device = Path(argv[1]), setup.dist, setup.device
     facts = STRATEGIES[contract.parallel.strategy]
     if facts.engine == "deepspeed":  # imported and its communication set up before the baseline, like the
         import deepspeed  # process group: DeepSpeed's CPU shared-memory collectives keep a fixed workspace

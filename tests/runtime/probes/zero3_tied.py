@@ -18,19 +18,14 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     import deepspeed
-    import torch
     import torch.distributed as td
     from safetensors.torch import load_file
 
-    from kubeforge.runtime.contract import load
-    from kubeforge.runtime.engines import Setup, zero
-    from kubeforge.runtime.train import _dist_env, _init_process_group
+    from kubeforge.runtime.engines import zero
+    from tests.runtime.probes import gang
 
-    contract, out = load(argv[0]), Path(argv[1])
-    dist = _dist_env()
-    device = torch.device("cpu")
-    _init_process_group(dist, device)
-    setup = Setup(contract, dist, device, Path(contract.model.local_path), total_steps=1)
+    contract, setup = gang.join(argv[0])
+    out, dist = Path(argv[1]), setup.dist
     model = zero.build_partitioned_model(setup, zero.deepspeed_config(contract, 64))
     stored = load_file(str(setup.model_dir / "model.safetensors"))
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
