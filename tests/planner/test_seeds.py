@@ -1,7 +1,8 @@
 """The seeds' recipes, end to end through `kubeforge plan` on the example clusters:
 
-    A10  -> QLoRA with FlashAttention-2 and FSDP (a 70B NF4 base does not fit one 24 GB card; on four
-            single-GPU nodes FSDP2 offloads its shards to host memory, as Answer.AI's fsdp_qlora)
+    A10  -> QLoRA with FlashAttention-2, fully sharded (a 70B NF4 base does not fit one 24 GB card; on four
+            single-GPU nodes the shards go to host memory: FSDP2's offload as Answer.AI's fsdp_qlora, or
+            ZeRO-3's where that is the one that fits, as with this job's 4,096 tokens of Llama 3)
     A100 -> Megatron tensor and pipeline parallelism (full fine-tuning of 70B)
     H100 -> FP8 with Ulysses sequence parallelism for a long context (128k tokens)
 
