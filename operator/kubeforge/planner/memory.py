@@ -66,7 +66,7 @@ ZeRO-3), and 8% fragmentation of everything else.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.planner.architecture import Architecture
@@ -119,16 +119,13 @@ class Layout:
         return 2 if self.objective == "dpo" else 1
 
 
-LAYOUT_FIELDS = tuple(f.name for f in fields(Layout))
-
-
 def layout_like(base: Layout, **changes: Any) -> Layout:
     """``dataclasses.replace(base, **changes)`` for the search, which builds a Layout per group: the same
     object (Layout has no __post_init__ and nothing cached in its __dict__), without the frozen
     dataclass's field-by-field __setattr__ (about 10x slower). ``changes`` must name fields."""
     layout = object.__new__(Layout)
     values = layout.__dict__
-    values.update(base.__dict__)  # exactly LAYOUT_FIELDS
+    values.update(base.__dict__)  # exactly the dataclass's fields
     values.update(changes)
     return layout
 
@@ -237,6 +234,13 @@ def _offload(states: States, offload: str, layout: Layout, optimizer_bytes: floa
     return States(0.0, 0.0, 0.0, host, states.gathered)
 
 
+def activation_regime(strategy: str, method: str, precision: str) -> tuple[bool, bool]:
+    """(autocast over fp32 weights, megatron-core's layers): what, besides the parallel degrees and the
+    precision's width, decides which activations a layout keeps (Activations; the search's cache key)."""
+    engine = STRATEGIES[strategy].engine
+    return engine == "ddp" and method == "full" and precision != "fp32", engine == "megatron"
+
+
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
     return Activations(arch, layout)(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation)
 
@@ -260,14 +264,13 @@ class Activations:
         # the residual stream and the two RMSNorms: transformers' LlamaRMSNorm computes in fp32 and keeps its
         # fp32 input and output for the backward pass (12h measured, tests/planner/test_activations.py);
         # megatron-core's own layers keep Korthikanti's 6h
-        megatron = STRATEGIES[layout.strategy].engine == "megatron"
+        amp, megatron = activation_regime(layout.strategy, layout.method, layout.precision)
         shared = (6 if megatron else 12) * h / self.divide
         split = (8 * h + 4 * k + 8 * i) / t
         per_layer = shared + split
         # DDP trains full fine-tuning with fp32 weights under autocast (torch AMP): the residual stream stays
         # fp32 (12h more per layer, 4h kept per layer with checkpointing), and autograd keeps the bf16 copy
         # autocast makes of every weight until the backward pass (one layer at a time with checkpointing)
-        amp = STRATEGIES[layout.strategy].engine == "ddp" and layout.method == "full" and layout.precision != "fp32"
         if amp:
             per_layer += 12 * h / self.divide
         self.kept = (4 if amp else 2) * h / self.divide  # each layer's input, with checkpointing

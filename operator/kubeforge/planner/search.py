@@ -54,6 +54,7 @@ from kubeforge.planner.memory import (
     Layout,
     Memory,
     MemoryModel,
+    activation_regime,
     layout_like,
     model_states,
     trainable_parameters,
@@ -605,9 +606,8 @@ def _group(
             gradient_accumulation=accumulation,
             ulysses=u,
         )
-        amp = FACTS[strategy].engine == "ddp" and req.method == "full" and precision != "fp32"  # memory.Activations
-        megatron = FACTS[strategy].engine == "megatron"
-        acts_key = ("activations", t, p, sp, u, precision == "fp32", amp, megatron)  # shared by most strategies
+        regime = activation_regime(strategy, req.method, precision)
+        acts_key = ("activations", t, p, sp, u, precision == "fp32", regime)  # shared by most strategies
         acts = shared.get(acts_key)
         if acts is None:
             acts = shared[acts_key] = Activations(arch, layout)
