@@ -41,22 +41,22 @@ any weight (fp32 masters, fp32 gradients, fp32 moments).
 
 Activations, bytes per token per layer in bf16 (flash attention: no s^2 scores), for a Llama-style
 block with hidden h, kv width k and MLP width i: 12h (residual stream and the two RMSNorms, which
-transformers computes in fp32; 6h in megatron-core's layers) + 8h + 4k (attention inputs and
-outputs) + 8i (SwiGLU), after Korthikanti et al. 2022 ("Reducing Activation Recomputation") with the
-norms as transformers runs them; tensor parallelism divides all but the 12h, sequence parallelism
-divides that too. DDP's full fine-tuning (fp32 weights under autocast) keeps the residual stream in
-fp32 (12h more) and the bf16 copy autocast makes of every weight until the backward pass (2 bytes
-per parameter). LoRA adds 4h per layer, and with dropout 4 bytes per element of each adapted
-module's input. With gradient checkpointing only each layer's input (2h, 4h under autocast) is kept,
-plus one layer recomputed at a time. Every case is counted on the runtime's own modules
-(tests/planner/test_activations.py: the bytes autograd saves, within 10%). Pipeline stages hold L/p
-layers for up to p micro-batches in flight (1F1B). The logits add 10 bytes per token per vocabulary
-entry at the loss's peak (bf16 logits, their fp32 copy and the fp32 log-softmax; measured).
-DeepSpeed-Ulysses (degree u) divides all of it by u: each GPU holds 1/u of every sequence, and
-attention holds the whole sequence for 1/u of the heads. DPO runs each pair's chosen and rejected
-sequences in one forward pass (twice the tokens of a micro-batch); its reference model is the
-starting model's log-probabilities, computed once before training (8 bytes per pair), so it adds no
-second model.
+transformers computes in fp32; 6h in megatron-core's layers, after the paper, not counted here) + 8h
++ 4k (attention inputs and outputs) + 8i (SwiGLU), after Korthikanti et al. 2022 ("Reducing
+Activation Recomputation") with the norms as transformers runs them; tensor parallelism divides all
+but the 12h, sequence parallelism divides that too. DDP's full fine-tuning (fp32 weights under
+autocast) keeps the residual stream in fp32 (12h more) and the bf16 copy autocast makes of every
+weight until the backward pass (2 bytes per parameter). LoRA adds 4h per layer, and with dropout 4
+bytes per element of each adapted module's input. With gradient checkpointing only each layer's
+input (2h, 4h under autocast) is kept, plus one layer recomputed at a time. Every case is counted on
+the runtime's own modules (tests/planner/test_activations.py: the bytes autograd saves, within 10%).
+Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits add 10 bytes
+per token per vocabulary entry at the loss's peak (bf16 logits, their fp32 copy and the fp32
+log-softmax; measured). DeepSpeed-Ulysses (degree u) divides all of it by u: each GPU holds 1/u of
+every sequence, and attention holds the whole sequence for 1/u of the heads. DPO runs each pair's
+chosen and rejected sequences in one forward pass (twice the tokens of a micro-batch); its reference
+model is the starting model's log-probabilities, computed once before training (8 bytes per pair),
+so it adds no second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
@@ -263,7 +263,7 @@ class Activations:
         self.divide = t if layout.sequence_parallel else 1
         # the residual stream and the two RMSNorms: transformers' LlamaRMSNorm computes in fp32 and keeps its
         # fp32 input and output for the backward pass (12h measured, tests/planner/test_activations.py);
-        # megatron-core's own layers keep Korthikanti's 6h
+        # megatron-core's own layers keep Korthikanti's 6h (the paper's figure; not counted here)
         amp, megatron = activation_regime(layout.strategy, layout.method, layout.precision)
         shared = (6 if megatron else 12) * h / self.divide
         split = (8 * h + 4 * k + 8 * i) / t

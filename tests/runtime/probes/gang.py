@@ -1,4 +1,5 @@
-"""What every probe of a CPU gang does first: read the contract, join the gloo process group, build the Setup."""
+"""What every probe of a CPU gang does first and last: read the contract, join the gloo process group and build
+the Setup; wait for the others and leave the group."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def join(contract_path: str, total_steps: int = 1) -> tuple[Any, Any]:
     device = torch.device("cpu")
     _init_process_group(dist, device)
     return contract, Setup(contract, dist, device, Path(contract.model.local_path), total_steps=total_steps)
+
+
+def leave() -> None:
+    """Wait for every rank (rank 0 may still be writing what the test reads), then leave the process group."""
+    import torch.distributed as td
+
+    td.barrier()
+    td.destroy_process_group()

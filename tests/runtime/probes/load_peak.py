@@ -56,8 +56,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = {"baseline": baseline, "peak": peak, "attributable": peak - baseline, "local_elements": held}
     (out / f"rank{dist.rank}.json").write_text(json.dumps(result))
-    td.barrier()
-    td.destroy_process_group()
+    gang.leave()
     return 0
 
 

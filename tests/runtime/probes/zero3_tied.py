@@ -18,7 +18,6 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     import deepspeed
-    import torch.distributed as td
     from safetensors.torch import load_file
 
     from kubeforge.runtime.engines import zero
@@ -34,8 +33,7 @@ def main(argv: list[str]) -> int:
     if dist.rank == 0:
         result = {"tied": head is emb, "max_diff": diff, "lm_head_in_file": "lm_head.weight" in stored}
         out.write_text(json.dumps(result))
-    td.barrier()
-    td.destroy_process_group()
+    gang.leave()
     return 0
 
 
