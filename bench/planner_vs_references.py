@@ -179,6 +179,11 @@ METHODS = ("full", "lora", "qlora")
 # in 8 bits, pure bf16 training (bf16 weights and Adam moments, no fp32 master copy), the optimizer step
 # fused into the backward pass, activations offloaded to the host. Shown in the table, left out of the
 # like-for-like summary and of the test's bound. Each reason is what the entry's notes/optimizer say.
+# an entry's ``loss``: absent, the model's own loss over the whole logits (transformers', torchtitan's); "fused": a
+# loss that never holds the whole logits (Liger's fused linear cross-entropy), which memory.Layout's chunked_loss
+# represents (kubeforge's runtime/chunked_loss.py holds one chunk the same way)
+CHUNKED_LOSSES = ("fused",)
+
 UNMODELLED: dict[str, tuple[str, ...]] = {
     "torchtune-llama31-8b-full-1x4090": ("8-bit paged AdamW", "optimizer in backward", "pure bf16"),
     "torchtune-llama31-8b-full-1xa6000": ("pure bf16 (same torchtune recipe as the 4090 row)",),
@@ -272,6 +277,8 @@ def layout(entry: dict[str, Any], gradient_checkpointing: bool) -> Layout | None
         gradient_accumulation=max(1, global_batch // (micro * dp)),
         lora_rank=rank,
         lora_targets=targets,
+        # the published runs compute the loss over the whole logits unless the entry says otherwise
+        chunked_loss=entry.get("loss") in CHUNKED_LOSSES,
     )
 
 

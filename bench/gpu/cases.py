@@ -96,6 +96,7 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, host_memory_by
         ParallelConfig,
         ProgressConfig,
         TrainingConfig,
+        loss_chunk_tokens,
     )
 
     data = work / "synthetic.jsonl"  # never read: the benchmark feeds random token ids
@@ -123,10 +124,18 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, host_memory_by
             gradient_checkpointing=case.gradient_checkpointing,
             attention="sdpa",
             host_memory_bytes=host_memory_bytes,
+            # the loss in chunks, as the planner asks and memory.estimate counts (predict)
+            loss_chunk_tokens=loss_chunk_tokens(_vocab(model_dir), "sft", case.strategy),
         ),
         output=OutputConfig(location=Location(uri=str(out), local_path=str(out)), checkpoint_dir=str(out / "ckpt")),
         progress=ProgressConfig(port=0),
     )
+
+
+def _vocab(model_dir: Path) -> int:
+    import json
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
 
 
 def bench_pool(gpu, host_memory_bytes: int = 0):
@@ -158,7 +167,7 @@ def predict(case: Case, config: dict[str, Any], gpu) -> dict[str, Any]:
     mem = memory.estimate(arch, layout)
     step = cost.step_time(arch, layout, bench_pool(gpu), global_batch=case.micro_batch)
     tokens = case.micro_batch * case.seq_len
-    no_recompute = cost.flops_per_token(arch, _without_checkpointing(layout))
+    no_recompute = cost.flops_per_token(arch, _without_recompute(layout))
     return {
         "parameters": arch.total_parameters,
         "trainable_parameters": memory.trainable_parameters(arch, layout),
@@ -173,7 +182,7 @@ def predict(case: Case, config: dict[str, Any], gpu) -> dict[str, Any]:
             "total": mem.total,
             "host_per_node": mem.host_per_node,
         },
-        "flops_per_token": cost.flops_per_token(arch, layout),  # with the recomputed forward under checkpointing
+        "flops_per_token": cost.flops_per_token(arch, layout),  # with checkpointing's and the loss's recomputation
         "model_flops_per_token": no_recompute,  # without it (the usual MFU numerator)
         "step_seconds": step.total,
         "tokens_per_second": tokens / step.total,
@@ -181,7 +190,7 @@ def predict(case: Case, config: dict[str, Any], gpu) -> dict[str, Any]:
     }
 
 
-def _without_checkpointing(layout):
+def _without_recompute(layout):
     from dataclasses import replace
 
-    return replace(layout, gradient_checkpointing=False)
+    return replace(layout, gradient_checkpointing=False, chunked_loss=False)

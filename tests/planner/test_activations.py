@@ -85,9 +85,10 @@ def test_two_layers_keep_what_the_formula_says(case, shape):
     assert abs(formula / measured - 1) <= 0.10, (measured / SEQ / h, formula / SEQ / h)
 
 
-def loss_peak(vocab: int, seq: int = 256) -> int:
+def loss_peak(vocab: int, seq: int = 256, chunk: int = 0) -> int:
     """The highest allocated CPU bytes of one forward and backward pass through transformers' causal-LM loss
-    (bf16 weights, one small layer that trains), from the profiler's memory timeline."""
+    (bf16 weights, one small layer that trains), from the profiler's memory timeline; ``chunk``: through the
+    runtime's chunked loss (runtime/chunked_loss.py) instead."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
@@ -101,6 +102,10 @@ def loss_peak(vocab: int, seq: int = 256) -> int:
         for p in model.parameters():
             p.normal_(0, 0.02).requires_grad_(False)
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    if chunk:
+        from kubeforge.runtime import chunked_loss
+
+        assert chunked_loss.install(model, chunk, seq)
     ids = torch.randint(0, vocab, (1, seq))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -119,3 +124,15 @@ def test_the_logits_cost_what_the_loss_really_allocates():
     seq = 256
     per_entry = (loss_peak(16000, seq) - loss_peak(8000, seq)) / (seq * 8000)
     assert abs(per_entry - LOGIT_BYTES) <= 0.05 * LOGIT_BYTES, per_entry
+
+
+def test_the_chunked_loss_costs_one_chunk_of_logits():
+    """memory.CHUNK_LOGIT_BYTES per chunk token and vocabulary entry: the peak grows by that with the chunk, and
+    not with the sequence (a 1,024-token sequence holds what a 512-token one does, but its hidden states)."""
+    from kubeforge.planner.memory import CHUNK_LOGIT_BYTES
+
+    vocab, seq = 16000, 512
+    per_entry = (loss_peak(vocab, seq, chunk=256) - loss_peak(vocab, seq, chunk=128)) / (128 * vocab)
+    assert abs(per_entry - CHUNK_LOGIT_BYTES) <= 0.05 * CHUNK_LOGIT_BYTES, per_entry
+    longer = loss_peak(vocab, 2 * seq, chunk=128) - loss_peak(vocab, seq, chunk=128)
+    assert longer < 0.05 * 128 * vocab * CHUNK_LOGIT_BYTES, longer  # far less than one chunk's logits

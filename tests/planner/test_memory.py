@@ -6,9 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from kubeforge.planner import memory
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.catalog import lookup
-from kubeforge.planner.memory import LOGIT_BYTES, Layout, estimate, model_states
+from kubeforge.planner.memory import CHUNK_LOGIT_BYTES, LOGIT_BYTES, Layout, estimate, model_states
+from kubeforge.runtime.contract import loss_chunk_tokens
 
 deepspeed_zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
 deepspeed_zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
@@ -136,10 +138,29 @@ def test_activations_follow_the_formula_for_one_layer():
     )  # fmt: skip
     layout = Layout(method="full", strategy="fsdp", nodes=1, gpus_per_node=1, seq_len=100, micro_batch=1)
     per_token = 12 * 1024 + 8 * 1024 + 4 * 1024 + 8 * 4096
-    assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * LOGIT_BYTES
+    # the chunked loss: 100 tokens are one chunk (contract.loss_chunk_tokens: 32,768 for 1,000 entries)
+    assert estimate(arch, layout).activations == 100 * per_token + 100 * 1000 * CHUNK_LOGIT_BYTES
     # DDP's full fine-tuning under autocast: a fp32 residual stream (12h more) and a bf16 copy of each weight
     amp = estimate(arch, replace(layout, strategy="ddp")).activations
-    assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * LOGIT_BYTES
+    assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * CHUNK_LOGIT_BYTES
+    # DPO's log-probs need the model's whole logits: 10 bytes per token and entry, two sequences per example
+    dpo = estimate(arch, replace(layout, objective="dpo")).activations
+    assert dpo == 2 * (100 * per_token + 100 * 1000 * LOGIT_BYTES)
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits_whatever_the_sequence_length(monkeypatch):
+    """Llama 3's 128,256 entries: 256-token chunks (2^25 logits), 8 bytes per chunk token and entry at 2k or 32k
+    tokens, where the model's own loss (DPO, Ulysses, megatron-core) holds 10 bytes per token and entry."""
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    assert loss_chunk_tokens(arch.vocab_size, "sft", "fsdp") == 256
+    assert [loss_chunk_tokens(arch.vocab_size, *case) for case in [("dpo", "fsdp"), ("sft", "megatron"),
+                                                                   ("sft", "fsdp", 2)]] == [0, 0, 0]  # fmt: skip
+    layouts = [Layout(method="lora", strategy="fsdp", nodes=1, gpus_per_node=8, seq_len=s) for s in (2048, 32768)]
+    chunked = [estimate(arch, layout).activations for layout in layouts]
+    monkeypatch.setattr(memory, "loss_chunk_tokens", lambda *_: 0)
+    whole = [estimate(arch, layout).activations for layout in layouts]
+    for layout, a, b in zip(layouts, chunked, whole, strict=True):
+        assert b - a == layout.seq_len * arch.vocab_size * LOGIT_BYTES - 256 * arch.vocab_size * CHUNK_LOGIT_BYTES
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

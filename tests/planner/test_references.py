@@ -11,7 +11,7 @@ from numbers import Number
 
 import pytest
 
-from bench.planner_vs_references import UNMODELLED, load, memory_row
+from bench.planner_vs_references import CHUNKED_LOSSES, UNMODELLED, load, memory_row
 
 ENTRIES = load()
 METHODS = {"full", "lora", "qlora"}
@@ -53,6 +53,7 @@ def test_entry_is_well_formed(entry):
     assert entry.get("method") in METHODS
     assert entry.get("verdict") in VERDICTS
     assert entry.get("model", {}).get("name")
+    assert entry.get("loss") in (None, *CHUNKED_LOSSES), "loss: absent (the whole logits) or one of CHUNKED_LOSSES"
     negative = [(p, v) for p, v in _numbers(entry) if v < 0]
     assert not negative, negative
     if _peak(entry) is not None:

@@ -21,7 +21,8 @@ def long_job(seq: int, **more):
 
 def test_ulysses_divides_activations_by_its_degree():
     arch = resolve(long_job(8192).model)
-    one = Layout("full", "fsdp", 1, 8, seq_len=65536, gradient_checkpointing=True)
+    # the whole logits on both sides (Ulysses' loss works on its slice of them; the chunked loss is test_memory's)
+    one = Layout("full", "fsdp", 1, 8, seq_len=65536, gradient_checkpointing=True, chunked_loss=False)
     for u in (2, 4, 8):
         assert activation_bytes(arch, replace(one, ulysses=u, sequence_parallel=True)) * u == activation_bytes(
             arch, one
@@ -55,7 +56,9 @@ def test_sequence_parallel_true_on_a_native_strategy_means_ulysses():
 def test_ulysses_costs_all_to_all_time_inside_the_node():
     arch = resolve(long_job(8192).model)
     pool = cluster(H100x8).pools[0]
-    base = Layout("full", "fsdp", 1, 8, seq_len=65536, gradient_checkpointing=True, precision="bf16")
+    base = Layout(
+        "full", "fsdp", 1, 8, seq_len=65536, gradient_checkpointing=True, precision="bf16", chunked_loss=False
+    )
     alone = step_time(arch, base, pool, 8)
     split = step_time(arch, replace(base, ulysses=8, sequence_parallel=True), pool, 8)
     assert alone.ulysses == 0 and split.ulysses > 0
@@ -64,7 +67,8 @@ def test_ulysses_costs_all_to_all_time_inside_the_node():
 
 def test_dpo_counts_two_sequences_per_pair_and_no_second_model():
     arch = resolve(long_job(2048).model)
-    sft = Layout("lora", "ddp", 1, 1, seq_len=2048, micro_batch=4)  # 8192 tokens: full efficiency either way
+    # 8192 tokens: full efficiency either way; the whole logits for both (DPO's loss reads them whole)
+    sft = Layout("lora", "ddp", 1, 1, seq_len=2048, micro_batch=4, chunked_loss=False)
     dpo = replace(sft, objective="dpo")
     assert activation_bytes(arch, dpo) == 2 * activation_bytes(arch, sft)
     assert estimate(arch, dpo).model_states == estimate(arch, sft).model_states  # reference: precomputed log-probs

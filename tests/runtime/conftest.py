@@ -61,7 +61,8 @@ def s3_env(s3_endpoint, monkeypatch, tmp_path):
 
 def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", steps: int = 30, world: int = 1,
                   micro: int = 8, accumulation: int = 2, lr: float = 3e-3, every: int | None = None,
-                  strategy: str = "ddp", fmt: str = "messages", scheduler: str = "cosine") -> Contract:  # fmt: skip
+                  strategy: str = "ddp", fmt: str = "messages", scheduler: str = "cosine",
+                  loss_chunk: int = 16) -> Contract:  # fmt: skip
     return Contract(
         job=JobIdentity(name="test"),
         model=Location(uri=str(model), local_path=str(model)),
@@ -79,7 +80,8 @@ def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", 
             lr_scheduler=scheduler,
         ),
         parallel=ParallelConfig(strategy=strategy, nodes=1, gpus_per_node=world),
-        compute=ComputeConfig(device="cpu", precision="fp32", attention="sdpa"),
+        # the loss in chunks, as the planner asks on every SFT plan; 16 tokens: many chunks per micro-batch
+        compute=ComputeConfig(device="cpu", precision="fp32", attention="sdpa", loss_chunk_tokens=loss_chunk),
         output=OutputConfig(
             location=Location(uri=str(out), local_path=str(out)), checkpoint_dir=str(out / "checkpoints")
         ),

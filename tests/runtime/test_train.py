@@ -12,7 +12,7 @@ import pytest
 
 from kubeforge.runtime import export, train
 from kubeforge.runtime.contract import EXIT_USER_ERROR
-from kubeforge.runtime.engines.loading import apply_liger, load_whole
+from kubeforge.runtime.engines.loading import load_whole
 from tests.runtime.conftest import make_contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,17 +246,3 @@ def test_qlora_trains_4bit_weights_on_cpu_and_exports_full_precision(tiny_model,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     out = reloaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
-
-
-def test_liger_kernels_only_on_cuda_and_only_when_installed(monkeypatch):
-    import types
-
-    applied = []
-    fake = types.ModuleType("liger_kernel.transformers")
-    fake._apply_liger_kernel_to_instance = lambda model: applied.append(model)
-    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    assert apply_liger("model", "cpu") is False and applied == []
-    assert apply_liger("model", "cuda") is True and applied == ["model"]
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
-    assert apply_liger("model", "cuda") is False

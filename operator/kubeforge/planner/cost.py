@@ -3,7 +3,9 @@
     compute   = tokens x FLOPs/token / (GPUs x peak x efficiency)
       FLOPs/token = 6 x active params (full) or 4 x (LoRA/QLoRA: no weight gradients for
       frozen weights), + 2 x active params with gradient checkpointing (recomputed forward),
-      + 6 x layers x seq x attention width (causal attention, forward and backward);
+      + 6 x layers x seq x attention width (causal attention, forward and backward),
+      + 2 x hidden x vocabulary where the loss runs in chunks (contract.loss_chunk_tokens: the head's
+      forward is recomputed chunk by chunk in the backward pass);
       peak is the GPU's dense bf16/fp16 peak, or its fp8 peak x FP8_FRACTION;
       efficiency is a per-strategy model-FLOPs-utilisation (EFFICIENCY) scaled per GPU family
       (FAMILY_EFFICIENCY, calibrated on published runs), lowered for small micro-batches and by
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 
 from kubeforge.inventory.pools import Pool
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.memory import Layout, base_weight_bytes, trainable_parameters
+from kubeforge.planner.memory import Layout, base_weight_bytes, loss_chunk, trainable_parameters
 from kubeforge.runtime.contract import STRATEGIES
 
 EFFICIENCY = {
@@ -101,16 +103,18 @@ class StepTime:
 
 
 def flops_per_token(arch: Architecture, layout: Layout) -> float:
-    return _flops_per_token(arch, layout.method, layout.seq_len, layout.gradient_checkpointing)
+    chunked = loss_chunk(arch, layout) > 0
+    return _flops_per_token(arch, layout.method, layout.seq_len, layout.gradient_checkpointing, chunked)
 
 
-def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: bool) -> float:
+def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: bool, chunked: bool) -> float:
     active = arch.active_parameters
     per_param = 6.0 if method == "full" else 4.0
     if checkpointing:
         per_param += 2.0
     attention = 6.0 * arch.num_layers * seq_len * arch.q_dim
-    return per_param * active + attention
+    head = 2.0 * arch.hidden_size * arch.vocab_size if chunked else 0.0
+    return per_param * active + attention + head
 
 
 def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
@@ -141,7 +145,8 @@ class JobTerms:
 
 def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
-    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, gc) for gc in (False, True))
+    chunked = loss_chunk(arch, layout) > 0
+    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, gc, chunked) for gc in (False, True))
     trainable = trainable_parameters(arch, layout)
     stored = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method)
     return JobTerms(work, trainable, base_weight_bytes(arch, layout.method), stored)  # type: ignore[arg-type]

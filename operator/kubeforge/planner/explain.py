@@ -193,7 +193,7 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
     )
     out.append(_checkpointing_sentence(arch, best))
     if lay.ulysses > 1:
-        out.append(_ulysses_sentence(arch, best))
+        out.append(_ulysses_sentence(arch, best, fitting))
     if lay.objective == "dpo":
         out.append(
             "DPO: each micro-batch element is a pair (chosen and rejected in one forward pass); the reference "
@@ -221,15 +221,27 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
     return out
 
 
-def _ulysses_sentence(arch: Architecture, best: Candidate) -> str:
+def _ulysses_sentence(arch: Architecture, best: Candidate, fitting: list[Candidate]) -> str:
+    """What Ulysses does here and why it was chosen (search.choose: no native layout without it fits this many
+    GPUs, or it is faster than the fastest of them by ULYSSES_MARGIN)."""
     from kubeforge.planner.memory import activation_bytes
 
     lay = best.layout
     alone = activation_bytes(arch, replace(lay, ulysses=1, sequence_parallel=False))
+    world = lay.world
+    plain = [
+        c.seconds for c in fitting if c.group.world == world and c.group.ulysses == 1 and c.group.engine != "megatron"
+    ]
+    why = (
+        f"the fastest layout without it on {world} GPUs takes {min(plain):.2f} s/step"
+        if plain
+        else f"no layout without it runs on {world} GPUs"
+    )
     return (
         f"Ulysses sequence parallelism of degree {lay.ulysses}: each GPU holds 1/{lay.ulysses} of every "
         f"{lay.seq_len}-token sequence and attends over all of it for {arch.num_attention_heads // lay.ulysses} "
-        f"of the {arch.num_attention_heads} heads; without it the activations would need {gib(alone)} per GPU."
+        f"of the {arch.num_attention_heads} heads (without it the activations would need {gib(alone)} per GPU); "
+        f"{why}."
     )
 
 

@@ -18,7 +18,7 @@ from kubeforge.api.finetune import FineTuneJobSpec
 from kubeforge.inventory.pools import pools_from_nodes
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.explain import NAMES
-from kubeforge.planner.memory import Layout, estimate, trainable_parameters
+from kubeforge.planner.memory import Layout, estimate, loss_chunk, trainable_parameters
 from kubeforge.planner.plan import MemoryPerGPU, Plan
 from kubeforge.planner.search import Request
 from kubeforge.planner.search import plan as cluster_plan
@@ -108,6 +108,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
                 lora_rank=req.lora_rank,
                 lora_targets=req.lora_targets,
                 lora_dropout=req.lora_dropout,
+                objective=req.objective,
             )
             mem = estimate(arch, layout)
             if mem.total - mem.overhead <= available:
@@ -152,6 +153,8 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         gradient_checkpointing=layout.gradient_checkpointing,
         attention="sdpa",
         sequence_length=spec.dataset.max_seq_length,
+        objective=layout.objective,
+        loss_chunk_tokens=loss_chunk(arch, layout),
         memory=MemoryPerGPU(mem.weights, mem.gradients, mem.optimizer, mem.activations, 0, available),
         estimated_step_seconds=0.0,
     )

@@ -50,13 +50,16 @@ weight until the backward pass (2 bytes per parameter). LoRA adds 4h per layer, 
 bytes per element of each adapted module's input. With gradient checkpointing only each layer's
 input (2h, 4h under autocast) is kept, plus one layer recomputed at a time. Every case is counted on
 the runtime's own modules (tests/planner/test_activations.py: the bytes autograd saves, within 10%).
-Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits add 10 bytes
-per token per vocabulary entry at the loss's peak (bf16 logits, their fp32 copy and the fp32
-log-softmax; measured). DeepSpeed-Ulysses (degree u) divides all of it by u: each GPU holds 1/u of
-every sequence, and attention holds the whole sequence for 1/u of the heads. DPO runs each pair's
-chosen and rejected sequences in one forward pass (twice the tokens of a micro-batch); its reference
-model is the starting model's log-probabilities, computed once before training (8 bytes per pair),
-so it adds no second model.
+Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits: the runtime computes
+the SFT loss in chunks of contract.loss_chunk_tokens tokens (runtime/chunked_loss.py: each chunk's logits are
+recomputed in the backward pass), which holds 8 bytes per chunk token and vocabulary entry at its peak (the
+fp32 logits and log-softmax of one chunk; measured), whatever the sequence length. Where the model's own loss
+runs (DPO, Ulysses, megatron-core: loss_chunk_tokens is 0) the whole logits cost 10 bytes per token and
+vocabulary entry (bf16 logits, their fp32 copy and the fp32 log-softmax; measured). DeepSpeed-Ulysses
+(degree u) divides all of it by u: each GPU holds 1/u of every sequence, and attention holds the whole
+sequence for 1/u of the heads. DPO runs each pair's chosen and rejected sequences in one forward pass
+(twice the tokens of a micro-batch); its reference model is the starting model's log-probabilities,
+computed once before training (8 bytes per pair), so it adds no second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for
@@ -70,14 +73,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.planner.architecture import Architecture
-from kubeforge.runtime.contract import NF4_BYTES, STRATEGIES, precision_policy
+from kubeforge.runtime.contract import NF4_BYTES, STRATEGIES, loss_chunk_tokens, precision_policy
 
 GIB = 1024**3
 CUDA_CONTEXT = 1 * GIB
 NCCL_BUFFERS = GIB // 2
 FRAGMENTATION = 0.08
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor
-LOGIT_BYTES = 10  # per token and vocabulary entry at the loss's peak, measured (tests/planner/test_activations.py)
+LOGIT_BYTES = 10  # per token and vocabulary entry at the model's own loss's peak, measured (test_activations.py)
+CHUNK_LOGIT_BYTES = 8  # per chunk token and vocabulary entry at the chunked loss's peak, measured (the same file)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class Layout:
     lora_dropout: float = 0.05
     ulysses: int = 1  # DeepSpeed-Ulysses degree: GPUs sharing each sequence
     objective: str = "sft"  # dpo: each micro-batch element is a pair (chosen and rejected sequences)
+    chunked_loss: bool = True  # the runtime's chunked loss where it applies (loss_chunk); False: the model's
+    # own loss over its whole logits (what other frameworks' published runs do: bench/planner_vs_references.py)
 
     @property
     def world(self) -> int:
@@ -117,6 +123,13 @@ class Layout:
     @property
     def sequences_per_example(self) -> int:
         return 2 if self.objective == "dpo" else 1
+
+
+def loss_chunk(arch: Architecture, layout: Layout) -> int:
+    """Tokens per chunk of the loss (contract.loss_chunk_tokens), 0 where the whole logits exist at once."""
+    if not layout.chunked_loss:
+        return 0
+    return loss_chunk_tokens(arch.vocab_size, layout.objective, layout.strategy, layout.ulysses)
 
 
 def layout_like(base: Layout, **changes: Any) -> Layout:
@@ -250,7 +263,8 @@ class Activations:
     micro-batch, gradient checkpointing and accumulation: the search calls it once per candidate."""
 
     __slots__ = (
-        "casts", "divide", "examples", "h", "kept", "layers", "p", "per_layer", "scale", "seq_len", "t", "u", "vocab",
+        "casts", "chunk", "divide", "examples", "h", "kept", "layers", "p", "per_layer", "scale", "seq_len", "t", "u",
+        "vocab",
     )  # fmt: skip
 
     def __init__(self, arch: Architecture, layout: Layout) -> None:
@@ -284,6 +298,7 @@ class Activations:
         self.per_layer = per_layer
         self.layers = arch.num_layers / self.p
         self.vocab = arch.vocab_size
+        self.chunk = loss_chunk(arch, layout)
         self.scale = 2.0 if layout.precision == "fp32" else 1.0  # the formulas count 2-byte activations
 
     def __call__(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
@@ -295,7 +310,10 @@ class Activations:
             body = tokens * (kept + self.per_layer) + self.casts
         else:
             body = tokens * self.layers * in_flight * self.per_layer + self.layers * self.casts
-        logits = tokens * self.vocab * LOGIT_BYTES / self.t
+        if self.chunk:
+            logits = min(tokens, self.chunk) * self.vocab * CHUNK_LOGIT_BYTES
+        else:
+            logits = tokens * self.vocab * LOGIT_BYTES / self.t
         return (body + logits) * self.scale
 
 

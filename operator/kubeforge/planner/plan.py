@@ -91,6 +91,7 @@ class Plan:
     gradient_checkpointing: bool = False
     attention: str = ""
     sequence_length: int = 0
+    loss_chunk_tokens: int = 0  # the SFT loss in chunks of this many tokens; 0: the model's own loss (contract)
     memory: MemoryPerGPU | None = None
     host_memory_per_node: int = 0
     host_memory_available: int = 0
@@ -191,6 +192,7 @@ class Plan:
                 "gradientAccumulationSteps": self.gradient_accumulation_steps,
                 "gradientCheckpointing": self.gradient_checkpointing,
                 "attention": self.attention,
+                "lossChunkTokens": self.loss_chunk_tokens,
                 "memoryPerGPU": self.memory.to_json(),
                 "hostMemoryPerNode": self.host_memory_per_node,
                 "estimatedStepSeconds": round(self.estimated_step_seconds, 4),

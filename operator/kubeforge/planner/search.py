@@ -13,8 +13,11 @@ GPU counts, a larger gang replaces the current choice only if it is more than TI
 and runs at MIN_SCALING parallel efficiency or better relative to it (shared GPUs are
 not wasted for a few percent); ties go to the simplest strategy. Megatron is chosen only
 when it beats the best Hugging Face-native strategy by MEGATRON_MARGIN, since it
-converts the weights into and out of its own format. Explicit spec.parallelism values
-are honoured or the plan is infeasible with the reason; nothing is silently changed.
+converts the weights into and out of its own format; on each GPU count, a Ulysses layout
+only where no native layout without it fits or it beats the fastest such layout by
+ULYSSES_MARGIN (a few more GPUs without Ulysses can be far slower than one node with it).
+Explicit spec.parallelism values are honoured or the plan is infeasible with the reason;
+nothing is silently changed.
 
 Cost (issue 11: one plan in a few ms on a 4-pool cluster). Candidates that differ only in micro-batch
 and checkpointing form a Group; what does not depend on those two (model states, the memory and
@@ -56,6 +59,7 @@ from kubeforge.planner.memory import (
     MemoryModel,
     activation_regime,
     layout_like,
+    loss_chunk,
     model_states,
     trainable_parameters,
 )
@@ -68,6 +72,7 @@ HOST_UTILISATION = 0.80  # of node memory offloading may fill
 TIE = 0.05  # step times within 5% count as equal
 MIN_SCALING = 0.6  # more GPUs only when they run at >= 60% scaling efficiency
 MEGATRON_MARGIN = 0.15  # Megatron converts weights in and out of its format: only when clearly faster
+ULYSSES_MARGIN = 0.15  # Ulysses splits every sequence over a node's GPUs (all-to-alls each layer): only where needed
 # simplest first; offload last, optimizer before parameters (contract.STRATEGIES says what each is)
 STRATEGIES = (
     "ddp",
@@ -607,13 +612,15 @@ def _group(
             ulysses=u,
         )
         regime = activation_regime(strategy, req.method, precision)
-        acts_key = ("activations", t, p, sp, u, precision == "fp32", regime)  # shared by most strategies
+        chunk = loss_chunk(arch, layout)
+        acts_key = ("activations", t, p, sp, u, precision == "fp32", regime, chunk)  # shared by most strategies
         acts = shared.get(acts_key)
         if acts is None:
             acts = shared[acts_key] = Activations(arch, layout)
-        job = shared.get("job")
+        job_key = ("job", chunk > 0)  # the chunked loss computes the head's forward twice
+        job = shared.get(job_key)
         if job is None:
-            job = shared["job"] = job_terms(arch, layout, req.global_batch)
+            job = shared[job_key] = job_terms(arch, layout, req.global_batch)
         # model states do not depend on the micro-batch or on checkpointing
         memory = MemoryModel(arch, layout, model_states(arch, layout), acts)
         shape = shared[key] = Shape(arch, req.global_batch, job, layout, memory)
@@ -644,10 +651,19 @@ def choose(fitting: list[Candidate]) -> Candidate:
         fitting = in_memory
     elif any(c.group.offload == "optimizer" for c in fitting):  # optimizer before parameters
         fitting = [c for c in fitting if c.group.offload == "optimizer"]
-    # Ulysses only where the native engines' activations do not fit otherwise (a spec that asks for it
-    # has no such candidates); then it competes with Megatron on speed like any native layout
-    if any(c.group.ulysses == 1 and c.group.engine != "megatron" for c in fitting):
-        fitting = [c for c in fitting if c.group.ulysses == 1]
+    # Ulysses, per GPU count, only where no native layout without it fits or where it is faster than the
+    # fastest of those by ULYSSES_MARGIN (a spec that asks for it has no such candidates); then it competes
+    # with Megatron and across GPU counts on speed like any native layout
+    plain: dict[int, float] = {}
+    for c in fitting:
+        if c.group.ulysses == 1 and c.group.engine != "megatron":
+            plain[c.group.world] = min(c.seconds, plain.get(c.group.world, math.inf))
+    if plain:
+        fitting = [
+            c
+            for c in fitting
+            if c.group.ulysses == 1 or c.seconds < plain.get(c.group.world, math.inf) * (1 - ULYSSES_MARGIN)
+        ]
     native = [c for c in fitting if c.group.engine != "megatron"]
     if native and len(native) < len(fitting):
         best_native = min(c.seconds for c in native)
@@ -707,6 +723,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         gradient_checkpointing=layout.gradient_checkpointing,
         attention=attention_for(pool),
         sequence_length=req.seq_len,
+        loss_chunk_tokens=loss_chunk(arch, layout),
         memory=MemoryPerGPU(
             mem.weights,
             mem.gradients,

@@ -84,7 +84,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
             precision=plan.precision,
             gradient_checkpointing=plan.gradient_checkpointing,
             attention=plan.attention,
-            liger_kernels=device == "cuda",
+            loss_chunk_tokens=plan.loss_chunk_tokens,
             host_memory_bytes=plan.host_memory_per_node if plan.offload != "none" else 0,
             peak_tflops=peak_tflops(plan.gpu_type, plan.precision) if device == "cuda" else None,
         ),

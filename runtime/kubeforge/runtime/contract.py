@@ -217,6 +217,20 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
     return f"compute.precision {precision}: strategy {strategy} ({engine}) cannot train in it; it trains in {able}"
 
 
+# The SFT loss in chunks of tokens (runtime/chunked_loss.py) instead of the model's whole logits: each chunk holds
+# at most LOSS_CHUNK_ELEMENTS logits (2^25: about 0.3 GiB of bf16 logits, their fp32 copy and log-softmax). DPO
+# (whole sequences' log-probs), Ulysses (its loss over sequence slices) and megatron-core (its own vocab-parallel
+# loss) keep the model's own path.
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+def loss_chunk_tokens(vocab_size: int, objective: str, strategy: str, ulysses: int = 1) -> int:
+    """Tokens per chunk of the chunked loss for a plan (a power of two), 0 where the model's own loss runs."""
+    if objective != "sft" or ulysses > 1 or STRATEGIES[strategy].engine == "megatron":
+        return 0
+    return 1 << max(0, (LOSS_CHUNK_ELEMENTS // max(1, vocab_size)).bit_length() - 1)
+
+
 class ParallelConfig(_Model):
     strategy: Strategy
     nodes: int = Field(default=1, gt=0)
@@ -241,7 +255,8 @@ class ComputeConfig(_Model):
     precision: Precision = "bf16"
     gradient_checkpointing: bool = False
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
-    liger_kernels: bool = False
+    loss_chunk_tokens: int = Field(default=0, ge=0)  # the SFT loss in chunks of this many tokens (chunked_loss.py);
+    # 0: the model's own loss over its whole logits. The planner counts the same (contract.loss_chunk_tokens).
     host_memory_bytes: int = Field(default=0, ge=0)  # what the plan offloads to host memory on each node
     peak_tflops: float | None = Field(default=None, gt=0)  # one device's dense peak at the compute precision
     # (the planner's GPU catalog), the denominator of MFU; None on CPU or an unknown GPU: no MFU is exported

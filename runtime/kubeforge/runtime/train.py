@@ -264,10 +264,10 @@ def _hf_names(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _whole_cpu_model(contract: Contract, model_dir: Path):
-    """The model rank 0 exports from: whole, on the CPU, without float8 or Liger swaps."""
+    """The model rank 0 exports from: whole, on the CPU, without float8 or the chunked loss."""
     import torch
 
-    compute = contract.compute.model_copy(update={"liger_kernels": False, "precision": "fp32"})
+    compute = contract.compute.model_copy(update={"loss_chunk_tokens": 0, "precision": "fp32"})
     return load_whole(contract.model_copy(update={"compute": compute}), model_dir, torch.device("cpu"))
 
 
@@ -352,7 +352,7 @@ def _dequantized(contract: Contract, model_dir: Path, qlora_model, gathered: dic
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     training = contract.training.model_copy(update={"method": "lora"})
-    compute = contract.compute.model_copy(update={"liger_kernels": False, "precision": "fp32"})
+    compute = contract.compute.model_copy(update={"loss_chunk_tokens": 0, "precision": "fp32"})
     plain = load_whole(contract.model_copy(update={"training": training, "compute": compute}), model_dir,
                        torch.device("cpu"))  # fmt: skip
     if gathered is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kubeforge.runtime import chunked_loss
 from kubeforge.runtime.contract import Contract, PrecisionPolicy, precision_policy
 
 log = logging.getLogger("kubeforge.train")
@@ -63,9 +64,10 @@ def load_whole(contract: Contract, model_dir: Path, device: torch.device, *, dty
 
 
 def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = False):
-    """Liger, float8, gradient checkpointing and LoRA adapters, in that order."""
-    if contract.compute.liger_kernels:
-        apply_liger(model, device.type)
+    """The chunked loss, float8, gradient checkpointing and LoRA adapters, in that order."""
+    if contract.compute.loss_chunk_tokens:
+        most = contract.training.micro_batch_size * contract.dataset.max_seq_length  # tokens per micro-batch
+        chunked_loss.install(model, contract.compute.loss_chunk_tokens, most)
     if policy(contract).float8:
         from kubeforge.runtime.engines.float8 import convert
 
@@ -159,19 +161,3 @@ def hf_name(name: str) -> str:
     """A (peft-wrapped) parameter name -> its name in the Hugging Face checkpoint."""
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer.", ".")
-
-
-def apply_liger(model, device_type: str) -> bool:
-    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) as the plan
-    asks: only on CUDA and only where liger-kernel is installed; otherwise say so and go on."""
-    if device_type != "cuda":
-        log.info("liger kernels: skipped (Triton kernels need a CUDA GPU)")
-        return False
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        log.warning("liger kernels: the plan asks for them but liger-kernel is not installed; training without")
-        return False
-    _apply_liger_kernel_to_instance(model=model)
-    log.info("liger kernels: applied to %s", type(model).__name__)
-    return True

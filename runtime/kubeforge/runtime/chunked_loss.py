@@ -1,0 +1,127 @@
+"""The next-token loss in chunks of tokens, so that the logits never exist whole.
+
+transformers' causal LMs compute the logits of every position (tokens x vocabulary, bf16), upcast them to
+fp32 and take the log-softmax: about 10 bytes per token and vocabulary entry at the loss's peak (measured,
+tests/planner/test_activations.py), 4.9 GiB for 4,096 tokens of Llama 3's 128,256 entries. Here the model
+returns its last hidden state and the loss runs over chunks of ``chunk`` tokens, each chunk's projection,
+fp32 upcast and cross-entropy under non-reentrant activation checkpointing: the forward pass keeps only the
+hidden state (which the head's backward needs anyway), and the backward pass recomputes one chunk's logits at
+a time. The price is the head's forward computed twice (2 x hidden x vocabulary FLOPs per token more).
+
+The same idea as Liger's fused linear cross-entropy and torchtune's chunked output loss, in plain PyTorch:
+the head is called as a module, so every engine's hooks see it (FSDP2's unshard of the root, DeepSpeed
+ZeRO-3's gather, DDP's gradient hooks, a LoRA adapter on the head). ``install`` swaps the forward of the
+model's causal LM (the one inside a peft wrapper) on that instance; a call without ``labels`` (generation,
+DPO's log-probs, Ulysses' sequence slices) runs the model's own forward unchanged.
+
+Every micro-batch runs the same number of chunks, on every rank: ceil(micro-batch x max sequence length /
+chunk), some of them shorter or empty when a batch holds fewer tokens. DeepSpeed ZeRO-3 all-gathers the head's
+weight at each call of the head, a collective, so ranks whose batches differ in length must still call it as
+many times (and its recorded module order stays the same from step to step).
+
+The contract decides where it runs (``contract.loss_chunk_tokens``: the planner counts the same chunk); a model
+whose head does more than a linear projection and an optional tanh soft-cap (Gemma 2) keeps its own loss, and
+the runtime says so in its log.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger("kubeforge.train")
+
+IGNORE = -100
+# configuration keys of heads that scale or otherwise change the logits (Cohere, Granite, ...): the model's own
+# loss knows what to do with them, this one does not
+SCALED_HEADS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_scale")
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside ``model`` (a peft wrapper's base model; the model itself otherwise)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base
+
+
+def unsupported(target: Any) -> str | None:
+    """Why ``target``'s loss cannot be computed here (None: it can)."""
+    if not isinstance(getattr(target, "lm_head", None), torch.nn.Module) or not hasattr(target, "model"):
+        return f"{type(target).__name__} has no lm_head over a base model"
+    config = getattr(target, "config", None)
+    scaled = [k for k in SCALED_HEADS if getattr(config, k, None) not in (None, 1, 1.0)]
+    if scaled:
+        return f"{type(target).__name__} scales its logits ({', '.join(scaled)})"
+    if getattr(config, "output_router_logits", False):
+        return f"{type(target).__name__} adds its router's auxiliary loss"
+    if "logits_to_keep" not in inspect.signature(type(target).forward).parameters:
+        return f"{type(target).__name__}.forward is not a transformers causal LM's"
+    return None
+
+
+def install(model: Any, chunk: int, max_tokens: int) -> bool:
+    """Compute ``model``'s loss in chunks of at most ``chunk`` tokens from now on, ceil(max_tokens / chunk) of them
+    per call (``max_tokens``: the most tokens a micro-batch holds); False (and a log line) where the model's head
+    is not one this module reproduces."""
+    if chunk <= 0:
+        return False
+    target = causal_lm(model)
+    why = unsupported(target)
+    if why is not None:
+        log.warning("chunked loss: %s; the model's own loss runs, with its logits whole", why)
+        return False
+    original = target.forward
+    softcap = getattr(target.config, "final_logit_softcapping", None)
+    chunks = max(1, math.ceil(max_tokens / chunk))
+
+    def forward(*args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if labels is None or args:
+            return original(*args, labels=labels, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        items = kwargs.pop("num_items_in_batch", None)
+        for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states"):
+            kwargs.pop(key, None)
+        kwargs["use_cache"] = False
+        outputs = target.model(**kwargs)
+        loss = cross_entropy(target.lm_head, outputs.last_hidden_state, labels, chunks, softcap, items)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    target.forward = forward
+    log.info("chunked loss: %s's loss in %d chunks of at most %d tokens", type(target).__name__, chunks, chunk)
+    return True
+
+
+def cross_entropy(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunks: int,
+    softcap: float | None = None,
+    num_items: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """transformers' ForCausalLMLoss over ``head(hidden)`` (labels shifted left by one, -100 ignored; the sum
+    over ``num_items`` when given, else the mean over the labelled positions), in ``chunks`` consecutive runs of
+    positions (as equal as they divide; empty ones where there are fewer positions), one at a time."""
+    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    flat = hidden.reshape(-1, hidden.size(-1))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for part, part_targets in zip(flat.tensor_split(chunks), targets.tensor_split(chunks), strict=True):
+        total = total + checkpoint(_chunk_loss, head, part, part_targets, softcap, use_reentrant=False)
+    if num_items is None:
+        return total / (targets != IGNORE).sum()
+    return total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
+
+
+def _chunk_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
