@@ -131,7 +131,10 @@ def worker(out: Path) -> None:
     import copy
 
     import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import LlamaForCausalLM
+
+    from kubeforge.runtime import chunked_loss, objectives
 
     td.init_process_group("gloo")
     rank, world = td.get_rank(), td.get_world_size()
@@ -153,6 +156,17 @@ def worker(out: Path) -> None:
         loss, grads = _sp_run(model, part, group, "ulysses_sdpa")
         results[name] = _compare(loss, grads, ref_loss, ref_grads)
         results[name]["segments"] = ulysses.SEGMENTS in part
+
+        # the loss in chunks (chunked_loss.py), as objectives.UlyssesSFT runs it: 3 chunks of this rank's 14 tokens
+        chunked = copy.deepcopy(reference)
+        chunked.zero_grad(set_to_none=True)
+        chunked_group = ulysses.setup(chunked, dist, world)
+        assert chunked_loss.install(chunked, 5, 14)
+        ddp = DistributedDataParallel(chunked)  # kept alive through backward: its hooks average the gradients
+        assert chunked_loss.chunks_of(ddp) == 3  # ceil(14 / 5): the chunked path, through DDP's wrapper
+        loss, _ = objectives.UlyssesSFT(chunked_group)(ddp, full)
+        loss.backward()
+        results[f"chunked-{name}"] = _compare(loss, _grads(chunked), ref_loss, ref_grads)
 
         if name == "mha-padded":  # the negative controls
             plain = copy.deepcopy(reference)
@@ -196,6 +210,15 @@ def test_two_ranks_on_halves_equal_one_process_on_the_whole_sequence(measured, c
     assert got["loss_rel"] < TOLERANCE, got
     assert got["grad_rel"] < TOLERANCE, got
     assert got["segments"] == case.endswith(("packed", "left-padded"))  # the fast path elsewhere
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_loss_in_chunks_over_a_rank_s_slice_equals_the_whole_sequence_s(measured, case):
+    """objectives.UlyssesSFT with the chunked loss (chunked_loss.py: targets shifted before the split, the sum x
+    degree / the micro-batch's targets) gives the one-process loss and gradients, without the whole logits."""
+    got = measured[f"chunked-{case}"]
+    assert got["loss_rel"] < TOLERANCE, got
+    assert got["grad_rel"] < TOLERANCE, got
 
 
 @pytest.mark.parametrize("control", ["control-no-all-to-all", "control-shift-after-split"])

@@ -11,8 +11,9 @@ a time. The price is the head's forward computed twice (2 x hidden x vocabulary 
 The same idea as Liger's fused linear cross-entropy and torchtune's chunked output loss, in plain PyTorch:
 the head is called as a module, so every engine's hooks see it (FSDP2's unshard of the root, DeepSpeed
 ZeRO-3's gather, DDP's gradient hooks, a LoRA adapter on the head). ``install`` swaps the forward of the
-model's causal LM (the one inside a peft wrapper) on that instance; a call without ``labels`` (generation,
-DPO's log-probs, Ulysses' sequence slices) runs the model's own forward unchanged.
+model's causal LM (the one inside a peft wrapper) on that instance; a call with ``labels`` (or with
+``shift_labels``, targets already shifted: a Ulysses rank's slice of the sequence, objectives.UlyssesSFT) returns
+the loss without logits, a call without either (generation, DPO's log-probs) runs the model's own forward.
 
 Every micro-batch runs the same number of chunks, on every rank: ceil(micro-batch x max sequence length /
 chunk), some of them shorter or empty when a batch holds fewer tokens. DeepSpeed ZeRO-3 all-gathers the head's
@@ -80,35 +81,48 @@ def install(model: Any, chunk: int, max_tokens: int) -> bool:
     chunks = max(1, math.ceil(max_tokens / chunk))
 
     def forward(*args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if labels is None or args:
+        if (labels is None and kwargs.get("shift_labels") is None) or args:
             return original(*args, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        targets = kwargs.pop("shift_labels", None)
+        if targets is None:
+            targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
         items = kwargs.pop("num_items_in_batch", None)
         for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states"):
             kwargs.pop(key, None)
         kwargs["use_cache"] = False
         outputs = target.model(**kwargs)
-        loss = cross_entropy(target.lm_head, outputs.last_hidden_state, labels, chunks, softcap, items)
+        loss = cross_entropy(target.lm_head, outputs.last_hidden_state, targets, chunks, softcap, items)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
+    forward.loss_chunks = chunks  # type: ignore[attr-defined]
     target.forward = forward
     log.info("chunked loss: %s's loss in %d chunks of at most %d tokens", type(target).__name__, chunks, chunk)
     return True
 
 
+def chunks_of(module: Any) -> int:
+    """How many chunks ``module``'s loss runs in (0: the model's own loss), through DDP's and DeepSpeed's
+    wrappers (``.module``) and peft's."""
+    while isinstance(getattr(module, "module", None), torch.nn.Module):
+        module = module.module
+    return int(getattr(getattr(causal_lm(module), "forward", None), "loss_chunks", 0))
+
+
 def cross_entropy(
     head: torch.nn.Module,
     hidden: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     chunks: int,
     softcap: float | None = None,
-    num_items: torch.Tensor | int | None = None,
+    num_items: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """transformers' ForCausalLMLoss over ``head(hidden)`` (labels shifted left by one, -100 ignored; the sum
-    over ``num_items`` when given, else the mean over the labelled positions), in ``chunks`` consecutive runs of
-    positions (as equal as they divide; empty ones where there are fewer positions), one at a time."""
-    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    """transformers' ForCausalLMLoss over ``head(hidden)`` given each position's target (the labels shifted
+    left by one; -100 ignored): the sum over ``num_items`` when given, else the mean over the targeted
+    positions, in ``chunks`` consecutive runs of positions (as equal as they divide; empty ones where there are
+    fewer positions), one at a time."""
+    targets = targets.reshape(-1).to(hidden.device)
     flat = hidden.reshape(-1, hidden.size(-1))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for part, part_targets in zip(flat.tensor_split(chunks), targets.tensor_split(chunks), strict=True):

@@ -218,15 +218,15 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
 
 
 # The SFT loss in chunks of tokens (runtime/chunked_loss.py) instead of the model's whole logits: each chunk holds
-# at most LOSS_CHUNK_ELEMENTS logits (2^25: about 0.3 GiB of bf16 logits, their fp32 copy and log-softmax). DPO
-# (whole sequences' log-probs), Ulysses (its loss over sequence slices) and megatron-core (its own vocab-parallel
-# loss) keep the model's own path.
+# at most LOSS_CHUNK_ELEMENTS logits (2^25: 0.25 GiB of the fp32 logits and log-softmax it keeps at its peak),
+# Ulysses' sequence slices too. DPO (whole sequences' log-probs) and megatron-core (its own vocab-parallel loss)
+# keep the model's own path.
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
-def loss_chunk_tokens(vocab_size: int, objective: str, strategy: str, ulysses: int = 1) -> int:
+def loss_chunk_tokens(vocab_size: int, objective: str, strategy: str) -> int:
     """Tokens per chunk of the chunked loss for a plan (a power of two), 0 where the model's own loss runs."""
-    if objective != "sft" or ulysses > 1 or STRATEGIES[strategy].engine == "megatron":
+    if objective != "sft" or STRATEGIES[strategy].engine == "megatron":
         return 0
     return 1 << max(0, (LOSS_CHUNK_ELEMENTS // max(1, vocab_size)).bit_length() - 1)
 

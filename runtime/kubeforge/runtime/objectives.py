@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.runtime import dpo
+from kubeforge.runtime import chunked_loss, dpo
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -78,7 +78,8 @@ class DPO:
 class UlyssesSFT:
     """The next-token loss with the sequence split over a Ulysses group (ulysses.py): this rank's slice of
     every row (labels shifted before the split), its tokens' loss sum x degree / the whole micro-batch's
-    targets, so that the engines' gradient averaging over all ranks gives the whole sequence's gradient."""
+    targets, so that the engines' gradient averaging over all ranks gives the whole sequence's gradient;
+    computed in chunks (chunked_loss.py) where the model's loss is."""
 
     def __init__(self, group: Any):
         self.group = group
@@ -89,6 +90,10 @@ class UlyssesSFT:
         from kubeforge.runtime import ulysses
 
         part = ulysses.shard(batch, self.group)
+        if chunked_loss.chunks_of(module):  # the same sum x degree / targets, the logits never whole
+            items = part[ulysses.TOKENS].clamp(min=1) / self.group.degree
+            out = module(**ulysses.inputs(part), shift_labels=part[ulysses.LABELS], num_items_in_batch=items)
+            return out.loss, {}
         return ulysses.loss(module(**ulysses.inputs(part)), part, self.group), {}
 
 

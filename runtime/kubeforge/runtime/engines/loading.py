@@ -66,7 +66,8 @@ def load_whole(contract: Contract, model_dir: Path, device: torch.device, *, dty
 def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = False):
     """The chunked loss, float8, gradient checkpointing and LoRA adapters, in that order."""
     if contract.compute.loss_chunk_tokens:
-        most = contract.training.micro_batch_size * contract.dataset.max_seq_length  # tokens per micro-batch
+        # the most tokens a micro-batch puts on this rank (a Ulysses rank holds 1/degree of every sequence)
+        most = -(-contract.training.micro_batch_size * contract.dataset.max_seq_length // contract.parallel.ulysses)
         chunked_loss.install(model, contract.compute.loss_chunk_tokens, most)
     if policy(contract).float8:
         from kubeforge.runtime.engines.float8 import convert
