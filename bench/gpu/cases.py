@@ -125,7 +125,7 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, host_memory_by
             attention="sdpa",
             host_memory_bytes=host_memory_bytes,
             # the loss in chunks, as the planner asks and memory.estimate counts (predict)
-            loss_chunk_tokens=loss_chunk_tokens(_vocab(model_dir), "sft", case.strategy),
+            loss_chunk_tokens=loss_chunk_tokens(_vocab(model_dir), case.strategy),
         ),
         output=OutputConfig(location=Location(uri=str(out), local_path=str(out)), checkpoint_dir=str(out / "ckpt")),
         progress=ProgressConfig(port=0),

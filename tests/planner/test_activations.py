@@ -85,10 +85,11 @@ def test_two_layers_keep_what_the_formula_says(case, shape):
     assert abs(formula / measured - 1) <= 0.10, (measured / SEQ / h, formula / SEQ / h)
 
 
-def loss_peak(vocab: int, seq: int = 256, chunk: int = 0) -> int:
+def loss_peak(vocab: int, seq: int = 256, chunk: int = 0, dpo: bool = False) -> int:
     """The highest allocated CPU bytes of one forward and backward pass through transformers' causal-LM loss
     (bf16 weights, one small layer that trains), from the profiler's memory timeline; ``chunk``: through the
-    runtime's chunked loss (runtime/chunked_loss.py) instead."""
+    runtime's chunked loss (runtime/chunked_loss.py) instead; ``dpo``: DPO's summed log-probs of two rows
+    (dpo.logps_of) in its chunks."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
@@ -105,10 +106,16 @@ def loss_peak(vocab: int, seq: int = 256, chunk: int = 0) -> int:
     if chunk:
         from kubeforge.runtime import chunked_loss
 
-        assert chunked_loss.install(model, chunk, seq)
-    ids = torch.randint(0, vocab, (1, seq))
+        assert chunked_loss.install(model, chunk, seq * (2 if dpo else 1))
+    ids = torch.randint(0, vocab, (2 if dpo else 1, seq))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        if dpo:
+            from kubeforge.runtime import dpo as preference
+
+            batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+            preference.logps_of(model, batch)[0].sum().backward()
+        else:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     live = peak = 0
     for _, change in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
         live += change
@@ -126,13 +133,17 @@ def test_the_logits_cost_what_the_loss_really_allocates():
     assert abs(per_entry - LOGIT_BYTES) <= 0.05 * LOGIT_BYTES, per_entry
 
 
-def test_the_chunked_loss_costs_one_chunk_of_logits():
-    """memory.CHUNK_LOGIT_BYTES per chunk token and vocabulary entry: the peak grows by that with the chunk, and
-    not with the sequence (a 1,024-token sequence holds what a 512-token one does, but its hidden states)."""
+@pytest.mark.parametrize("dpo", [False, True], ids=["sft", "dpo"])
+def test_the_chunked_loss_costs_one_chunk_of_logits(dpo):
+    """memory.CHUNK_LOGIT_BYTES per chunk token and vocabulary entry: the peak grows by that with the chunk (for
+    SFT's loss and DPO's log-probs), and not with the sequence (a 1,024-token sequence holds what a 512-token one
+    does, but its hidden states)."""
     from kubeforge.planner.memory import CHUNK_LOGIT_BYTES
 
     vocab, seq = 16000, 512
-    per_entry = (loss_peak(vocab, seq, chunk=256) - loss_peak(vocab, seq, chunk=128)) / (128 * vocab)
+    per_entry = (loss_peak(vocab, seq, 256, dpo) - loss_peak(vocab, seq, 128, dpo)) / (128 * vocab)
     assert abs(per_entry - CHUNK_LOGIT_BYTES) <= 0.05 * CHUNK_LOGIT_BYTES, per_entry
+    if dpo:
+        return
     longer = loss_peak(vocab, 2 * seq, chunk=128) - loss_peak(vocab, seq, chunk=128)
     assert longer < 0.05 * 128 * vocab * CHUNK_LOGIT_BYTES, longer  # far less than one chunk's logits

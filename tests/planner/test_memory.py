@@ -143,18 +143,20 @@ def test_activations_follow_the_formula_for_one_layer():
     # DDP's full fine-tuning under autocast: a fp32 residual stream (12h more) and a bf16 copy of each weight
     amp = estimate(arch, replace(layout, strategy="ddp")).activations
     assert amp == 100 * (per_token + 12 * 1024) + 2 * arch.params_per_layer + 100 * 1000 * CHUNK_LOGIT_BYTES
-    # DPO's log-probs need the model's whole logits: 10 bytes per token and entry, two sequences per example
+    # DPO: two sequences per example, their log-probs in chunks too (200 tokens: one chunk)
     dpo = estimate(arch, replace(layout, objective="dpo")).activations
-    assert dpo == 2 * (100 * per_token + 100 * 1000 * LOGIT_BYTES)
+    assert dpo == 2 * 100 * per_token + 200 * 1000 * CHUNK_LOGIT_BYTES
+    # megatron-core's own loss: the whole logits, 10 bytes per token and entry
+    whole = estimate(arch, replace(layout, chunked_loss=False)).activations
+    assert whole == 100 * per_token + 100 * 1000 * LOGIT_BYTES
 
 
 def test_the_chunked_loss_holds_one_chunk_of_logits_whatever_the_sequence_length(monkeypatch):
     """Llama 3's 128,256 entries: 256-token chunks (2^25 logits), 8 bytes per chunk token and entry at 2k or 32k
-    tokens, where the model's own loss (DPO, megatron-core) holds 10 bytes per token and entry."""
+    tokens, where the model's own loss (megatron-core) holds 10 bytes per token and entry."""
     arch = lookup("meta-llama/Llama-3.1-8B")
-    assert loss_chunk_tokens(arch.vocab_size, "sft", "fsdp") == 256
-    assert loss_chunk_tokens(arch.vocab_size, "dpo", "fsdp") == 0
-    assert loss_chunk_tokens(arch.vocab_size, "sft", "megatron") == 0
+    assert loss_chunk_tokens(arch.vocab_size, "fsdp") == 256
+    assert loss_chunk_tokens(arch.vocab_size, "megatron") == 0
     layouts = [Layout(method="lora", strategy="fsdp", nodes=1, gpus_per_node=8, seq_len=s) for s in (2048, 32768)]
     chunked = [estimate(arch, layout).activations for layout in layouts]
     monkeypatch.setattr(memory, "loss_chunk_tokens", lambda *_: 0)

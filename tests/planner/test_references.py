@@ -106,6 +106,8 @@ STEP_MISSES = {
     "torchtitan-llama3-70b-fsdp-64xa100": "network not stated, as the 8B row",
     "trainy-llama31-8b-fsdp-32xh200-fp8": "torch.compile (and fp8 all-gathers) in the published run; kubeforge's "
     "runtime does not compile",
+    "peft-metamathqa-llama32-3b-full-1xl40s": "840 real tokens a step: the step is mostly the pure-bf16 AdamW "
+    "update of 3.2B parameters, which cost.py does not model on the GPU (only the host's Adam under offload)",
 }
 VERDICT_MISSES = {
     "torchtune-llama31-70b-full-8xa100-cpu-offload": "the recipe fuses the optimizer step into the backward pass "
@@ -114,6 +116,8 @@ VERDICT_MISSES = {
     "masters and Adam moments, which need optimizer offload on one A100",
     "answerai-llama2-70b-qlora-fsdp-4xh100-2048": "the run chose 4 GPUs for speed (no peak published); the planner "
     "finds one H100 with checkpointing enough for the memory",
+    "peft-metamathqa-llama32-3b-full-1xl40s": "pure bf16 (bf16 AdamW moments, no fp32 masters): 35 GiB; kubeforge's "
+    "fp32 masters and moments need optimizer offload on one L40S",
 }
 
 

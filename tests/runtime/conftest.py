@@ -18,6 +18,7 @@ from kubeforge.runtime.contract import (
     ParallelConfig,
     ProgressConfig,
     TrainingConfig,
+    chunked_loss_runs,
 )
 from kubeforge.runtime.demo import task, tiny
 from tests.harness import s3server
@@ -80,8 +81,13 @@ def make_contract(model: Path, train: Path, out: Path, *, method: str = "lora", 
             lr_scheduler=scheduler,
         ),
         parallel=ParallelConfig(strategy=strategy, nodes=1, gpus_per_node=world),
-        # the loss in chunks, as the planner asks on every SFT plan; 16 tokens: many chunks per micro-batch
-        compute=ComputeConfig(device="cpu", precision="fp32", attention="sdpa", loss_chunk_tokens=loss_chunk),
+        # the loss in chunks where the planner asks for it (contract.chunked_loss_runs); 16 tokens: many chunks
+        compute=ComputeConfig(
+            device="cpu",
+            precision="fp32",
+            attention="sdpa",
+            loss_chunk_tokens=loss_chunk if chunked_loss_runs(strategy) else 0,
+        ),
         output=OutputConfig(
             location=Location(uri=str(out), local_path=str(out)), checkpoint_dir=str(out / "checkpoints")
         ),

@@ -109,3 +109,27 @@ def test_heads_that_scale_their_logits_keep_the_models_own_loss(caplog):
     assert "scales its logits (logit_scale)" in caplog.text
     assert "forward" not in vars(model)  # nothing swapped
     assert chunked_loss.install(_llama(), 0, 48) is False  # 0: the contract asks for the model's own loss
+
+
+def test_dpo_log_probs_in_chunks_are_the_ones_from_the_whole_logits():
+    """dpo.logps_of: each row's summed log-probability of its labelled tokens and their count, and the gradients
+    of a loss on them, equal with the loss in chunks and with the model's own logits (dpo.sequence_logps)."""
+    from kubeforge.runtime import dpo
+
+    model = _llama()
+    batch = _batch()
+    batch = {"input_ids": batch["input_ids"], "labels": batch["labels"], "attention_mask": torch.ones(2, 24)}
+
+    def run(m):
+        m.zero_grad()
+        logps, tokens = dpo.logps_of(m, batch)
+        (logps * torch.tensor([1.0, -0.5])).sum().backward()
+        return logps.detach(), tokens, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    own, own_tokens, own_grads = run(model)
+    assert chunked_loss.install(model, 5, 48) and chunked_loss.chunks_of(model) == 10
+    got, tokens, grads = run(model)
+    assert torch.equal(tokens, own_tokens) and own_tokens.tolist() == [19, 18]
+    assert torch.allclose(got, own, rtol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, own_grads[name], rtol=1e-4, atol=1e-6), name

@@ -51,11 +51,11 @@ bytes per element of each adapted module's input. With gradient checkpointing on
 input (2h, 4h under autocast) is kept, plus one layer recomputed at a time. Every case is counted on
 the runtime's own modules (tests/planner/test_activations.py: the bytes autograd saves, within 10%).
 Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits: the runtime computes
-the SFT loss in chunks of contract.loss_chunk_tokens tokens (runtime/chunked_loss.py: each chunk's logits are
-recomputed in the backward pass), which holds 8 bytes per chunk token and vocabulary entry at its peak (the
-fp32 logits and log-softmax of one chunk; measured), whatever the sequence length. Where the model's own loss
-runs (DPO, megatron-core: loss_chunk_tokens is 0) the whole logits cost 10 bytes per token and
-vocabulary entry (bf16 logits, their fp32 copy and the fp32 log-softmax; measured). DeepSpeed-Ulysses
+the loss (SFT, DPO's log-probs) in chunks of contract.loss_chunk_tokens tokens (runtime/chunked_loss.py: each
+chunk's logits are recomputed in the backward pass), which holds 8 bytes per chunk token and vocabulary entry
+at its peak (the fp32 logits and log-softmax of one chunk; measured), whatever the sequence length. Where
+the model's own loss runs (ZeRO-3, megatron-core: loss_chunk_tokens is 0) the whole logits cost 10 bytes per
+token and vocabulary entry (bf16 logits, their fp32 copy and the fp32 log-softmax; measured). DeepSpeed-Ulysses
 (degree u) divides all of it by u: each GPU holds 1/u of every sequence, and attention holds the whole
 sequence for 1/u of the heads. DPO runs each pair's chosen and rejected sequences in one forward pass
 (twice the tokens of a micro-batch); its reference model is the starting model's log-probabilities,
@@ -129,7 +129,7 @@ def loss_chunk(arch: Architecture, layout: Layout) -> int:
     """Tokens per chunk of the loss (contract.loss_chunk_tokens), 0 where the whole logits exist at once."""
     if not layout.chunked_loss:
         return 0
-    return loss_chunk_tokens(arch.vocab_size, layout.objective, layout.strategy)
+    return loss_chunk_tokens(arch.vocab_size, layout.strategy)
 
 
 def layout_like(base: Layout, **changes: Any) -> Layout:

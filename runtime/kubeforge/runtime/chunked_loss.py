@@ -9,16 +9,18 @@ hidden state (which the head's backward needs anyway), and the backward pass rec
 a time. The price is the head's forward computed twice (2 x hidden x vocabulary FLOPs per token more).
 
 The same idea as Liger's fused linear cross-entropy and torchtune's chunked output loss, in plain PyTorch:
-the head is called as a module, so every engine's hooks see it (FSDP2's unshard of the root, DeepSpeed
-ZeRO-3's gather, DDP's gradient hooks, a LoRA adapter on the head). ``install`` swaps the forward of the
-model's causal LM (the one inside a peft wrapper) on that instance; a call with ``labels`` (or with
-``shift_labels``, targets already shifted: a Ulysses rank's slice of the sequence, objectives.UlyssesSFT) returns
-the loss without logits, a call without either (generation, DPO's log-probs) runs the model's own forward.
+the head is called as a module, so the engines' hooks see it (FSDP2's unshard of the root, DDP's gradient hooks,
+ZeRO-1/2's gradient partitioning, a LoRA adapter on the head). Not under ZeRO-3 (contract.chunked_loss_runs):
+DeepSpeed partitions the head's weight again after each call, and the recomputation then finds it empty.
+``install`` swaps the forward of the model's causal LM (the one inside a peft wrapper) on that instance; a call
+with ``labels`` (or with ``shift_labels``, targets already shifted: a Ulysses rank's slice of the sequence,
+objectives.UlyssesSFT) returns the loss without logits; with ``token_logps=True`` as well it returns each
+position's log-probability of its target instead (``TokenLogps``: DPO's summed log-probs, dpo.logps_of); a call
+with neither (generation) runs the model's own forward.
 
 Every micro-batch runs the same number of chunks, on every rank: ceil(micro-batch x max sequence length /
-chunk), some of them shorter or empty when a batch holds fewer tokens. DeepSpeed ZeRO-3 all-gathers the head's
-weight at each call of the head, a collective, so ranks whose batches differ in length must still call it as
-many times (and its recorded module order stays the same from step to step).
+chunk), some of them shorter or empty when a batch holds fewer tokens, so that an engine whose hooks run a
+collective at each call of a module sees the same calls on every rank and in every step.
 
 The contract decides where it runs (``contract.loss_chunk_tokens``: the planner counts the same chunk); a model
 whose head does more than a linear projection and an optional tanh soft-cap (Gemma 2) keeps its own loss, and
@@ -30,6 +32,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +45,13 @@ IGNORE = -100
 # configuration keys of heads that scale or otherwise change the logits (Cohere, Granite, ...): the model's own
 # loss knows what to do with them, this one does not
 SCALED_HEADS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_scale")
+
+
+@dataclass
+class TokenLogps:
+    """What the model returns for ``token_logps=True``: [rows, positions] fp32, 0 where the target is -100."""
+
+    token_logps: torch.Tensor
 
 
 def causal_lm(model: Any) -> Any:
@@ -83,6 +93,7 @@ def install(model: Any, chunk: int, max_tokens: int) -> bool:
     def forward(*args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if (labels is None and kwargs.get("shift_labels") is None) or args:
             return original(*args, labels=labels, **kwargs)
+        per_token = kwargs.pop("token_logps", False)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         targets = kwargs.pop("shift_labels", None)
@@ -93,6 +104,8 @@ def install(model: Any, chunk: int, max_tokens: int) -> bool:
             kwargs.pop(key, None)
         kwargs["use_cache"] = False
         outputs = target.model(**kwargs)
+        if per_token:
+            return TokenLogps(token_logps(target.lm_head, outputs.last_hidden_state, targets, chunks, softcap))
         loss = cross_entropy(target.lm_head, outputs.last_hidden_state, targets, chunks, softcap, items)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
@@ -132,10 +145,35 @@ def cross_entropy(
     return total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
 
 
+def token_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int, softcap: float | None = None
+) -> torch.Tensor:
+    """Each position's log-probability of its target under ``head(hidden)`` (fp32, shaped like ``targets``; 0
+    where the target is -100), in ``chunks`` runs of positions as ``cross_entropy``."""
+    flat = hidden.reshape(-1, hidden.size(-1))
+    wanted = targets.reshape(-1).to(hidden.device)
+    parts = [
+        checkpoint(_chunk_logps, head, part, part_targets, softcap, use_reentrant=False)
+        for part, part_targets in zip(flat.tensor_split(chunks), wanted.tensor_split(chunks), strict=True)
+    ]
+    return torch.cat(parts).view(targets.shape)
+
+
+def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """One chunk's logits in fp32, soft-capped where the model caps them (Gemma 2: tanh(x / cap) x cap)."""
+    logits = head(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def _chunk_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
+    logits = _logits(head, hidden, softcap)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * (targets != IGNORE)
+
+
 def _chunk_loss(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None
 ) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(_logits(head, hidden, softcap), targets, ignore_index=IGNORE, reduction="sum")

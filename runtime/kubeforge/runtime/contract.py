@@ -217,16 +217,24 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
     return f"compute.precision {precision}: strategy {strategy} ({engine}) cannot train in it; it trains in {able}"
 
 
-# The SFT loss in chunks of tokens (runtime/chunked_loss.py) instead of the model's whole logits: each chunk holds
-# at most LOSS_CHUNK_ELEMENTS logits (2^25: 0.25 GiB of the fp32 logits and log-softmax it keeps at its peak),
-# Ulysses' sequence slices too. DPO (whole sequences' log-probs) and megatron-core (its own vocab-parallel loss)
-# keep the model's own path.
+# The loss in chunks of tokens (runtime/chunked_loss.py) instead of the model's whole logits: each chunk holds at
+# most LOSS_CHUNK_ELEMENTS logits (2^25: 0.25 GiB of the fp32 logits and log-softmax it keeps at its peak), for SFT
+# (Ulysses' sequence slices too) and DPO's log-probs. megatron-core keeps its own vocab-parallel loss; DeepSpeed
+# ZeRO-3 keeps the model's own loss too: it partitions the head's weight again after each call, and the chunk's
+# recomputation in the backward pass then finds it empty (torch's checkpoint refuses: shape [0] for the [vocab,
+# hidden] it saved; a frozen LoRA head under DPO, tests/runtime/test_dpo.py).
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
-def loss_chunk_tokens(vocab_size: int, objective: str, strategy: str) -> int:
+def chunked_loss_runs(strategy: str) -> bool:
+    """Whether the runtime computes the loss in chunks under ``strategy`` (the planner counts it so)."""
+    facts = STRATEGIES[strategy]
+    return facts.engine != "megatron" and facts.zero_stage != 3
+
+
+def loss_chunk_tokens(vocab_size: int, strategy: str) -> int:
     """Tokens per chunk of the chunked loss for a plan (a power of two), 0 where the model's own loss runs."""
-    if objective != "sft" or STRATEGIES[strategy].engine == "megatron":
+    if not chunked_loss_runs(strategy):
         return 0
     return 1 << max(0, (LOSS_CHUNK_ELEMENTS // max(1, vocab_size)).bit_length() - 1)
 

@@ -72,6 +72,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (per_token * mask).sum(dim=-1), mask.sum(dim=-1)
 
 
+def logps_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of the model's forward over a preference micro-batch: from the loss in chunks where the
+    model has it (chunked_loss.py: the logits never whole), else from the model's logits."""
+    from kubeforge.runtime import chunked_loss
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if not chunked_loss.chunks_of(module):
+        return sequence_logps(module(**inputs).logits, batch["labels"])
+    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
+    per_token = module(**inputs, shift_labels=targets, token_logps=True).token_logps
+    mask = targets.to(per_token.device) != IGNORE
+    return per_token.sum(dim=-1), mask.sum(dim=-1)
+
+
 def losses(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -180,10 +194,7 @@ def reference(
                 chunk = [pairs[i] for i in padded[s * micro_batch : (s + 1) * micro_batch]]
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
                 with autocast():
-                    logits = module(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                    ).logits
-                logps, _ = sequence_logps(logits, batch["labels"])
+                    logps, _ = logps_of(module, batch)
                 chosen, rejected = split_rows(logps)
                 out[s * micro_batch : (s + 1) * micro_batch] = torch.stack([chosen, rejected], dim=1)
     finally:

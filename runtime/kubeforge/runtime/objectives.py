@@ -49,8 +49,7 @@ class DPO:
     def __call__(
         self, module: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps, tokens = dpo.sequence_logps(logits, batch["labels"])
+        logps, tokens = dpo.logps_of(module, batch)
         return self.from_logps(logps, tokens, batch["ref_logps"].to(logps.device))
 
     def from_logps(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kubeforge.runtime import chunked_loss
-from kubeforge.runtime.contract import Contract, PrecisionPolicy, precision_policy
+from kubeforge.runtime.contract import Contract, PrecisionPolicy, chunked_loss_runs, precision_policy
 
 log = logging.getLogger("kubeforge.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,9 +65,13 @@ def load_whole(contract: Contract, model_dir: Path, device: torch.device, *, dty
 
 def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = False):
     """The chunked loss, float8, gradient checkpointing and LoRA adapters, in that order."""
-    if contract.compute.loss_chunk_tokens:
-        # the most tokens a micro-batch puts on this rank (a Ulysses rank holds 1/degree of every sequence)
-        most = -(-contract.training.micro_batch_size * contract.dataset.max_seq_length // contract.parallel.ulysses)
+    if contract.compute.loss_chunk_tokens and not chunked_loss_runs(contract.parallel.strategy):
+        log.warning("chunked loss: not under %s; the model's own loss runs", contract.parallel.strategy)
+    elif contract.compute.loss_chunk_tokens:
+        # the most tokens a micro-batch puts on this rank (a Ulysses rank holds 1/degree of every sequence; a DPO
+        # micro-batch element is a pair, two sequences)
+        rows = contract.training.micro_batch_size * (2 if contract.training.objective == "dpo" else 1)
+        most = -(-rows * contract.dataset.max_seq_length // contract.parallel.ulysses)
         chunked_loss.install(model, contract.compute.loss_chunk_tokens, most)
     if policy(contract).float8:
         from kubeforge.runtime.engines.float8 import convert

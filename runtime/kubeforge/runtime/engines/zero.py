@@ -26,11 +26,8 @@ from kubeforge.runtime.contract import STRATEGIES
 from kubeforge.runtime.engines import common, loading, shards
 
 
-def deepspeed_config(contract: Any, hidden_size: int, vocab_size: int = 0) -> dict[str, Any]:
-    """The DeepSpeed config for the plan (what HF's "auto" values would become, made explicit). ZeRO-3 with the
-    chunked loss calls the head once per chunk: its gathered weight (vocabulary x hidden) is kept for the next
-    call when its reuse distance and the live parameters allow that many elements (DeepSpeed's default 1e9
-    is below a 70B model's head), rather than gathered again for each chunk."""
+def deepspeed_config(contract: Any, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for the plan (what HF's "auto" values would become, made explicit)."""
     t, strategy = contract.training, contract.parallel.strategy
     facts = STRATEGIES[strategy]
     bucket = hidden_size * hidden_size
@@ -43,9 +40,6 @@ def deepspeed_config(contract: Any, hidden_size: int, vocab_size: int = 0) -> di
     }
     if facts.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=int(0.9 * bucket), stage3_param_persistence_threshold=10 * hidden_size)
-        if contract.compute.loss_chunk_tokens:
-            head = vocab_size * hidden_size + 1
-            zero.update(stage3_max_reuse_distance=max(10**9, head), stage3_max_live_parameters=max(10**9, head))
     pin = contract.compute.device == "cuda"
     if facts.offload in ("optimizer", "parameters"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -120,7 +114,7 @@ class DeepSpeedEngine:
         self.contract = contract = setup.contract
         self.device = setup.device
         hf = AutoConfig.from_pretrained(setup.model_dir)
-        self.config = deepspeed_config(contract, hf.hidden_size, hf.vocab_size)
+        self.config = deepspeed_config(contract, hf.hidden_size)
         self.stage = STRATEGIES[contract.parallel.strategy].zero_stage
         if self.stage == 3 and contract.training.method == "full":
             model = build_partitioned_model(setup, self.config)
