@@ -654,11 +654,11 @@ def choose(fitting: list[Candidate]) -> Candidate:
     # Ulysses, per GPU count, only where no native layout without it fits or where it is faster than the
     # fastest of those by ULYSSES_MARGIN (a spec that asks for it has no such candidates); then it competes
     # with Megatron and across GPU counts on speed like any native layout
-    plain: dict[int, float] = {}
-    for c in fitting:
-        if c.group.ulysses == 1 and c.group.engine != "megatron":
-            plain[c.group.world] = min(c.seconds, plain.get(c.group.world, math.inf))
-    if plain:
+    if any(c.group.ulysses > 1 for c in fitting):
+        plain: dict[int, float] = {}
+        for c in fitting:
+            if c.group.ulysses == 1 and c.group.engine != "megatron":
+                plain[c.group.world] = min(c.seconds, plain.get(c.group.world, math.inf))
         fitting = [
             c
             for c in fitting
