@@ -263,8 +263,8 @@ class ComputeConfig(_Model):
     precision: Precision = "bf16"
     gradient_checkpointing: bool = False
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
-    loss_chunk_tokens: int = Field(default=0, ge=0)  # the SFT loss in chunks of this many tokens (chunked_loss.py);
-    # 0: the model's own loss over its whole logits. The planner counts the same (contract.loss_chunk_tokens).
+    loss_chunk_tokens: int = Field(default=0, ge=0)  # the loss (SFT, DPO's log-probs) in chunks of this many tokens
+    # (chunked_loss.py); 0: the model's own loss over its whole logits. The planner counts the same (loss_chunk_tokens).
     host_memory_bytes: int = Field(default=0, ge=0)  # what the plan offloads to host memory on each node
     peak_tflops: float | None = Field(default=None, gt=0)  # one device's dense peak at the compute precision
     # (the planner's GPU catalog), the denominator of MFU; None on CPU or an unknown GPU: no MFU is exported
