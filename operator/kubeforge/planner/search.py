@@ -544,6 +544,10 @@ def enumerate_candidates(
                     # with one pipeline stage memory only grows with the micro-batch: once a micro-batch
                     # does not fit without checkpointing, no larger one does (no need to compute it)
                     lean_cannot_fit = False
+                    # one pipeline stage: per checkpointing choice only the largest micro-batch that fits can be
+                    # chosen (cost.StepModel: the same compute, fewer launches and micro-steps, no bubble; never
+                    # slower), so only its step time is computed (the smaller ones stay out of ``fitting``)
+                    largest: dict[bool, tuple[int, int, int]] = {}
                     for mb in MICRO_BATCHES:
                         chunk = mb * d
                         if global_batch % chunk:
@@ -565,6 +569,9 @@ def enumerate_candidates(
                             if total <= gpu_limit and host_ok:
                                 lean_fits = True
                                 fit_without = fit_without or u == 1
+                                if p == 1:  # a larger micro-batch is never slower: keep the largest that fits
+                                    largest[checkpointing] = (mb, accumulation, total)
+                                    continue
                                 if seconds_of is None:
                                     seconds_of = group.step.seconds
                                 seconds = seconds_of(mb, checkpointing, accumulation)
@@ -574,6 +581,10 @@ def enumerate_candidates(
                                 lean_cannot_fit = lean_cannot_fit or (not checkpointing and p == 1)
                         if not lean_fits:
                             break
+                    for checkpointing, (mb, accumulation, total) in sorted(largest.items()):
+                        assert group is not None
+                        seconds = group.step.seconds(mb, checkpointing, accumulation)
+                        fitting.append(Candidate(group, mb, checkpointing, accumulation, total, True, seconds))
 
 
 def _group(
