@@ -173,3 +173,28 @@ def test_the_search_shortcuts_agree_with_the_full_computation(name):
         needed = estimate(arch, full)
         assert total is None or total == needed.total
         assert needed.total > 0.9 * group.pool.memory_bytes or needed.host_per_node > 0.8 * group.pool.host_memory_bytes
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_with_one_pipeline_stage_a_larger_micro_batch_is_never_slower(name):
+    """What lets the search time only the largest micro-batch that fits per checkpointing choice when p == 1:
+    for every group it keeps, each micro-batch dividing the batch is at least as fast as every smaller one."""
+    from itertools import pairwise
+
+    from kubeforge.planner.search import MICRO_BATCHES, Request, choose_precision, enumerate_candidates
+
+    doc, cluster = CASES[name]
+    spec = parse(doc).spec
+    arch, req, inv = resolve(spec.model), Request.from_spec(spec), inventory(cluster)
+    fitting, shared = [], {}
+    for pool in inv.pools:
+        precision, _ = choose_precision(req, pool)
+        if precision is not None:
+            enumerate_candidates(req, pool, arch, precision, [], fitting, [], shared)
+    groups = {id(c.group): c.group for c in fitting if c.group.layout.pipeline_parallel == 1}
+    for group in groups.values():
+        per_step = group.layout.data_parallel
+        sizes = [mb for mb in MICRO_BATCHES if req.global_batch % (mb * per_step) == 0]
+        for checkpointing in (False, True):
+            times = [group.step.seconds(mb, checkpointing, req.global_batch // (mb * per_step)) for mb in sizes]
+            assert all(b <= a for a, b in pairwise(times)), (group.layout.strategy, sizes, times)
