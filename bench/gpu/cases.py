@@ -83,7 +83,7 @@ def select(spec: str | None) -> list[Case]:
     return [c for c in CASES if c.name in names]
 
 
-def contract(case: Case, model_dir: Path, work: Path, steps: int, host_memory_bytes: int = 0):
+def contract(case: Case, model_dir: Path, work: Path, steps: int, vocab_size: int, host_memory_bytes: int = 0):
     """The runtime contract of the case, as kubeforge would render it for one GPU."""
     from kubeforge.runtime.contract import (
         ComputeConfig,
@@ -125,17 +125,11 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, host_memory_by
             attention="sdpa",
             host_memory_bytes=host_memory_bytes,
             # the loss in chunks, as the planner asks and memory.estimate counts (predict)
-            loss_chunk_tokens=loss_chunk_tokens(_vocab(model_dir), case.strategy),
+            loss_chunk_tokens=loss_chunk_tokens(vocab_size, case.strategy),
         ),
         output=OutputConfig(location=Location(uri=str(out), local_path=str(out)), checkpoint_dir=str(out / "ckpt")),
         progress=ProgressConfig(port=0),
     )
-
-
-def _vocab(model_dir: Path) -> int:
-    import json
-
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
 
 
 def bench_pool(gpu, host_memory_bytes: int = 0):

@@ -132,7 +132,7 @@ def run_case(case, model_dir: Path, vocab: int, work: Path, args, host_bytes: in
 
     case_dir = work / case.name
     case_dir.mkdir(parents=True, exist_ok=True)
-    contract = cases_mod.contract(case, model_dir, case_dir, args.warmup + args.steps, host_bytes)
+    contract = cases_mod.contract(case, model_dir, case_dir, args.warmup + args.steps, vocab, host_bytes)
     spec = {
         "contract": json.loads(contract.to_json()),
         "model_dir": str(model_dir),
@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         predicted = cases_mod.predict(case, config, facts)
         row["predicted"] = predicted
         host_bytes = predicted["memory"]["host_per_node"]
-        contract = cases_mod.contract(case, model_dir, work / case.name, args.warmup + args.steps, host_bytes)
+        contract = cases_mod.contract(
+            case, model_dir, work / case.name, args.warmup + args.steps, int(config["vocab_size"]), host_bytes
+        )
         try:
             engines.check(contract, cuda=True, host_memory_bytes=host or None)
             row["check"] = "ok"

@@ -228,13 +228,13 @@ def _ulysses_sentence(arch: Architecture, best: Candidate, fitting: list[Candida
 
     lay = best.layout
     alone = activation_bytes(arch, replace(lay, ulysses=1, sequence_parallel=False))
+    from kubeforge.planner.search import fastest_without_ulysses
+
     world = lay.world
-    plain = [
-        c.seconds for c in fitting if c.group.world == world and c.group.ulysses == 1 and c.group.engine != "megatron"
-    ]
+    plain = fastest_without_ulysses(fitting).get(world)
     why = (
-        f"the fastest layout without it on {world} GPUs takes {min(plain):.2f} s/step"
-        if plain
+        f"the fastest layout without it on {world} GPUs takes {plain:.2f} s/step"
+        if plain is not None
         else f"no layout without it runs on {world} GPUs"
     )
     return (

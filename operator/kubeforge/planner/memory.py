@@ -56,10 +56,11 @@ chunk's logits are recomputed in the backward pass), which holds 8 bytes per chu
 at its peak (the fp32 logits and log-softmax of one chunk; measured), whatever the sequence length. Where
 the model's own loss runs (ZeRO-3, megatron-core: loss_chunk_tokens is 0) the whole logits cost 10 bytes per
 token and vocabulary entry (bf16 logits, their fp32 copy and the fp32 log-softmax; measured). DeepSpeed-Ulysses
-(degree u) divides all of it by u: each GPU holds 1/u of every sequence, and attention holds the whole
-sequence for 1/u of the heads. DPO runs each pair's chosen and rejected sequences in one forward pass
-(twice the tokens of a micro-batch); its reference model is the starting model's log-probabilities,
-computed once before training (8 bytes per pair), so it adds no second model.
+(degree u) divides the activations and a loss's tokens by u (a chunk holds at most its 1/u slice): each GPU
+holds 1/u of every sequence, and attention holds the whole sequence for 1/u of the heads. DPO runs each
+pair's chosen and rejected sequences in one forward pass (twice the tokens of a micro-batch); its reference
+model is the starting model's log-probabilities, computed once before training (8 bytes per pair), so it adds
+no second model.
 
 Overhead: CUDA context and library workspaces (1 GiB), NCCL buffers (0.5 GiB with >1 GPU),
 DeepSpeed's communication buckets (h^2 elements in the compute dtype: two for ZeRO-1/2, one for

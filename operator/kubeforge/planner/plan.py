@@ -91,7 +91,7 @@ class Plan:
     gradient_checkpointing: bool = False
     attention: str = ""
     sequence_length: int = 0
-    loss_chunk_tokens: int = 0  # the SFT loss in chunks of this many tokens; 0: the model's own loss (contract)
+    loss_chunk_tokens: int = 0  # the loss (SFT, DPO's log-probs) in chunks of this many tokens; 0: the model's own
     memory: MemoryPerGPU | None = None
     host_memory_per_node: int = 0
     host_memory_available: int = 0

@@ -666,10 +666,7 @@ def choose(fitting: list[Candidate]) -> Candidate:
     # fastest of those by ULYSSES_MARGIN (a spec that asks for it has no such candidates); then it competes
     # with Megatron and across GPU counts on speed like any native layout
     if any(c.group.ulysses > 1 for c in fitting):
-        plain: dict[int, float] = {}
-        for c in fitting:
-            if c.group.ulysses == 1 and c.group.engine != "megatron":
-                plain[c.group.world] = min(c.seconds, plain.get(c.group.world, math.inf))
+        plain = fastest_without_ulysses(fitting)
         fitting = [
             c
             for c in fitting
@@ -694,6 +691,15 @@ def choose(fitting: list[Candidate]) -> Candidate:
             chosen = c
     assert chosen is not None
     return chosen
+
+
+def fastest_without_ulysses(fitting: list[Candidate]) -> dict[int, float]:
+    """Per GPU count, the seconds per step of the fastest native layout (DDP, FSDP2, ZeRO) without Ulysses."""
+    plain: dict[int, float] = {}
+    for c in fitting:
+        if c.group.ulysses == 1 and c.group.engine != "megatron":
+            plain[c.group.world] = min(c.seconds, plain.get(c.group.world, math.inf))
+    return plain
 
 
 def scaling(fewer: Candidate, more: Candidate) -> float:

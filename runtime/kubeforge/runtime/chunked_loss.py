@@ -56,8 +56,7 @@ class TokenLogps:
 
 def causal_lm(model: Any) -> Any:
     """The transformers causal LM inside ``model`` (a peft wrapper's base model; the model itself otherwise)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def unsupported(target: Any) -> str | None:
@@ -98,7 +97,7 @@ def install(model: Any, chunk: int, max_tokens: int) -> bool:
 
         targets = kwargs.pop("shift_labels", None)
         if targets is None:
-            targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+            targets = targets_of(labels)
         items = kwargs.pop("num_items_in_batch", None)
         for key in ("logits_to_keep", "return_dict", "output_attentions", "output_hidden_states"):
             kwargs.pop(key, None)
@@ -113,6 +112,11 @@ def install(model: Any, chunk: int, max_tokens: int) -> bool:
     target.forward = forward
     log.info("chunked loss: %s's loss in %d chunks of at most %d tokens", type(target).__name__, chunks, chunk)
     return True
+
+
+def targets_of(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's target: the labels shifted left by one, -100 after the last (transformers' shift)."""
+    return F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
 
 
 def chunks_of(module: Any) -> int:

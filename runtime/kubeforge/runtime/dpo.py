@@ -80,7 +80,7 @@ def logps_of(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if not chunked_loss.chunks_of(module):
         return sequence_logps(module(**inputs).logits, batch["labels"])
-    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
+    targets = chunked_loss.targets_of(batch["labels"])
     per_token = module(**inputs, shift_labels=targets, token_logps=True).token_logps
     mask = targets.to(per_token.device) != IGNORE
     return per_token.sum(dim=-1), mask.sum(dim=-1)
