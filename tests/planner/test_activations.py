@@ -5,8 +5,10 @@ on the CPU: a Llama block (sdpa attention, as the flash kernels save q, k, v, th
 runs forward under ``saved_tensors_hooks``, every saved tensor's storage is counted once (parameters
 excluded), and the difference between a 4-layer and a 2-layer model is two layers' worth. Each case is
 the runtime's own setup: bf16 weights (FSDP2 and DeepSpeed compute in bf16), fp32 weights under autocast
-(DDP's full fine-tuning), a bf16 base with peft's fp32 adapters, with and without dropout, and with
-gradient checkpointing. The formula must be within 10% of the count for each.
+(DDP's full fine-tuning), a bf16 base with peft's fp32 adapters (DDP) or bf16 adapters (as FSDP2 gathers
+them), each reading its module's input as the runtime lets it (loading.share_adapter_inputs), for several
+target sets, with and without dropout, and with gradient checkpointing. The formula must be within 10% of
+the count for each.
 """
 
 from __future__ import annotations
@@ -20,17 +22,28 @@ from kubeforge.planner.memory import Activations, Layout  # noqa: E402
 
 SEQ, VOCAB = 128, 256
 SHAPES = [(512, 1024, 2, 8), (512, 2048, 8, 8)]  # hidden, MLP width, KV heads, heads
-CASES = {  # name -> (how the runtime holds the weights, strategy, method, LoRA dropout, checkpointing)
-    "fsdp-full-bf16": ("bf16", "fsdp", "full", 0.0, False),
-    "ddp-full-amp": ("amp", "ddp", "full", 0.0, False),
-    "ddp-full-amp-checkpointing": ("amp", "ddp", "full", 0.0, True),
-    "lora": ("lora", "ddp", "lora", 0.0, False),
-    "lora-dropout": ("lora", "ddp", "lora", 0.1, False),
-    "lora-checkpointing": ("lora", "ddp", "lora", 0.1, True),
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QV, MLP = ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+CASES = {  # name -> (how the runtime holds the weights, strategy, method, LoRA dropout, checkpointing, targets)
+    "fsdp-full-bf16": ("bf16", "fsdp", "full", 0.0, False, ALL),
+    "ddp-full-amp": ("amp", "ddp", "full", 0.0, False, ALL),
+    "ddp-full-amp-checkpointing": ("amp", "ddp", "full", 0.0, True, ALL),
+    "lora": ("lora", "ddp", "lora", 0.0, False, ALL),
+    "lora-dropout": ("lora", "ddp", "lora", 0.1, False, ALL),
+    "lora-checkpointing": ("lora", "ddp", "lora", 0.1, True, ALL),
+    "lora-qv": ("lora", "ddp", "lora", 0.0, False, QV),
+    "lora-qv-dropout": ("lora", "ddp", "lora", 0.1, False, QV),
+    "lora-mlp-dropout": ("lora", "ddp", "lora", 0.1, False, MLP),
+    "lora-o": ("lora", "ddp", "lora", 0.0, False, ("o_proj",)),
+    "fsdp-lora": ("lora-bf16", "fsdp", "lora", 0.0, False, ALL),
+    "fsdp-lora-dropout": ("lora-bf16", "fsdp", "lora", 0.1, False, ALL),
+    "fsdp-lora-qkv-dropout": ("lora-bf16", "fsdp", "lora", 0.1, False, ("q_proj", "k_proj", "v_proj")),
+    "fsdp-lora-down": ("lora-bf16", "fsdp", "lora", 0.0, False, ("down_proj",)),
 }
 
 
-def saved_bytes(layers: int, hold: str, dropout: float, checkpointing: bool, shape: tuple[int, ...]) -> int:
+def saved_bytes(layers: int, hold: str, dropout: float, checkpointing: bool, shape: tuple[int, ...],
+                targets: tuple[str, ...] = ALL) -> int:  # fmt: skip
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -42,17 +55,21 @@ def saved_bytes(layers: int, hold: str, dropout: float, checkpointing: bool, sha
     with no_init_weights():  # the values do not matter, only what is saved
         model = LlamaForCausalLM(config)
     model = model.float() if hold == "amp" else model.to(torch.bfloat16)
-    if hold == "lora":
+    if hold.startswith("lora"):
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets))
+        from kubeforge.runtime.engines.loading import share_adapter_inputs
+
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(targets))
+        model = get_peft_model(model, config)
+        assert share_adapter_inputs(model) == len(targets) * layers
+        adapter_dtype = torch.float32 if hold == "lora" else torch.bfloat16  # DDP's fp32, FSDP2's gathered bf16
         for p in model.parameters():
             if p.requires_grad:
-                p.data = p.data.float()
+                p.data = p.data.to(adapter_dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hold == "lora":
+        if hold.startswith("lora"):
             model.enable_input_require_grads()
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -73,12 +90,12 @@ def saved_bytes(layers: int, hold: str, dropout: float, checkpointing: bool, sha
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}-i{s[1]}-kv{s[2]}")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_layers_keep_what_the_formula_says(case, shape):
-    hold, strategy, method, dropout, checkpointing = CASES[case]
-    measured = (saved_bytes(4, hold, dropout, checkpointing, shape) - saved_bytes(2, hold, dropout, checkpointing,
-                                                                                 shape)) / 2  # fmt: skip
+    hold, strategy, method, dropout, checkpointing, targets = CASES[case]
+    measured = (saved_bytes(4, hold, dropout, checkpointing, shape, targets)
+                - saved_bytes(2, hold, dropout, checkpointing, shape, targets)) / 2  # fmt: skip
     h, i, kv, heads = shape
     layout = Layout(method=method, strategy=strategy, nodes=1, gpus_per_node=1, seq_len=SEQ, lora_rank=8,
-                    lora_dropout=dropout)  # fmt: skip
+                    lora_dropout=dropout, lora_targets=targets)  # fmt: skip
     one, two = (Architecture(num_layers=n, hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv,
                              intermediate_size=i, vocab_size=VOCAB) for n in (1, 2))  # fmt: skip
     formula = Activations(two, layout)(1, checkpointing, 1) - Activations(one, layout)(1, checkpointing, 1)

@@ -46,8 +46,10 @@ transformers computes in fp32; 6h in megatron-core's layers, after the paper, no
 Activation Recomputation") with the norms as transformers runs them; tensor parallelism divides all
 but the 12h, sequence parallelism divides that too. DDP's full fine-tuning (fp32 weights under
 autocast) keeps the residual stream in fp32 (12h more) and the bf16 copy autocast makes of every
-weight until the backward pass (2 bytes per parameter). LoRA adds 4h per layer, and with dropout 4
-bytes per element of each adapted module's input. With gradient checkpointing only each layer's
+weight until the backward pass (2 bytes per parameter). LoRA/QLoRA keep less: the frozen norms' weights
+need no normalized input (4h), a frozen linear without an adapter needs no input (q/k/v: 2h, gate/up: 2h,
+down: 2i when none of the group is adapted), and dropout adds 3 bytes per element of each adapted module's
+input (lora_activations). With gradient checkpointing only each layer's
 input (2h, 4h under autocast) is kept, plus one layer recomputed at a time. Every case is counted on
 the runtime's own modules (tests/planner/test_activations.py: the bytes autograd saves, within 10%).
 Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits: the runtime computes
@@ -73,7 +75,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from kubeforge.planner.architecture import Architecture
+from kubeforge.planner.architecture import LINEAR_MODULES, Architecture
 from kubeforge.runtime.contract import NF4_BYTES, STRATEGIES, loss_chunk_tokens, precision_policy
 
 GIB = 1024**3
@@ -291,11 +293,7 @@ class Activations:
         self.kept = (4 if amp else 2) * h / self.divide  # each layer's input, with checkpointing
         self.casts = 2.0 * arch.params_per_layer / t if amp else 0.0  # per layer, without checkpointing
         if layout.method != "full":
-            # peft's adapters add 4h per layer (measured); with dropout, peft drops each adapted module's input
-            # (q, k, v, gate, up: h; o: q width; down: i) and keeps 4 bytes per element for the backward pass
-            per_layer += 4 * h / t
-            if layout.lora_dropout > 0:
-                per_layer += 4 * (5 * h + arch.q_dim + arch.intermediate_size) / t
+            per_layer += lora_activations(arch, layout.lora_targets, layout.lora_dropout) / t
         self.per_layer = per_layer
         self.layers = arch.num_layers / self.p
         self.vocab = arch.vocab_size
@@ -316,6 +314,37 @@ class Activations:
         else:
             logits = tokens * self.vocab * LOGIT_BYTES / self.t
         return (body + logits) * self.scale
+
+
+# The inputs a trained layer keeps for its weights' gradients and a frozen base keeps only where an adapter
+# reads them (a frozen linear's backward needs its weight, not its input): q, k and v read one input, gate and
+# up another, down its own. o_proj's input is kept either way (measured: the attention output it reads is).
+FROZEN_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
+DROPOUT_BYTES = 3  # per element of each adapted module's input with LoRA dropout: the bf16 dropped copy and its mask
+
+
+@functools.cache
+def lora_activations(arch: Architecture, targets: tuple[str, ...], dropout: float) -> float:
+    """Bytes per token and layer a LoRA/QLoRA layer keeps beyond (negative: below) a trained layer's, before
+    tensor parallelism: the frozen RMSNorm weights do not keep their normalized input (2h each); a group of
+    frozen linears without an adapter does not keep its input (2 bytes per element); with dropout each
+    adapted module keeps its dropped input. The adapters read their module's input as it is
+    (loading.share_adapter_inputs), so the modules of a group keep one copy. Measured per target set, with
+    fp32 (DDP) and bf16 (FSDP2, DeepSpeed) adapters: tests/planner/test_activations.py."""
+    h, shapes = arch.hidden_size, arch.module_shapes()
+    names = LINEAR_MODULES if "all-linear" in targets else targets
+    known = [n for n in names if n in shapes]
+    unknown = len(names) - len(known)  # modules the planner has no shape for: every input may be read
+
+    def width(name: str) -> int:  # input elements per token (an MoE token's down input: one per expert)
+        return shapes[name][0] * (arch.num_experts_per_token if name == "down_proj" else 1)
+
+    kept = -4.0 * h
+    if not unknown:
+        kept -= sum(2 * width(group[0]) for group in FROZEN_INPUTS if not any(n in known for n in group))
+    if dropout > 0:
+        kept += DROPOUT_BYTES * (sum(width(n) for n in known) + unknown * h)
+    return kept
 
 
 def deepspeed_buckets(arch: Architecture, layout: Layout) -> float:

@@ -101,6 +101,7 @@ def add_lora(contract: Contract, model):
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    share_adapter_inputs(model)
     values = lora_values(model, contract.training.seed)  # the same initial adapters for every engine
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -109,6 +110,25 @@ def add_lora(contract: Contract, model):
             if name in values and p.device.type != "meta":
                 p.copy_(values[name])
     return model
+
+
+def share_adapter_inputs(model) -> int:
+    """Let each adapter read its module's input as it is (returns how many adapted modules).
+
+    By default peft copies each adapted module's input to the adapter's dtype (fp32) before its matmul,
+    and autocast copies it back to bf16 for it: one bf16 copy per adapted module that autograd keeps for
+    the backward pass (2 bytes per input element: q, k and v each keep their own copy of one input). The
+    runtime trains every adapter under autocast (DDP, FSDP2) or in the base's dtype (DeepSpeed), so the
+    cast is not needed, and bf16 -> fp32 -> bf16 is exact: the adapters compute the same values (with
+    dropout, up to rounding the dropped input in bf16: tests/runtime/test_lora_inputs.py), and the modules
+    that share an input (q, k, v; gate, up) keep it once (memory.lora_activations counts it so; measured in
+    tests/planner/test_activations.py)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def build_empty(contract: Contract, model_dir: Path):
