@@ -71,6 +71,34 @@ def test_config_json_in_a_local_folder(tmp_path):
     assert "config.json" in arch.source
 
 
+def test_a_head_that_scales_its_logits_keeps_the_models_own_loss_in_the_plan(tmp_path):
+    """Cohere's logit_scale (Granite's logits_scaling): the runtime keeps the model's own loss for such a head
+    (contract.own_loss_reason, chunked_loss.unsupported), so the plan counts the whole logits and renders no
+    chunk, and says why."""
+    from kubeforge.api import parse
+    from kubeforge.planner import plan
+    from kubeforge.planner.memory import Layout, loss_chunk
+    from tests.builders import finetune
+    from tests.planner.nodes import example_cluster
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**LLAMA_8B_CONFIG, "logit_scale": 0.0625}))
+    scaled = resolve(ModelSource(uri="model"), local_root=tmp_path)
+    plain = from_hf_config(LLAMA_8B_CONFIG, "x/config.json")
+    assert scaled.own_loss == "it scales its logits (logit_scale)" and plain.own_loss == ""
+    layout = Layout(method="lora", strategy="ddp", nodes=1, gpus_per_node=1)
+    assert loss_chunk(scaled, layout) == 0 and loss_chunk(plain, layout) == 256
+    routed = from_hf_config({**LLAMA_8B_CONFIG, "output_router_logits": True}, "x/config.json")
+    assert "router" in routed.own_loss and loss_chunk(routed, layout) == 0
+
+    spec = parse(finetune()).spec
+    inventory = example_cluster("h100-4x8.yaml")
+    own, chunked = (plan(spec, inventory, arch) for arch in (scaled, plain))
+    assert own.feasible and own.loss_chunk_tokens == 0 and chunked.loss_chunk_tokens == 256
+    assert own.memory.activations > chunked.memory.activations
+    assert any("whole logits, not in chunks: it scales its logits (logit_scale)" in r for r in own.reasons)
+
+
 def test_spec_architecture_overrides_the_catalog():
     spec = ModelSource(uri="hf://meta-llama/Llama-3.1-8B", architecture=ModelArchitecture(num_layers=16))
     arch = resolve(spec)

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubeforge.api.finetune import ModelArchitecture, ModelSource
 from kubeforge.api.uris import parse_uri
+from kubeforge.runtime.contract import own_loss_reason
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,6 +41,7 @@ class Architecture:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     num_parameters: int = 0  # 0: computed
+    own_loss: str = ""  # why the runtime keeps the model's own loss over its whole logits (contract.own_loss_reason)
     source: str = ""
 
     def __hash__(self) -> int:  # the dataclass's own hash (of every field), computed once: caches key on it
@@ -159,6 +161,7 @@ def from_hf_config(config: Mapping[str, Any], source: str) -> Architecture:
             num_experts_per_token=int(cfg.get("num_experts_per_tok") or 1),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2"),
+            own_loss=own_loss_reason(cfg) or "",
             source=source,
         )
     except KeyError as err:

@@ -143,6 +143,7 @@ def model_sentence(req: Request, arch: Architecture, trainable: int) -> str:
     return (
         f"Model: {params(arch.total_parameters)} parameters, {arch.num_layers} layers, hidden {arch.hidden_size} "
         f"({arch.source}); {req.method} trains {params(trainable)} of them."
+        + (f" Its loss runs over the whole logits, not in chunks: {arch.own_loss}." if arch.own_loss else "")
     )
 
 

@@ -129,8 +129,10 @@ class Layout:
 
 
 def loss_chunk(arch: Architecture, layout: Layout) -> int:
-    """Tokens per chunk of the loss (contract.loss_chunk_tokens), 0 where the whole logits exist at once."""
-    if not layout.chunked_loss:
+    """Tokens per chunk of the loss (contract.loss_chunk_tokens), 0 where the whole logits exist at once (the
+    model's own loss: under ZeRO-3 and Megatron, for a model whose config asks for it, for layout.chunked_loss
+    False)."""
+    if not layout.chunked_loss or arch.own_loss:
         return 0
     return loss_chunk_tokens(arch.vocab_size, layout.strategy)
 

@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kubeforge.runtime.contract import own_loss_reason
+
 log = logging.getLogger("kubeforge.train")
 
 IGNORE = -100
-# configuration keys of heads that scale or otherwise change the logits (Cohere, Granite, ...): the model's own
-# loss knows what to do with them, this one does not
-SCALED_HEADS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_scale")
 
 
 @dataclass
@@ -64,11 +63,9 @@ def unsupported(target: Any) -> str | None:
     if not isinstance(getattr(target, "lm_head", None), torch.nn.Module) or not hasattr(target, "model"):
         return f"{type(target).__name__} has no lm_head over a base model"
     config = getattr(target, "config", None)
-    scaled = [k for k in SCALED_HEADS if getattr(config, k, None) not in (None, 1, 1.0)]
-    if scaled:
-        return f"{type(target).__name__} scales its logits ({', '.join(scaled)})"
-    if getattr(config, "output_router_logits", False):
-        return f"{type(target).__name__} adds its router's auxiliary loss"
+    reason = own_loss_reason(config.to_dict() if hasattr(config, "to_dict") else {})
+    if reason:
+        return f"{type(target).__name__}: {reason}"
     if "logits_to_keep" not in inspect.signature(type(target).forward).parameters:
         return f"{type(target).__name__}.forward is not a transformers causal LM's"
     return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -230,6 +231,23 @@ def chunked_loss_runs(strategy: str) -> bool:
     """Whether the runtime computes the loss in chunks under ``strategy`` (the planner counts it so)."""
     facts = STRATEGIES[strategy]
     return facts.engine != "megatron" and facts.zero_stage != 3
+
+
+# configuration keys of heads that scale or otherwise change the logits (Cohere, Granite, ...): the model's own
+# loss knows what to do with them, the chunked loss does not
+SCALED_HEADS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_scale")
+
+
+def own_loss_reason(config: Mapping[str, Any]) -> str | None:
+    """Why a model with this config.json keeps its own loss (its head scales the logits, or its loss adds the
+    router's auxiliary loss), None where the chunked loss reproduces it: the runtime does not install the chunked
+    loss on such a model, and the planner counts its whole logits (Architecture.own_loss)."""
+    scaled = [k for k in SCALED_HEADS if config.get(k) not in (None, 1, 1.0)]
+    if scaled:
+        return f"it scales its logits ({', '.join(scaled)})"
+    if config.get("output_router_logits"):
+        return "it adds its router's auxiliary loss"
+    return None
 
 
 def loss_chunk_tokens(vocab_size: int, strategy: str) -> int:
