@@ -64,7 +64,7 @@ from kubeforge.inventory.pools import Inventory, pools_from_nodes  # noqa: E402
 from kubeforge.planner import catalog  # noqa: E402
 from kubeforge.planner.architecture import Architecture  # noqa: E402
 from kubeforge.planner.cost import step_time  # noqa: E402
-from kubeforge.planner.memory import Layout, estimate  # noqa: E402
+from kubeforge.planner.memory import READINGS, Layout, estimate, shown_by  # noqa: E402
 from kubeforge.planner.search import plan  # noqa: E402
 from tests.builders import DELETE, finetune  # noqa: E402
 from tests.planner.nodes import gfd_node  # noqa: E402
@@ -314,6 +314,13 @@ def inventory(entry: dict[str, Any], host_gib: int = 1024) -> Inventory | None:
     return pools_from_nodes(built)
 
 
+def reading(entry: dict[str, Any]) -> str:
+    """What the entry's peak measures (memory.READINGS); "device" where the source does not say (the planner's
+    own view: everything on the GPU)."""
+    value = (entry.get("measured") or {}).get("reading")
+    return value if value in READINGS else "device"
+
+
 def measured_peak(entry: dict[str, Any]) -> tuple[float | None, str]:
     """(GiB per GPU, 'm' measured | 'd' derived in the entry)."""
     measured = entry.get("measured") or {}
@@ -359,6 +366,7 @@ class Row:
     gpu: str = ""
     measured_gib: float | None = None
     measured_kind: str = ""
+    reading: str = "device"  # what the measured peak shows of the estimate (memory.shown_by)
     predicted_gib: dict[str, float] = field(default_factory=dict)  # "gc=off" / "gc=on" -> GiB
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     ratio: float | None = None
@@ -379,6 +387,9 @@ class Row:
     skipped: str = ""
 
 
+READ_MARK = {"device": "", "reserved": "r", "allocated": "a"}
+
+
 def _label(gc: bool) -> str:
     return "gc=on" if gc else "gc=off"
 
@@ -393,6 +404,7 @@ def memory_row(entry: dict[str, Any]) -> Row:
     arch, where = architecture(entry)
     row = Row(entry["id"], entry["method"], where, verdict=entry.get("verdict"), caveats=caveats(entry))
     row.measured_gib, row.measured_kind = measured_peak(entry)
+    row.reading = reading(entry)
     row.measured_step, row.step_kind = measured_step(entry)
     if arch is None:
         row.skipped = where
@@ -408,7 +420,7 @@ def memory_row(entry: dict[str, Any]) -> Row:
             row.skipped = "no layout (GPU count, strategy or seq_len not stated)"
             return row
         mem = estimate(arch, lay)
-        row.predicted_gib[_label(gc)] = mem.total / GIB
+        row.predicted_gib[_label(gc)] = shown_by(row.reading, arch, lay, mem) / GIB
         row.breakdown[_label(gc)] = {
             "weights": mem.weights / GIB,
             "gradients": mem.gradients / GIB,
@@ -598,7 +610,7 @@ def print_table(rows: list[Row]) -> None:
             continue
         pred = "/".join(_fmt(r.predicted_gib.get(k)) for k in ("gc=off", "gc=on") if k in r.predicted_gib)
         ratio = (_fmt(r.ratio, ".2f") + ("*" if r.ambiguous_gc else "")) if r.ratio else "-"
-        meas = _fmt(r.measured_gib) + (r.measured_kind if r.measured_kind == "d" else "")
+        meas = _fmt(r.measured_gib) + (r.measured_kind if r.measured_kind == "d" else "") + READ_MARK[r.reading]
         step = (_fmt(r.measured_step, ".2f") + r.step_kind) if r.measured_step else "-"
         sratio = (_fmt(r.step_ratio, ".2f") + ("*" if r.ambiguous_gc else "")) if r.step_ratio else "-"
         if r.planner_verdict is None:
@@ -613,10 +625,11 @@ def print_table(rows: list[Row]) -> None:
             f"{ratio:>7} {step:>7} {sratio:>8}  {verdict}" + (f"  [{flags}]" if flags else "")
         )
     print(
-        "\nmeas: measured peak GiB per GPU (d: the entry's derived per-GPU figure); pred: memory.estimate "
-        "total, checkpointing off/on; ratio = predicted / measured (* checkpointing not stated: the nearer "
-        "variant). step: seconds per step (m stated, d derived in the entry, t from tokens/s per GPU); "
-        "s ratio = cost.step_time / published."
+        "\nmeas: measured peak GiB per GPU (d: the entry's derived per-GPU figure; a: max_memory_allocated, "
+        "r: max_memory_reserved, else a device reading or not stated); pred: what that reading shows of "
+        "memory.estimate (memory.shown_by), checkpointing off/on; ratio = predicted / measured (* checkpointing "
+        "not stated: the nearer variant). step: seconds per step (m stated, d derived in the entry, t from "
+        "tokens/s per GPU); s ratio = cost.step_time / published."
     )
 
 

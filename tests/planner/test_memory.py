@@ -195,3 +195,22 @@ def test_fsdp_gathers_a_qlora_base_in_nf4_and_dequantizes_one_linear_weight_at_a
     assert fsdp_gathered(arch, "qlora", 2.0) < 0.75 * fsdp_gathered(arch, "lora", 2.0)
     layout = Layout(method="qlora", strategy="fsdp", nodes=4, gpus_per_node=1)
     assert model_states(arch, layout).gathered == fsdp_gathered(arch, "qlora", 2.0)
+
+
+def test_what_each_reading_of_gpu_memory_shows_of_an_estimate():
+    """nvidia-smi shows everything; max_memory_reserved not the CUDA context or NCCL's buffers; max_memory_allocated
+    not the allocator's cached blocks either (the fragmentation term): what the references' peaks are compared with."""
+    from kubeforge.planner.catalog import lookup
+    from kubeforge.planner.memory import CUDA_CONTEXT, FRAGMENTATION, NCCL_BUFFERS, estimate, shown_by
+
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    for gpus in (1, 8):
+        layout = Layout(method="lora", strategy="zero2", nodes=1, gpus_per_node=gpus, seq_len=2048)
+        mem = estimate(arch, layout)
+        outside = CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0)
+        cached = FRAGMENTATION * (mem.model_states + mem.gathered + mem.activations)
+        assert shown_by("device", arch, layout, mem) == mem.total
+        assert shown_by("reserved", arch, layout, mem) == mem.total - outside
+        assert abs(shown_by("allocated", arch, layout, mem) - (mem.total - outside - cached)) <= 4  # int rounding
+    with pytest.raises(ValueError, match="one of device, reserved, allocated"):
+        shown_by("nvidia-smi", arch, layout, mem)

@@ -12,6 +12,7 @@ from numbers import Number
 import pytest
 
 from bench.planner_vs_references import CHUNKED_LOSSES, UNMODELLED, load, memory_row
+from kubeforge.planner.memory import READINGS
 
 ENTRIES = load()
 METHODS = {"full", "lora", "qlora"}
@@ -54,6 +55,8 @@ def test_entry_is_well_formed(entry):
     assert entry.get("verdict") in VERDICTS
     assert entry.get("model", {}).get("name")
     assert entry.get("loss") in (None, *CHUNKED_LOSSES), "loss: absent (the whole logits) or one of CHUNKED_LOSSES"
+    reading = (entry.get("measured") or {}).get("reading")
+    assert reading in (None, "unknown", *READINGS), "measured.reading: allocated, reserved, device or unknown"
     negative = [(p, v) for p, v in _numbers(entry) if v < 0]
     assert not negative, negative
     if _peak(entry) is not None:

@@ -367,6 +367,25 @@ def _fixed_overhead(arch: Architecture, layout: Layout) -> float:
     return CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0) + deepspeed_buckets(arch, layout)
 
 
+# What a reading of a GPU's memory shows of an estimate: "device" (nvidia-smi, NVML) everything; "reserved"
+# (torch.cuda.max_memory_reserved) not the CUDA context and NCCL's buffers, which are allocated outside torch's
+# caching allocator; "allocated" (torch.cuda.max_memory_allocated) not the allocator's cached, unused blocks
+# (the fragmentation term) either. The planner plans for the device; published runs report any of the three.
+READINGS = ("device", "reserved", "allocated")
+
+
+def shown_by(reading: str, arch: Architecture, layout: Layout, memory: Memory) -> int:
+    """The bytes of ``memory`` (estimate(arch, layout)) that ``reading`` (one of READINGS) shows."""
+    if reading not in READINGS:
+        raise ValueError(f"reading {reading!r}: one of {', '.join(READINGS)}")
+    shown = memory.total
+    if reading != "device":
+        shown -= CUDA_CONTEXT + (NCCL_BUFFERS if layout.world > 1 else 0)
+    if reading == "allocated":
+        shown -= memory.overhead - int(_fixed_overhead(arch, layout))
+    return shown
+
+
 def estimate(arch: Architecture, layout: Layout, states: States | None = None) -> Memory:
     """``states``: model_states(arch, layout), when the caller already has it (it does not depend on the
     micro-batch or on gradient checkpointing)."""
