@@ -269,3 +269,26 @@ def test_fsdp_offload_is_not_chosen_when_fsdp_fits():
     assert result.feasible and result.offload == "none", result.strategy
     forced = planned(job(**LLAMA_70B_QLORA, **{"parallelism.strategy": "fsdp-offload"}), eight)
     assert forced.feasible and forced.strategy == "fsdp-offload"  # an explicit choice is honoured
+
+
+def test_the_optimizer_step_streams_each_gpus_share_of_the_trainable_weights_through_its_memory():
+    """cost.py's optimizer term: OPTIMIZER_BYTES per parameter a GPU updates at its memory bandwidth: every
+    parameter under DDP, a 1/N shard under ZeRO/FSDP, nothing where Adam runs on the host."""
+    from kubeforge.planner.catalog import lookup
+    from kubeforge.planner.cost import OPTIMIZER_BYTES, step_time
+    from kubeforge.planner.memory import Layout
+
+    arch = lookup("meta-llama/Llama-3.1-8B")
+    pool = example_cluster("h100-4x8.yaml").pools[0]
+    assert pool.gpu.memory_gbps == 3350
+
+    def optimizer(**choices):
+        layout = Layout(nodes=1, gpus_per_node=8, seq_len=2048, **choices)
+        return step_time(arch, layout, pool, 8).optimizer
+
+    ddp = optimizer(method="full", strategy="ddp")
+    assert ddp == pytest.approx(OPTIMIZER_BYTES * arch.total_parameters / 3350e9)
+    assert optimizer(method="full", strategy="zero1") == pytest.approx(ddp / 8)
+    assert optimizer(method="full", strategy="fsdp") == pytest.approx(ddp / 8)
+    assert optimizer(method="full", strategy="zero2-offload-optimizer") == 0.0
+    assert 0 < optimizer(method="lora", strategy="ddp") < ddp / 100

@@ -6,7 +6,9 @@ datasheets (T4, V100, A10, A100, L4, L40S, H100, H200, HGX B200), NVIDIA's CUDA
 compute-capability table, and for the A10G (an AWS-only part with no NVIDIA datasheet)
 the figures AWS publishes for G5 instances. NVLink bandwidth is per GPU, both
 directions; ``nvswitch`` means every GPU of a board talks to every other over NVLink
-(HGX/DGX SXM boards); ``nvlink_pairs`` means NVLink bridges join GPUs in pairs.
+(HGX/DGX SXM boards); ``nvlink_pairs`` means NVLink bridges join GPUs in pairs. Memory bandwidth
+is the datasheets' peak GB/s of the GPU's own memory (HBM or GDDR); the A10G's is the A10's (the
+same GA102 with 24 GB GDDR6; AWS publishes none).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class GPUFacts:
     nvswitch: bool
     nvlink_pairs: bool
     pcie_gbps: float  # GB/s per direction of the host link
+    memory_gbps: float = 300.0  # GB/s peak of the GPU's own memory
     known: bool = True
 
     @property
@@ -49,29 +52,29 @@ class GPUFacts:
         return {"bf16": self.bf16_tflops, "fp16": self.fp16_tflops, "fp8": self.fp8_tflops}[precision]
 
 
-def _g(name, family, mib, cc, bf16, fp16, fp8, nvlink=0.0, nvswitch=False, pairs=False, pcie=32.0) -> GPUFacts:
-    return GPUFacts(name, family, mib, cc, bf16, fp16, fp8, nvlink, nvswitch, pairs, pcie)
+def _g(name, family, mib, cc, bf16, fp16, fp8, nvlink=0.0, nvswitch=False, pairs=False, pcie=32.0, hbm=300.0):
+    return GPUFacts(name, family, mib, cc, bf16, fp16, fp8, nvlink, nvswitch, pairs, pcie, hbm)
 
 
 GPU_FACTS: dict[str, GPUFacts] = {
     f.name: f
     for f in (
-        _g("T4", "T4", 15360, (7, 5), 0, 65, 0, pcie=16),
-        _g("V100-SXM2-16GB", "V100", 16384, (7, 0), 0, 125, 0, nvlink=300, nvswitch=False, pcie=16),
-        _g("V100-SXM2-32GB", "V100", 32768, (7, 0), 0, 125, 0, nvlink=300, nvswitch=False, pcie=16),
-        _g("A10", "A10", 24564, (8, 6), 125, 125, 0, pcie=32),
-        _g("A10G", "A10", 23028, (8, 6), 70, 70, 0, pcie=32),
-        _g("L4", "L4", 23034, (8, 9), 121, 121, 242, pcie=32),
-        _g("L40S", "L40S", 46068, (8, 9), 362, 362, 733, pcie=32),
-        _g("A100-SXM4-40GB", "A100", 40960, (8, 0), 312, 312, 0, nvlink=600, nvswitch=True, pcie=32),
-        _g("A100-SXM4-80GB", "A100", 81920, (8, 0), 312, 312, 0, nvlink=600, nvswitch=True, pcie=32),
-        _g("A100-PCIE-40GB", "A100", 40960, (8, 0), 312, 312, 0, pcie=32),
-        _g("A100-PCIE-80GB", "A100", 81920, (8, 0), 312, 312, 0, pcie=32),
-        _g("H100-SXM-80GB", "H100", 81559, (9, 0), 989, 989, 1979, nvlink=900, nvswitch=True, pcie=64),
-        _g("H100-PCIE-80GB", "H100", 81559, (9, 0), 756, 756, 1513, pcie=64),
-        _g("H100-NVL-94GB", "H100", 95830, (9, 0), 835, 835, 1671, nvlink=600, pairs=True, pcie=64),
-        _g("H200-SXM-141GB", "H200", 143771, (9, 0), 989, 989, 1979, nvlink=900, nvswitch=True, pcie=64),
-        _g("B200-180GB", "B200", 183359, (10, 0), 2250, 2250, 4500, nvlink=1800, nvswitch=True, pcie=64),
+        _g("T4", "T4", 15360, (7, 5), 0, 65, 0, pcie=16, hbm=320),
+        _g("V100-SXM2-16GB", "V100", 16384, (7, 0), 0, 125, 0, nvlink=300, nvswitch=False, pcie=16, hbm=900),
+        _g("V100-SXM2-32GB", "V100", 32768, (7, 0), 0, 125, 0, nvlink=300, nvswitch=False, pcie=16, hbm=900),
+        _g("A10", "A10", 24564, (8, 6), 125, 125, 0, pcie=32, hbm=600),
+        _g("A10G", "A10", 23028, (8, 6), 70, 70, 0, pcie=32, hbm=600),
+        _g("L4", "L4", 23034, (8, 9), 121, 121, 242, pcie=32, hbm=300),
+        _g("L40S", "L40S", 46068, (8, 9), 362, 362, 733, pcie=32, hbm=864),
+        _g("A100-SXM4-40GB", "A100", 40960, (8, 0), 312, 312, 0, nvlink=600, nvswitch=True, pcie=32, hbm=1555),
+        _g("A100-SXM4-80GB", "A100", 81920, (8, 0), 312, 312, 0, nvlink=600, nvswitch=True, pcie=32, hbm=2039),
+        _g("A100-PCIE-40GB", "A100", 40960, (8, 0), 312, 312, 0, pcie=32, hbm=1555),
+        _g("A100-PCIE-80GB", "A100", 81920, (8, 0), 312, 312, 0, pcie=32, hbm=1935),
+        _g("H100-SXM-80GB", "H100", 81559, (9, 0), 989, 989, 1979, nvlink=900, nvswitch=True, pcie=64, hbm=3350),
+        _g("H100-PCIE-80GB", "H100", 81559, (9, 0), 756, 756, 1513, pcie=64, hbm=2000),
+        _g("H100-NVL-94GB", "H100", 95830, (9, 0), 835, 835, 1671, nvlink=600, pairs=True, pcie=64, hbm=3900),
+        _g("H200-SXM-141GB", "H200", 143771, (9, 0), 989, 989, 1979, nvlink=900, nvswitch=True, pcie=64, hbm=4800),
+        _g("B200-180GB", "B200", 183359, (10, 0), 2250, 2250, 4500, nvlink=1800, nvswitch=True, pcie=64, hbm=8000),
     )
 }
 
@@ -137,5 +140,6 @@ def unknown_gpu(product: str, memory_mib: int, compute_capability: tuple[int, in
         nvswitch=False,
         nvlink_pairs=False,
         pcie_gbps=16.0,
+        memory_gbps=300.0,  # the slowest of the table's (L4)
         known=False,
     )

@@ -28,6 +28,10 @@
                 shards back (the runtime reduce-scatters every micro-batch: unsharded gradients
                 would pile up on the GPU); AdamW steps on the host (torch's fused CPU AdamW, about
                 DeepSpeed's CPUAdam rate: 0.127 vs 0.137 G params/s measured on 2 cores).
+    optimizer = the AdamW step on the GPU, which streams its tensors through the GPU's memory:
+                OPTIMIZER_BYTES per trainable parameter this GPU updates (all of them under DDP, its
+                shard under ZeRO, FSDP and Megatron's distributed optimizer) at the datasheet's memory
+                bandwidth (a floor: real kernels reach less of it); none where Adam runs on the host.
     latency   = kernel launches (LAYER_LAUNCH_SECONDS per layer and micro-batch, forward and
                 backward; tensor parallelism does not reduce it) and collective latencies
                 (COLLECTIVE_LATENCY inside a node, x5 across nodes): the floor that keeps tiny
@@ -77,6 +81,10 @@ HOST_ADAM_PARAMS_PER_SECOND = 2e9  # DeepSpeed CPUAdam on one node
 LAYER_LAUNCH_SECONDS = 2e-4  # forward + backward kernels of one transformer layer
 COLLECTIVE_LATENCY = 2e-5  # one NCCL collective inside a node
 GRADIENT_BUCKET_BYTES = 25 * 1024**2
+# Bytes the optimizer step moves per trainable parameter, all fp32 (contract.precision_policy): gradient
+# clipping reads every gradient for the norm, then reads and writes it to scale it (12); AdamW reads the
+# master weight, gradient and two moments and writes the weight and moments back (28).
+OPTIMIZER_BYTES = 40
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class StepTime:
     offload: float
     latency: float = 0.0
     ulysses: float = 0.0
+    optimizer: float = 0.0
 
     @property
     def total(self) -> float:
@@ -99,6 +108,7 @@ class StepTime:
             + self.offload
             + self.latency
             + self.ulysses
+            + self.optimizer
         )
 
 
@@ -168,6 +178,7 @@ class StepShape:
         "moved",
         "offload",
         "offload_micro",
+        "optimizer_bytes",
         "p",
         "per_stage",
         "qlora",
@@ -219,6 +230,8 @@ class StepShape:
             math.ceil(grad_bytes / layout.model_parallel / GRADIENT_BUCKET_BYTES) * math.log2(d) if d > 1 else 0.0
         )
         self.offload = facts.offload
+        updated = trainable if facts.engine == "ddp" else trainable / layout.world  # parameters this GPU steps
+        self.optimizer_bytes = OPTIMIZER_BYTES * updated if facts.offload == "none" else 0.0
         moved = 0.0
         if facts.offload != "none":  # fp32 gradients down and updated weights up over PCIe
             moved = (4.0 + 2.0) * trainable / layout.world
@@ -238,7 +251,7 @@ class StepModel:
     accumulation: what does not depend on those three is computed once (StepShape and the pool's terms
     here), the rest in ``terms`` (StepTime's fields, in order) or ``seconds`` (their total)."""
 
-    __slots__ = ("data_parallel", "intra", "offload", "offload_micro", "shape", "world_peak")
+    __slots__ = ("data_parallel", "intra", "offload", "offload_micro", "optimizer", "shape", "world_peak")
 
     def __init__(
         self,
@@ -268,11 +281,13 @@ class StepModel:
             offload = shape.moved / pcie + shape.trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
             self.offload_micro = (shape.offload_micro[0] / pcie, shape.offload_micro[1] / pcie)
         self.offload = offload
+        self.optimizer = shape.optimizer_bytes / (pool.gpu.memory_gbps * 1e9)
 
     def terms(
         self, micro_batch: int, checkpointing: bool, accumulation: int
-    ) -> tuple[float, float, float, float, float, float, float]:
-        """(compute, bubble, data_parallel, tensor_parallel, offload, latency, ulysses): StepTime's fields."""
+    ) -> tuple[float, float, float, float, float, float, float, float]:
+        """(compute, bubble, data_parallel, tensor_parallel, offload, latency, ulysses, optimizer): StepTime's
+        fields."""
         s = self.shape
         micro_tokens = micro_batch * s.examples * s.seq_len / s.ulysses
         fill = 0.75 + 0.25 * micro_tokens / 8192  # small micro-batches leave the GPU partly idle
@@ -310,14 +325,14 @@ class StepModel:
             collectives += 2 * (micro_batches + p - 1)
         latency = launches + collectives * s.alpha
         offload = self.offload + micro_batches * self.offload_micro[checkpointing]
-        return compute, bubble, self.data_parallel[checkpointing], tensor, offload, latency, ulysses
+        return compute, bubble, self.data_parallel[checkpointing], tensor, offload, latency, ulysses, self.optimizer
 
     def seconds(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
         """StepTime.total of ``terms`` without building the StepTime."""
-        compute, bubble, data_parallel, tensor, offload, latency, ulysses = self.terms(
+        compute, bubble, data_parallel, tensor, offload, latency, ulysses, optimizer = self.terms(
             micro_batch, checkpointing, accumulation
         )
-        return compute + bubble + data_parallel + tensor + offload + latency + ulysses
+        return compute + bubble + data_parallel + tensor + offload + latency + ulysses + optimizer
 
 
 def reference_pass_seconds(arch: Architecture, layout: Layout, step: StepTime, steps_per_epoch: int | None) -> float:

@@ -216,7 +216,7 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
     out.append(
         f"Estimated {t.total:.2f} s per step: compute {t.compute:.2f} s, pipeline bubble {t.bubble:.2f} s, "
         f"data-parallel traffic {t.data_parallel:.2f} s, tensor-parallel traffic {t.tensor_parallel:.2f} s, "
-        f"offload {t.offload:.2f} s, latency {t.latency:.3f} s"
+        f"offload {t.offload:.2f} s, optimizer step {t.optimizer:.2f} s, latency {t.latency:.3f} s"
         + (f", Ulysses all-to-all {t.ulysses:.2f} s." if lay.ulysses > 1 else ".")
     )
     return out
