@@ -56,7 +56,8 @@ Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The 
 the loss (SFT, DPO's log-probs) in chunks of contract.loss_chunk_tokens tokens (runtime/chunked_loss.py: each
 chunk's logits are recomputed in the backward pass), which holds 8 bytes per chunk token and vocabulary entry
 at its peak (the fp32 logits and log-softmax of one chunk; measured), whatever the sequence length. Where
-the model's own loss runs (ZeRO-3, megatron-core: loss_chunk_tokens is 0) the whole logits cost 10 bytes per
+the model's own loss runs (megatron-core, a head that scales its logits: loss_chunk_tokens is 0) the whole
+logits cost 10 bytes per
 token and vocabulary entry (bf16 logits, their fp32 copy and the fp32 log-softmax; measured). DeepSpeed-Ulysses
 (degree u) divides the activations and a loss's tokens by u (a chunk holds at most its 1/u slice): each GPU
 holds 1/u of every sequence, and attention holds the whole sequence for 1/u of the heads. DPO runs each
@@ -130,7 +131,7 @@ class Layout:
 
 def loss_chunk(arch: Architecture, layout: Layout) -> int:
     """Tokens per chunk of the loss (contract.loss_chunk_tokens), 0 where the whole logits exist at once (the
-    model's own loss: under ZeRO-3 and Megatron, for a model whose config asks for it, for layout.chunked_loss
+    model's own loss: under Megatron, for a model whose config asks for it, for layout.chunked_loss
     False)."""
     if not layout.chunked_loss or arch.own_loss:
         return 0

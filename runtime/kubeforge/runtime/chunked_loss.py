@@ -10,8 +10,12 @@ a time. The price is the head's forward computed twice (2 x hidden x vocabulary 
 
 The same idea as Liger's fused linear cross-entropy and torchtune's chunked output loss, in plain PyTorch:
 the head is called as a module, so the engines' hooks see it (FSDP2's unshard of the root, DDP's gradient hooks,
-ZeRO-1/2's gradient partitioning, a LoRA adapter on the head). Not under ZeRO-3 (contract.chunked_loss_runs):
-DeepSpeed partitions the head's weight again after each call, and the recomputation then finds it empty.
+ZeRO's gradient partitioning, ZeRO-3's gather of the head's weight for each call, a LoRA adapter on the head).
+ZeRO-3 partitions that weight again after each call: by the time torch's checkpoint compares what the
+recomputation saved with what the forward pass saved, the weight it saved is empty again, so that comparison
+(a debugging check, determinism_check) is off; the gradients are the model's own (tests/runtime/
+test_chunked_loss.py, 2 ranks; an empty weight in a matmul would raise, not compute). Not under megatron-core,
+which keeps its own vocab-parallel loss (contract.chunked_loss_runs).
 ``install`` swaps the forward of the model's causal LM (the one inside a peft wrapper) on that instance; a call
 with ``labels`` (or with ``shift_labels``, targets already shifted: a Ulysses rank's slice of the sequence,
 objectives.UlyssesSFT) returns the loss without logits; with ``token_logps=True`` as well it returns each
@@ -44,6 +48,9 @@ from kubeforge.runtime.contract import own_loss_reason
 log = logging.getLogger("kubeforge.train")
 
 IGNORE = -100
+# non-reentrant checkpointing of each chunk, without comparing the recomputed tensors' shapes with the saved ones:
+# ZeRO-3 has partitioned the head's weight again by then (see the module's doc)
+RECOMPUTE = {"use_reentrant": False, "determinism_check": "none"}
 
 
 @dataclass
@@ -140,7 +147,7 @@ def cross_entropy(
     flat = hidden.reshape(-1, hidden.size(-1))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for part, part_targets in zip(flat.tensor_split(chunks), targets.tensor_split(chunks), strict=True):
-        total = total + checkpoint(_chunk_loss, head, part, part_targets, softcap, use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, head, part, part_targets, softcap, **RECOMPUTE)
     if num_items is None:
         return total / (targets != IGNORE).sum()
     return total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
@@ -154,7 +161,7 @@ def token_logps(
     flat = hidden.reshape(-1, hidden.size(-1))
     wanted = targets.reshape(-1).to(hidden.device)
     parts = [
-        checkpoint(_chunk_logps, head, part, part_targets, softcap, use_reentrant=False)
+        checkpoint(_chunk_logps, head, part, part_targets, softcap, **RECOMPUTE)
         for part, part_targets in zip(flat.tensor_split(chunks), wanted.tensor_split(chunks), strict=True)
     ]
     return torch.cat(parts).view(targets.shape)

@@ -220,17 +220,16 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
 
 # The loss in chunks of tokens (runtime/chunked_loss.py) instead of the model's whole logits: each chunk holds at
 # most LOSS_CHUNK_ELEMENTS logits (2^25: 0.25 GiB of the fp32 logits and log-softmax it keeps at its peak), for SFT
-# (Ulysses' sequence slices too) and DPO's log-probs. megatron-core keeps its own vocab-parallel loss; DeepSpeed
-# ZeRO-3 keeps the model's own loss too: it partitions the head's weight again after each call, and the chunk's
-# recomputation in the backward pass then finds it empty (torch's checkpoint refuses: shape [0] for the [vocab,
-# hidden] it saved; a frozen LoRA head under DPO, tests/runtime/test_dpo.py).
+# (Ulysses' sequence slices too) and DPO's log-probs, under every engine but megatron-core, which keeps its own
+# vocab-parallel loss. Under DeepSpeed ZeRO-3 too: DeepSpeed gathers the head's weight for each call and partitions
+# it again after, also around a chunk's recomputation (chunked_loss.py; tests/runtime/test_chunked_loss.py holds
+# every gradient to the model's own loss's there).
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
 def chunked_loss_runs(strategy: str) -> bool:
     """Whether the runtime computes the loss in chunks under ``strategy`` (the planner counts it so)."""
-    facts = STRATEGIES[strategy]
-    return facts.engine != "megatron" and facts.zero_stage != 3
+    return STRATEGIES[strategy].engine != "megatron"
 
 
 # configuration keys of heads that scale or otherwise change the logits (Cohere, Granite, ...): the model's own
