@@ -74,15 +74,16 @@ def test_unmodelled_list_names_real_entries():
 
 
 # Today (bench/planner_vs_references.py): over the 28 runs with an architecture (the catalog's, or a public
-# config.json written out in the bench), a measured peak and none of the memory savers in UNMODELLED,
-# memory.estimate is 0.51x-1.69x of the measured peak (checkpointing not stated -> the nearer of on/off);
-# 10 of the 28 are within 10%. Issue 11 asks for 10% on all of them. What stands in the way, from the
-# bench's rows: no model of selective activation checkpointing (torchtitan 8B: the peak lies between the
-# on/off estimates, 0.51x and 0.60x of it), torch.compile + float8 (torchtitan 70B 2D: 0.87x; Trainy 8B:
-# 0.78x), other frameworks' LoRA and QLoRA implementations (ms-swift on Qwen-1's fused c_attn: 0.75x/0.83x;
-# PEFT's and Answer.AI's FSDP CPU offload on 24 GB cards: 0.72x/0.88x; LitGPT's bitsandbytes QLoRA: 0.86x;
-# torchtune's LoRA recipes: 1.42x-1.69x), and runs whose batches' lengths are not published. The bound
-# below is what holds now with a little room; tighten it as those close.
+# config.json written out in the bench), a measured peak and none of the memory savers in UNMODELLED, what each
+# peak's reading shows of memory.estimate (memory.shown_by: allocated, reserved, else the whole device) is
+# 0.51x-1.69x of the measured peak (checkpointing not stated -> the nearer of on/off); 12 of the 28 are within
+# 10%. Issue 11 asks for 10% on all of them. What stands in the way, from the bench's rows: no model of
+# selective activation checkpointing (torchtitan 8B: the peak lies between the on/off estimates, 0.51x and
+# 0.60x of it), torch.compile + float8 (torchtitan 70B 2D: 0.87x; Trainy 8B: 0.78x), other frameworks' LoRA
+# and QLoRA implementations (ms-swift on Qwen-1's fused c_attn: 0.71x/0.81x; PEFT's and Answer.AI's FSDP CPU
+# offload on 24 GB cards: 0.72x/0.78x; LitGPT's bitsandbytes QLoRA: 0.74x; torchtune's LoRA recipes:
+# 1.42x-1.69x), and runs whose batches' lengths are not published. The bound below is what holds now with a
+# little room; tighten it as those close.
 FACTOR = 2.0
 
 
@@ -92,6 +93,11 @@ def test_memory_estimate_within_a_factor_of_two_of_measured_peaks():
     assert len(compared) >= 20
     off = {r.id: round(r.ratio, 2) for r in compared if abs(math.log(r.ratio)) > math.log(FACTOR)}
     assert not off, f"memory.estimate / measured peak outside {1 / FACTOR:.2f}-{FACTOR:.2f}: {off}"
+    within = sorted(r.id for r in compared if abs(r.ratio - 1) <= 0.10)
+    assert len(within) >= WITHIN_TEN_PERCENT, within
+
+
+WITHIN_TEN_PERCENT = 12  # of the 28 today: a change that loses one of them fails here
 
 
 def test_runs_with_unmodelled_memory_savers_are_overestimated_never_under():
