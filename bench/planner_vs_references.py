@@ -174,6 +174,8 @@ GPUS: tuple[tuple[str, str | None, int | None, str], ...] = (
     (r"\bA10\b", "NVIDIA-A10", None, ""),
     (r"A10G", "NVIDIA-A10G", None, ""),
     (r"L40S", "NVIDIA-L40S", None, ""),
+    (r"\bL4\b", "NVIDIA-L4", None, ""),
+    (r"B200", "NVIDIA-B200", None, ""),
 )
 VERDICTS = ("fits-one-gpu", "needs-sharding", "needs-offload", "does-not-fit")
 METHODS = ("full", "lora", "qlora")

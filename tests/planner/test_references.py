@@ -97,7 +97,7 @@ def test_memory_estimate_within_a_factor_of_two_of_measured_peaks():
     assert len(within) >= WITHIN_TEN_PERCENT, within
 
 
-WITHIN_TEN_PERCENT = 12  # of the 28 today: a change that loses one of them fails here
+WITHIN_TEN_PERCENT = 13  # of the 30 today: a change that loses one of them fails here
 
 
 def test_runs_with_unmodelled_memory_savers_are_overestimated_never_under():
@@ -119,6 +119,9 @@ STEP_MISSES = {
     "peft-metamathqa-llama32-3b-full-1xl40s": "840 real tokens a step (variable-length batches): kernels that small "
     "run far below the efficiency cost.py assumes (its small-micro-batch floor is 0.75 of EFFICIENCY); the AdamW "
     "update on the GPU is counted (0.15 of the 0.59 s predicted vs 1.34 s published)",
+    "philschmid-llama3-70b-qlora-fsdp-offload-4xa10g-3072": "timed loosely by the source ('~40 steps', '~1h': "
+    "+-25%); the planner's compute term alone at the A10G's 70 TFLOPS and FSDP offload's efficiency is 184 s of "
+    "its 187 s, twice the published 90 s; the A10 family has no other published step to calibrate on",
 }
 VERDICT_MISSES = {
     "torchtune-llama31-70b-full-8xa100-cpu-offload": "the recipe fuses the optimizer step into the backward pass "
@@ -129,6 +132,9 @@ VERDICT_MISSES = {
     "finds one H100 with checkpointing enough for the memory",
     "peft-metamathqa-llama32-3b-full-1xl40s": "pure bf16 (bf16 AdamW moments, no fp32 masters): 35 GiB; kubeforge's "
     "fp32 masters and moments need optimizer offload on one L40S",
+    "philschmid-llama3-70b-qlora-fsdp-offload-4xa10g-3072": "the run's FSDP1 + bitsandbytes stack needed CPU offload "
+    "(22 GB per GPU); the planner splits each 3,072-token sequence over the 4 GPUs with Ulysses instead (FSDP2, NF4 "
+    "gathered in 4 bits: 19.6 of 20.2 GiB), a layout the run did not have",
 }
 
 

@@ -71,8 +71,12 @@ EFFICIENCY = {
 # 8 x A100 40GB, LLaMA-Factory's 7B QLoRA on A100 40GB), implied 0.97-1.66, median 1.30. H100: 6 runs
 # (NeMo Automodel's 8B/7B/70B/32B LoRA, torchtitan's 8B FSDP on 8 GPUs, Answer.AI's 70B QLoRA on 4),
 # implied 1.00-1.35, median 1.08; H200 (the same GH100 chip and peak, more memory) takes the H100's
-# factor, with no run of its own. Other families: no published step time here, 1.0 (uncalibrated).
-FAMILY_EFFICIENCY = {"A100": 1.30, "H100": 1.08, "H200": 1.08}
+# factor, with no run of its own. L4: 4 runs (Philipp Schmid's Llama-3.1-8B QLoRA notebooks: packed 1,024
+# and 2,048 tokens on 1 and 4 L4s, two with Liger's kernels; times rounded by the source, embeddings and
+# head trained too in three), implied 0.54-0.99, median 0.77: kubeforge's FLOPs run slower on the L4 than
+# its peak and the per-strategy figures suggest (300 GB/s of memory for 121 TFLOPS). Other families (A10,
+# L40S, B200): one published step each at most here, 1.0 (uncalibrated).
+FAMILY_EFFICIENCY = {"A100": 1.30, "H100": 1.08, "H200": 1.08, "L4": 0.77}
 TP_GEMM_EFFICIENCY = 0.93  # per doubling of TP: smaller matrix multiplies run less efficiently
 FP8_FRACTION = 0.65  # of the fp8 peak reached, relative to bf16 (about 1.3x over bf16 on H100)
 QLORA_SLOWDOWN = 1.3
