@@ -57,7 +57,7 @@ def test_examples_break_no_rule():
 
 
 finetune_docs = st.builds(
-    lambda method, lora, strategy, tp, pp, sp, fmt, objective, epochs, steps, revision, kv: finetune(
+    lambda method, lora, strategy, tp, pp, sp, fmt, objective, epochs, steps, revision, kv, precision, master: finetune(
         method=method,
         lora={"rank": 8} if lora else DELETE,
         **{
@@ -72,6 +72,8 @@ finetune_docs = st.builds(
             "model.revision": revision if revision else DELETE,
             "model.uri": "hf://Qwen/Qwen3-8B" if revision != "pvc" else "pvc://models/base",
             "model.architecture": {"numAttentionHeads": 32, "numKeyValueHeads": kv} if kv else DELETE,
+            "parallelism.precision": precision,
+            "parallelism.masterWeights": master if master else DELETE,
         },
     ),
     st.sampled_from(["full", "lora", "qlora"]),
@@ -86,6 +88,8 @@ finetune_docs = st.builds(
     st.sampled_from([None, 100]),
     st.sampled_from([None, "main", "pvc"]),
     st.sampled_from([None, 8, 5]),
+    st.sampled_from(["auto", "bf16", "fp16"]),
+    st.sampled_from([None, "fp32", "bf16"]),
 )
 
 quantize_docs = st.builds(

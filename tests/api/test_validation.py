@@ -86,6 +86,20 @@ FINETUNE_CASES = [
         ["spec.parallelism: objective dpo trains with ddp, fsdp or a zero stage"],
     ),
     (
+        {"method": "full", "lora": DELETE, "parallelism.masterWeights": "bf16", "parallelism.precision": "fp16"},
+        ["spec.parallelism.masterWeights: masterWeights bf16 (pure bf16) needs precision bf16 or auto"],
+    ),
+    (
+        {
+            "method": "full",
+            "lora": DELETE,
+            "parallelism.masterWeights": "bf16",
+            "parallelism.strategy": "zero3-offload",
+        },
+        ["spec.parallelism.masterWeights: masterWeights bf16 (pure bf16) needs precision bf16 or auto and a strategy"],
+    ),
+    ({"parallelism.masterWeights": "fp16"}, ["spec.parallelism.masterWeights: must be one of 'fp32' or 'bf16'"]),
+    (
         {"training.dpo": {"beta": 0.2}},
         ["spec.training.dpo: only applies to objective dpo"],
     ),

@@ -16,10 +16,10 @@ from tests.runtime.test_train import losses, run_inline
 
 
 def contract_for(tiny_model, task_data, tmp_path, *, method="full", strategy="ddp", precision="fp32", device="cpu",
-                 host=0):  # fmt: skip
+                 host=0, master="fp32"):  # fmt: skip
     contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method=method, strategy=strategy, steps=10,
                              lr=1e-3)  # fmt: skip
-    compute = ComputeConfig(device=device, precision=precision, host_memory_bytes=host)
+    compute = ComputeConfig(device=device, precision=precision, host_memory_bytes=host, master_weights=master)
     return contract.model_copy(update={"compute": compute})
 
 
@@ -30,6 +30,11 @@ REFUSED = [
     ({"method": "lora", "precision": "fp8"}, "compute.precision fp8 trains training.method full only"),
     ({"strategy": "zero3-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
     ({"strategy": "fsdp-offload", "host": 2**50}, "compute.hostMemoryBytes: the plan offloads 1048576.0 GiB"),
+    ({"master": "bf16"}, "compute.master_weights bf16 (pure bf16) needs bf16 compute, not precision fp32"),
+    (
+        {"master": "bf16", "precision": "bf16", "strategy": "zero2-offload-optimizer"},
+        "compute.master_weights bf16 (pure bf16): strategy zero2-offload-optimizer keeps fp32 master weights",
+    ),
 ]
 
 
@@ -73,3 +78,16 @@ def test_fp8_trains_with_float8_matmuls_and_exports_plain_weights(tiny_model, ta
     assert curve[-1] < curve[0]
     assert export.verify(tmp_path / "out") == []
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_pure_bf16_trains_bf16_weights_with_bf16_moments(tiny_model, task_data, tmp_path):
+    """compute.master_weights bf16: no fp32 copy anywhere, AdamW's moments take the weights' dtype, the loss
+    still falls (tests/runtime/test_precision_policy.py counts the bytes under each engine)."""
+    contract = contract_for(tiny_model, task_data, tmp_path, precision="bf16", master="bf16")
+    engine = engines.build(Setup(contract, Dist(0, 1, 0), torch.device("cpu"), tiny_model, total_steps=10))
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    code, summary = run_inline(contract, tmp_path)
+    assert code == 0, summary
+    curve = losses(tmp_path / "out")
+    assert curve[-1] < curve[0]
+    assert export.verify(tmp_path / "out") == []

@@ -25,16 +25,21 @@ from tests.runtime.conftest import make_contract
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 CASES = [
-    ("full", "ddp"),
-    ("full", "fsdp"),
-    ("full", "zero1"),
-    ("full", "zero2"),
-    ("full", "zero3"),
-    ("lora", "ddp"),
-    ("lora", "fsdp"),
-    ("lora", "zero3"),
-    ("qlora", "ddp"),
-    ("qlora", "zero3"),  # the NF4 bytes (stored as bf16, bnb_4bit_quant_storage) are partitioned too
+    ("full", "ddp", "fp32"),
+    ("full", "fsdp", "fp32"),
+    ("full", "zero1", "fp32"),
+    ("full", "zero2", "fp32"),
+    ("full", "zero3", "fp32"),
+    ("lora", "ddp", "fp32"),
+    ("lora", "fsdp", "fp32"),
+    ("lora", "zero3", "fp32"),
+    ("qlora", "ddp", "fp32"),
+    ("qlora", "zero3", "fp32"),  # the NF4 bytes (stored as bf16, bnb_4bit_quant_storage) are partitioned too
+    # pure bf16 (compute.master_weights bf16): 8 bytes per trained parameter instead of 16
+    ("full", "ddp", "bf16"),
+    ("full", "fsdp", "bf16"),
+    ("full", "zero2", "bf16"),
+    ("full", "zero3", "bf16"),
 ]
 
 
@@ -44,10 +49,11 @@ def model_256(tmp_path_factory) -> Path:
     return tiny.make_model(tmp_path_factory.mktemp("m256") / "m", task.words(), hidden=256, layers=4, heads=4)
 
 
-def measure(model: Path, data: Path, tmp: Path, method: str, strategy: str) -> list[dict]:
+def measure(model: Path, data: Path, tmp: Path, method: str, strategy: str, master: str) -> list[dict]:
     contract = make_contract(model, data, tmp / "out", method=method, strategy=strategy, world=WORLD, micro=2,
                              accumulation=1)  # fmt: skip
-    contract = contract.model_copy(update={"compute": ComputeConfig(device="cpu", precision="bf16")})
+    compute = ComputeConfig(device="cpu", precision="bf16", master_weights=master)
+    contract = contract.model_copy(update={"compute": compute})
     config = tmp / "contract.json"
     config.write_text(contract.to_json())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -58,11 +64,11 @@ def measure(model: Path, data: Path, tmp: Path, method: str, strategy: str) -> l
     return [json.loads((tmp / "measured" / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize(("method", "strategy"), CASES, ids=[f"{m}-{s}" for m, s in CASES])
-def test_each_rank_holds_what_the_memory_model_says(model_256, task_data, tmp_path, method, strategy):
+@pytest.mark.parametrize(("method", "strategy", "master"), CASES, ids=[f"{m}-{s}-{w}" for m, s, w in CASES])
+def test_each_rank_holds_what_the_memory_model_says(model_256, task_data, tmp_path, method, strategy, master):
     arch = from_hf_config(json.loads((model_256 / "config.json").read_text()), "test")
     layout = Layout(method=method, strategy=strategy, nodes=1, gpus_per_node=WORLD, precision="bf16",
-                    lora_rank=16, lora_targets=("all-linear",))  # fmt: skip
+                    lora_rank=16, lora_targets=("all-linear",), master_weights=master)  # fmt: skip
     states = model_states(arch, layout)
     expected = states.weights + states.gradients + states.optimizer
     if STRATEGIES[strategy].zero_stage == 3:
@@ -71,10 +77,10 @@ def test_each_rank_holds_what_the_memory_model_says(model_256, task_data, tmp_pa
         # measured after the boundary's reduction; memory.py counts the peak just before it, when the
         # whole bf16 gradients still exist (2 bytes per parameter, of which this rank keeps 1/N)
         expected -= 2 * arch.total_parameters * (1 - 1 / WORLD)
-    ranks = measure(model_256, task_data[0], tmp_path, method, strategy)
+    ranks = measure(model_256, task_data[0], tmp_path, method, strategy, master)
     for rank in ranks:
         assert rank["bytes"] == pytest.approx(expected, rel=0.05), (rank["bytes"] / expected, states)
-        if STRATEGIES[strategy].engine != "deepspeed":  # DeepSpeed keeps its fp32 masters inside its optimizer
-            assert rank["dtypes"]["trainable"] == ["torch.float32"]
+        if STRATEGIES[strategy].engine != "deepspeed":  # DeepSpeed keeps its masters inside its optimizer
+            assert rank["dtypes"]["trainable"] == [{"fp32": "torch.float32", "bf16": "torch.bfloat16"}[master]]
         if method == "lora" and STRATEGIES[strategy].engine != "deepspeed":
             assert rank["dtypes"]["frozen"] == ["torch.bfloat16"]

@@ -19,7 +19,7 @@ from kubeforge.api.base import (
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.uris import OutputUri, Uri
-from kubeforge.runtime.contract import DPOLoss
+from kubeforge.runtime.contract import STRATEGIES, DPOLoss
 from kubeforge.runtime.contract import Strategy as RuntimeStrategy
 
 Positive = Annotated[int, Field(gt=0)]
@@ -28,6 +28,9 @@ Method = Literal["full", "lora", "qlora"]
 MEGATRON = ("megatron", "megatron-offload-optimizer")
 Strategy = Literal[("auto", *get_args(RuntimeStrategy))]  # the runtime's strategies (contract.STRATEGIES), or auto
 Precision = Literal["auto", "bf16", "fp16", "fp8"]
+MasterWeights = Literal["fp32", "bf16"]  # contract.MASTER_WEIGHTS
+# strategies whose optimizer keeps fp32 masters whatever masterWeights says (contract.unsupported_master_weights)
+FP32_MASTERS = tuple(s for s, f in STRATEGIES.items() if f.engine == "megatron" or f.offload != "none")
 FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
 
 
@@ -260,6 +263,15 @@ class Parallelism(KubeModel):
         "default: the planner's choice).",
     )
     precision: Precision = Field(default="auto", description="auto: fp8 on Hopper+, bf16 on Ampere+, else fp16.")
+    master_weights: MasterWeights = Field(
+        default="fp32",
+        description=(
+            "The dtype of the trained weights, their gradients and AdamW's moments. fp32: mixed precision with fp32 "
+            "master weights (16 bytes per trained parameter). bf16: pure bf16, as torchtune's recipes train (8 "
+            "bytes per trained parameter; an update smaller than 1/256 of a weight is lost). bf16 needs precision "
+            "bf16 or auto (then bf16, never fp8) and strategy auto, ddp, fsdp, zero1, zero2 or zero3."
+        ),
+    )
 
     rules = (
         Rule(
@@ -290,6 +302,16 @@ class Parallelism(KubeModel):
                 )
             ),
             field=".sequenceParallelSize",
+        ),
+        Rule(
+            cel="self.masterWeights == 'fp32' || (self.precision in ['auto', 'bf16'] "
+            f"&& !(self.strategy in [{', '.join(repr(s) for s in FP32_MASTERS)}]))",
+            message="masterWeights bf16 (pure bf16) needs precision bf16 or auto and a strategy that steps bf16 "
+            "weights on the GPU (auto, ddp, fsdp, zero1, zero2, zero3)",
+            check=lambda p: (
+                p.master_weights == "fp32" or (p.precision in ("auto", "bf16") and p.strategy not in FP32_MASTERS)
+            ),
+            field=".masterWeights",
         ),
     )
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from kubeforge.inventory.pools import Pool
 from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.memory import Layout, base_weight_bytes, loss_chunk, trainable_parameters
-from kubeforge.runtime.contract import STRATEGIES
+from kubeforge.runtime.contract import STRATEGIES, precision_policy
 
 EFFICIENCY = {
     "ddp": 0.45,
@@ -85,10 +85,18 @@ HOST_ADAM_PARAMS_PER_SECOND = 2e9  # DeepSpeed CPUAdam on one node
 LAYER_LAUNCH_SECONDS = 2e-4  # forward + backward kernels of one transformer layer
 COLLECTIVE_LATENCY = 2e-5  # one NCCL collective inside a node
 GRADIENT_BUCKET_BYTES = 25 * 1024**2
-# Bytes the optimizer step moves per trainable parameter, all fp32 (contract.precision_policy): gradient
-# clipping reads every gradient for the norm, then reads and writes it to scale it (12); AdamW reads the
-# master weight, gradient and two moments and writes the weight and moments back (28).
-OPTIMIZER_BYTES = 40
+
+
+def optimizer_bytes(precision: str, method: str, master_weights: str = "fp32") -> float:
+    """Bytes the optimizer step moves per trainable parameter, in contract.precision_policy's dtypes: gradient
+    clipping reads every gradient for the norm, then reads and writes it to scale it (3g); AdamW reads the
+    master weight, gradient and two moments and writes the weight and moments back (2m + g + 4o)."""
+    policy = precision_policy(precision, method, master_weights)
+    m, g, o = (policy.bytes(k) for k in ("master", "gradients", "optimizer"))
+    return 3 * g + 2 * m + g + 4 * o
+
+
+OPTIMIZER_BYTES = optimizer_bytes("bf16", "full")  # 40 with fp32 masters; 20 under pure bf16
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,7 @@ class StepShape:
         self.per_stage = arch.num_layers / p
 
         trainable = self.trainable = job.trainable
-        grad_bytes = (2.0 if layout.method == "full" else 4.0) * trainable
+        grad_bytes = (2.0 if layout.method == "full" or layout.master_weights == "bf16" else 4.0) * trainable
         ring = 2 * (d - 1) / d if d > 1 else 0.0
         facts = STRATEGIES[layout.strategy]
         sharded = self.sharded = facts.zero_stage == 3 or facts.engine == "fsdp"
@@ -235,7 +243,8 @@ class StepShape:
         )
         self.offload = facts.offload
         updated = trainable if facts.engine == "ddp" else trainable / layout.world  # parameters this GPU steps
-        self.optimizer_bytes = OPTIMIZER_BYTES * updated if facts.offload == "none" else 0.0
+        per_parameter = optimizer_bytes(layout.precision, layout.method, layout.master_weights)
+        self.optimizer_bytes = per_parameter * updated if facts.offload == "none" else 0.0
         moved = 0.0
         if facts.offload != "none":  # fp32 gradients down and updated weights up over PCIe
             moved = (4.0 + 2.0) * trainable / layout.world

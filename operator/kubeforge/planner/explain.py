@@ -174,9 +174,10 @@ def infeasible_details(
 
 def summary(arch: Architecture, best: Candidate) -> str:
     lay = best.layout
+    pure = "pure " if lay.master_weights == "bf16" else ""
     return (
         f"{NAMES[lay.strategy]}{f' with Ulysses x{lay.ulysses}' if lay.ulysses > 1 else ''} on {lay.world} x "
-        f"{best.pool.gpu.name} ({lay.nodes} node(s)), {lay.precision}, "
+        f"{best.pool.gpu.name} ({lay.nodes} node(s)), {pure}{lay.precision}, "
         f"{gib(best.memory.total)} of {gib(best.pool.memory_bytes)} per GPU"
     )
 
@@ -346,6 +347,12 @@ def _strategy_sentence(arch: Architecture, best: Candidate) -> str:
 
 def _precision_sentence(req: Request, pool: Pool, precision: str) -> str:
     cc = ".".join(map(str, pool.gpu.compute_capability))
+    if req.master_weights == "bf16":
+        return (
+            f"Pure bf16, as spec.parallelism.masterWeights asks ({pool.gpu.name}: compute capability {cc}): the "
+            "trained weights, their gradients and AdamW's moments in bf16, 8 bytes per trained parameter instead of "
+            "16; an update smaller than 1/256 of a weight is lost."
+        )
     if req.precision != "auto":
         return f"Precision {precision}, as spec.parallelism.precision asks ({pool.gpu.name}: compute capability {cc})."
     if precision == "fp8":

@@ -20,8 +20,9 @@ from kubeforge.planner.architecture import Architecture
 from kubeforge.planner.explain import NAMES
 from kubeforge.planner.memory import Layout, estimate, loss_chunk, trainable_parameters
 from kubeforge.planner.plan import MemoryPerGPU, Plan
-from kubeforge.planner.search import Request
+from kubeforge.planner.search import MASTER_WEIGHTS_FIELD, Request
 from kubeforge.planner.search import plan as cluster_plan
+from kubeforge.runtime.contract import unsupported_master_weights
 
 HOST_SHARE = 0.8  # of the machine's memory a local run may use
 CPU_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")  # engines that run on CPUs with gloo
@@ -85,6 +86,9 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
     if asked not in ("auto", *CPU_STRATEGIES):
         return Plan(False, f"strategy {asked} needs GPUs; on CPU kubeforge runs {', '.join(CPU_STRATEGIES)}")
     strategy = "ddp" if asked == "auto" else asked  # fsdp on one process shards over one: the same as ddp
+    why = unsupported_master_weights(strategy, "fp32", spec.parallelism.master_weights, MASTER_WEIGHTS_FIELD)
+    if why:
+        return Plan(False, f"{why} (on CPU kubeforge trains in fp32)")
     if gbs % nproc:
         return Plan(False, f"globalBatchSize {gbs} does not divide over {nproc} processes")
     per_process = gbs // nproc

@@ -39,6 +39,10 @@ LoRA/QLoRA: the base is frozen (no gradients, no optimizer states) in the comput
 with double-quantized constants for the linear layers' weights (QLoRA); the adapters train like
 any weight (fp32 masters, fp32 gradients, fp32 moments).
 
+Pure bf16 (Layout.master_weights bf16, opt-in): m = g = 2 and o = 4, the same formulas (DDP and FSDP2 keep
+no other copy: the bf16 weights are what the matmuls read; DeepSpeed keeps its bf16 working copy beside
+bf16 master partitions), measured like the rest in tests/runtime/test_precision_policy.py.
+
 Activations, bytes per token per layer in bf16 (flash attention: no s^2 scores), for a Llama-style
 block with hidden h, kv width k and MLP width i: 12h (residual stream and the two RMSNorms, which
 transformers computes in fp32; 6h in megatron-core's layers, after the paper, not counted here) + 8h
@@ -100,6 +104,7 @@ class Layout:
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
     precision: str = "bf16"
+    master_weights: str = "fp32"  # bf16: pure bf16, whatever trains and its states in bf16 (precision_policy)
     micro_batch: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = False
@@ -193,15 +198,15 @@ def base_weight_bytes(arch: Architecture, method: str, precision: str = "bf16") 
 
 
 @functools.cache
-def _state_bytes(precision: str, method: str) -> tuple[float, float, float, float]:
-    """Bytes per element of the compute copy, fp32 masters, gradients and one optimizer moment."""
-    policy = precision_policy(precision, method)
+def _state_bytes(precision: str, method: str, master_weights: str = "fp32") -> tuple[float, float, float, float]:
+    """Bytes per element of the compute copy, the masters, gradients and one optimizer moment."""
+    policy = precision_policy(precision, method, master_weights)
     c, m, g, o = (policy.bytes(k) for k in ("compute", "master", "gradients", "optimizer"))
     return c, m, g, o
 
 
 def model_states(arch: Architecture, layout: Layout) -> States:
-    c, m, g, o = _state_bytes(layout.precision, layout.method)
+    c, m, g, o = _state_bytes(layout.precision, layout.method, layout.master_weights)
     o *= 2  # Adam's two moments
     facts = STRATEGIES[layout.strategy]
     P, LL, n = arch.total_parameters, arch.largest_layer_parameters, layout.world

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge.runtime.contract import STRATEGIES
+from kubeforge.runtime.contract import STRATEGIES, unsupported_master_weights
 
 
 class PlanError(ValueError):
@@ -85,6 +85,7 @@ class Plan:
     ulysses: int = 1  # DeepSpeed-Ulysses degree (non-Megatron engines)
     objective: str = "sft"
     precision: str = ""
+    master_weights: str = "fp32"  # bf16: pure bf16 (contract.precision_policy)
     global_batch_size: int = 0
     micro_batch_size: int = 0
     gradient_accumulation_steps: int = 0
@@ -150,6 +151,10 @@ class Plan:
         need(self.precision != "fp8" or self.compute_capability >= (8, 9), "fp8 needs compute capability >= 8.9")
         need(self.precision != "bf16" or self.compute_capability >= (8, 0), "bf16 needs compute capability >= 8.0")
         need(self.precision != "fp32" or self.gpu_type == "cpu", "fp32 only on CPU")
+        need(
+            self.master_weights == "fp32" or not unsupported_master_weights(self.strategy, self.precision, "bf16"),
+            "pure bf16 (masterWeights bf16) needs bf16 compute and an engine that steps bf16 weights",
+        )
         need(self.memory is not None and self.memory.total <= self.memory.available, "fits in GPU memory")
         need(self.offload == "none" or self.host_memory_per_node <= self.host_memory_available, "fits in host memory")
         megatron = self.strategy in STRATEGIES and STRATEGIES[self.strategy].engine == "megatron"
@@ -188,6 +193,7 @@ class Plan:
                 "ulysses": self.ulysses,
                 "objective": self.objective,
                 "precision": self.precision,
+                "masterWeights": self.master_weights,
                 "microBatchSize": self.micro_batch_size,
                 "gradientAccumulationSteps": self.gradient_accumulation_steps,
                 "gradientCheckpointing": self.gradient_checkpointing,

@@ -64,7 +64,7 @@ from kubeforge.planner.memory import (
     trainable_parameters,
 )
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
-from kubeforge.runtime.contract import ENGINE_PRECISIONS
+from kubeforge.runtime.contract import ENGINE_PRECISIONS, unsupported_master_weights
 from kubeforge.runtime.contract import STRATEGIES as FACTS
 
 UTILISATION = 0.90  # of GPU memory a plan may fill
@@ -263,6 +263,7 @@ class Request:
     sequence_parallel_size: int | None
     objective: str
     precision: str
+    master_weights: str
     max_gpus: int | None
     max_hours: float | None
     gpu_type: str
@@ -289,6 +290,7 @@ class Request:
             sequence_parallel_size=par.sequence_parallel_size,
             objective=spec.training.objective,
             precision=par.precision,
+            master_weights=par.master_weights,
             max_gpus=spec.resources.max_gpus,
             max_hours=spec.resources.max_hours,
             gpu_type=spec.resources.gpu_type,
@@ -414,6 +416,10 @@ def choose_precision(req: Request, pool: Pool) -> tuple[str | None, str]:
         return None, f"{gpu.name}: bf16 needs compute capability >= 8.0; it has {cc} (use fp16 or auto)"
     if req.precision == "fp16":
         return "fp16", ""
+    if req.master_weights == "bf16":  # pure bf16 trains in bf16 compute only (unsupported_master_weights)
+        if gpu.supports_bf16:
+            return "bf16", ""
+        return None, f"{gpu.name}: masterWeights bf16 needs bf16, compute capability >= 8.0; it has {cc}"
     if gpu.supports_fp8 and req.method == "full":
         return "fp8", ""
     return ("bf16", "") if gpu.supports_bf16 else ("fp16", "")
@@ -437,6 +443,9 @@ def _powers(limit: int) -> list[int]:
     return [2**k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
+MASTER_WEIGHTS_FIELD = "spec.parallelism.masterWeights"
+
+
 def strategies(req: Request) -> tuple[str, ...]:
     if req.strategy != "auto":
         return (req.strategy,)
@@ -444,6 +453,8 @@ def strategies(req: Request) -> tuple[str, ...]:
         return tuple(s for s in STRATEGIES if FACTS[s].engine == "megatron")
 
     def allowed(strategy: str) -> bool:
+        if unsupported_master_weights(strategy, "bf16", req.master_weights):  # pure bf16: no fp32-master engines
+            return False
         if FACTS[strategy].engine == "megatron":  # full fine-tuning with the next-token loss, no Ulysses degree
             return req.method == "full" and req.objective == "sft" and (req.sequence_parallel_size or 1) == 1
         return True  # QLoRA shards its NF4 base under FSDP2 (torchao's NF4Tensor) and ZeRO-3 (quant storage)
@@ -513,6 +524,10 @@ def enumerate_candidates(
                     f"{strategy}: its engine ({engine}) cannot train in {precision}; it trains in "
                     + ", ".join(ENGINE_PRECISIONS[engine])
                 )
+                continue
+            why = unsupported_master_weights(strategy, layout_precision, req.master_weights, MASTER_WEIGHTS_FIELD)
+            if why:
+                rejections.append(why)
                 continue
             megatron = engine == "megatron"
             layouts = [(1, 1)] if not megatron else list(model_parallel_options(req, pool, arch, world))
@@ -607,6 +622,7 @@ def _group(
                 lora_targets=req.lora_targets,
                 lora_dropout=req.lora_dropout,
                 objective=req.objective,
+                master_weights=req.master_weights,
             )
         layout = layout_like(
             base,
@@ -734,6 +750,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         ulysses=layout.ulysses,
         objective=layout.objective,
         precision=layout.precision,
+        master_weights=layout.master_weights,
         global_batch_size=req.global_batch,
         micro_batch_size=layout.micro_batch,
         gradient_accumulation_steps=layout.gradient_accumulation,
@@ -771,7 +788,7 @@ def attention_for(pool: Pool) -> str:
 
 
 def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tuple[Alternative, ...]:
-    """The nearest feasible changes: a lighter method, no GPU cap, any pool, automatic parallelism."""
+    """The nearest feasible changes: a lighter method, fp32 masters, no GPU cap, any pool, automatic parallelism."""
     tries: list[tuple[str, Request]] = []
     lighter = ("lora", "qlora") if req.method == "full" else ("qlora",) if req.method == "lora" else ()
     for method in lighter:  # Megatron trains method full only: a lighter method leaves it
@@ -785,6 +802,8 @@ def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tup
             tries.append((f"method: {method}, parallelism: auto", alt))
         else:
             tries.append((f"method: {method}", replace(req, method=method)))
+    if req.master_weights != "fp32":  # mixed precision may offload, and trains on GPUs without bf16
+        tries.append(("parallelism.masterWeights: fp32", replace(req, master_weights="fp32")))
     if req.max_gpus is not None:
         tries.append(("remove resources.maxGPUs", replace(req, max_gpus=None)))
     if req.gpu_type.lower() != "auto" or req.node_selector:

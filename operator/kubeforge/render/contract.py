@@ -82,6 +82,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
         compute=ComputeConfig(
             device=device,
             precision=plan.precision,
+            master_weights=plan.master_weights,  # type: ignore[arg-type]
             gradient_checkpointing=plan.gradient_checkpointing,
             attention=plan.attention,
             loss_chunk_tokens=plan.loss_chunk_tokens,

@@ -186,8 +186,11 @@ class PrecisionPolicy:
     Mixed precision as in Micikevicius et al. 2018 ("Mixed Precision Training"): trainable weights,
     their gradients (as reduced and as the optimizer reads them) and Adam's two moments in fp32;
     matmuls and activations in ``compute``. Frozen weights (a LoRA base) stay in ``compute`` (QLoRA:
-    NF4). Trainable LoRA adapters are fp32 like any trainable weight. Pure bf16 AdamW would round
-    away updates smaller than 2^-8 of a weight, so no engine keeps trainable weights in bf16 alone.
+    NF4). Trainable LoRA adapters are fp32 like any trainable weight.
+
+    Pure bf16 (``master_weights`` bf16, opt-in: torchtune's default ``dtype: bf16``): the trained
+    weights, their gradients and Adam's moments in bf16, 8 bytes per trained parameter instead of 16.
+    An AdamW update smaller than 2^-8 of a weight rounds away, so it is never the default.
     """
 
     compute: Literal["bf16", "fp16", "fp32"]
@@ -203,10 +206,37 @@ class PrecisionPolicy:
 
 
 @functools.cache
-def precision_policy(precision: str, method: str) -> PrecisionPolicy:
+def precision_policy(precision: str, method: str, master_weights: str = "fp32") -> PrecisionPolicy:
     compute = "bf16" if precision == "fp8" else precision
     frozen = "nf4" if method == "qlora" else compute
-    return PrecisionPolicy(compute=compute, float8=precision == "fp8", frozen=frozen)  # type: ignore[arg-type]
+    m = master_weights  # fp32, or bf16 for pure bf16 (unsupported_master_weights says where it runs)
+    return PrecisionPolicy(compute, precision == "fp8", frozen, m, m, m)  # type: ignore[arg-type]
+
+
+# Pure bf16 (master_weights bf16) runs where the engine steps bf16 weights with bf16 moments on the GPU:
+# torch's AdamW under DDP and FSDP2, DeepSpeed ZeRO-1/2/3 with bf16_master_weights_and_grads and
+# bf16_optimizer_states. Megatron's distributed optimizer and the offloading strategies (the host's Adam) keep
+# fp32 masters. bf16 compute only: fp16 would need loss scaling, fp8's float8 matmuls are not verified on bf16
+# weights, fp32 compute (a CPU) keeps fp32 weights.
+MASTER_WEIGHTS = ("fp32", "bf16")
+
+
+def unsupported_master_weights(
+    strategy: str, precision: str, master_weights: str, field: str = "compute.master_weights"
+) -> str | None:
+    """Why ``master_weights`` cannot train under this strategy and precision (one sentence naming ``field``,
+    the spec's or the contract's), or None."""
+    if master_weights == "fp32":
+        return None
+    facts = STRATEGIES[strategy]
+    if precision != "bf16":
+        return f"{field} {master_weights} (pure bf16) needs bf16 compute, not precision {precision}"
+    if facts.engine == "megatron" or facts.offload != "none":
+        return (
+            f"{field} {master_weights} (pure bf16): strategy {strategy} keeps fp32 master weights "
+            "(ddp, fsdp and zero1/2/3 train in pure bf16)"
+        )
+    return None
 
 
 def unsupported_precision(strategy: str, precision: str) -> str | None:
@@ -278,6 +308,7 @@ class ParallelConfig(_Model):
 class ComputeConfig(_Model):
     device: Literal["cuda", "cpu"] = "cuda"
     precision: Precision = "bf16"
+    master_weights: Literal["fp32", "bf16"] = "fp32"  # bf16: pure bf16 (precision_policy)
     gradient_checkpointing: bool = False
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
     loss_chunk_tokens: int = Field(default=0, ge=0)  # the loss (SFT, DPO's log-probs) in chunks of this many tokens

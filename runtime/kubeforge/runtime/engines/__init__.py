@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from kubeforge.runtime.contract import STRATEGIES, Contract, unsupported_precision
+from kubeforge.runtime.contract import STRATEGIES, Contract, unsupported_master_weights, unsupported_precision
 from kubeforge.runtime.engines.common import Dist, Setup
 from kubeforge.runtime.entry import UserError
 
@@ -64,7 +64,9 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
     _check_ulysses(contract, engine)
     if contract.compute.device == "cuda" and not cuda:
         raise UserError("compute.device cuda: the plan needs a CUDA GPU and none is visible")
-    why = unsupported_precision(strategy, precision)
+    why = unsupported_precision(strategy, precision) or unsupported_master_weights(
+        strategy, precision, contract.compute.master_weights
+    )
     if why:
         raise UserError(why)
     if precision == "fp8" and method != "full":

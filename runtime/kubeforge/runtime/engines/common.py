@@ -57,9 +57,9 @@ class Setup:
 
 
 def adamw(params: list[torch.nn.Parameter], setup: Setup) -> torch.optim.Optimizer:
-    """AdamW over the trainable (fp32) parameters: its two moments are fp32 too."""
+    """AdamW over the trainable parameters (fp32, or bf16 under pure bf16): its two moments take their dtype."""
     t = setup.contract.training
-    fused = setup.device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
+    fused = setup.device.type == "cuda" and len({p.dtype for p in params}) == 1
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
 
 

@@ -6,7 +6,8 @@ each weight from the safetensors files (shards.Checkpoint): no process ever hold
 model. Precision policy: fp32 shards of trainable weights (the master copy), all-gathered in
 the compute dtype for the matmuls (``MixedPrecisionPolicy(param_dtype=bf16)``), gradients
 reduce-scattered in fp32, AdamW's moments on the fp32 shards; a LoRA base is stored (and
-gathered) in the compute dtype and its adapters in fp32; a QLoRA base's linear weights are torchao
+gathered) in the compute dtype and its adapters in fp32 (pure bf16: trained shards, their gradients
+and the moments in bf16, gradients still reduced in fp32); a QLoRA base's linear weights are torchao
 NF4Tensors, sharded, gathered and read in 4 bits (nf4.py). Checkpoints go through
 torch.distributed.checkpoint (each rank writes its shards; QLoRA: the adapters only, the frozen base
 is read again from the model folder).

@@ -3,7 +3,7 @@
 - ``load_whole``: every weight on this process (DDP, ZeRO-1/2, one process). Full fine-tuning
   keeps the trainable weights in fp32 (the master copy; matmuls run in the compute dtype under
   autocast); LoRA keeps the frozen base in the compute dtype and the adapters in fp32; QLoRA
-  keeps the base in NF4.
+  keeps the base in NF4. Pure bf16 (compute.master_weights bf16): whatever trains is bf16.
 - ``build_empty``: the same architecture on the meta device, no memory at all, for engines that
   shard first and then read only their share of the weights (FSDP2, see fsdp.py).
 - ``lora_values``: the initial adapter weights, the same on every rank (seeded), for engines that
@@ -27,16 +27,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def policy(contract: Contract) -> PrecisionPolicy:
-    return precision_policy(contract.compute.precision, contract.training.method)
+    c = contract.compute
+    return precision_policy(c.precision, contract.training.method, c.master_weights)
 
 
 def compute_dtype(contract: Contract) -> torch.dtype:
     return DTYPES[policy(contract).compute]
 
 
+def master_dtype(contract: Contract) -> torch.dtype:
+    """The dtype of whatever trains: fp32 masters, or bf16 under pure bf16 (compute.master_weights)."""
+    return DTYPES[policy(contract).master]
+
+
 def storage_dtype(contract: Contract) -> torch.dtype:
-    """The dtype weights are created in: fp32 masters when they train, the compute dtype when frozen."""
-    return torch.float32 if contract.training.method == "full" else compute_dtype(contract)
+    """The dtype weights are created in: the masters' when they train, the compute dtype when frozen."""
+    return master_dtype(contract) if contract.training.method == "full" else compute_dtype(contract)
 
 
 def load_whole(contract: Contract, model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None):
@@ -87,7 +93,8 @@ def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = Fal
 
 
 def add_lora(contract: Contract, model):
-    """Frozen base (compute dtype or NF4), fp32 adapters: peft casts adapters to fp32 itself."""
+    """Frozen base (compute dtype or NF4), adapters in the masters' dtype (peft casts them to fp32 itself;
+    pure bf16 casts them back)."""
     from peft import LoraConfig, get_peft_model
 
     lora = contract.training.lora
@@ -103,10 +110,11 @@ def add_lora(contract: Contract, model):
     model = get_peft_model(model, config, autocast_adapter_dtype=True)
     share_adapter_inputs(model)
     values = lora_values(model, contract.training.seed)  # the same initial adapters for every engine
+    master = master_dtype(contract)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+            if p.requires_grad and p.dtype != master:
+                p.data = p.data.to(master)
             if name in values and p.device.type != "meta":
                 p.copy_(values[name])
     return model

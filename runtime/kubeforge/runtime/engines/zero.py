@@ -45,7 +45,11 @@ def deepspeed_config(contract: Any, hidden_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if facts.offload == "parameters":
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    compute = loading.policy(contract).compute
+    policy = loading.policy(contract)
+    compute = policy.compute
+    bf16: dict[str, Any] = {"enabled": compute == "bf16"}
+    if policy.master == "bf16":  # pure bf16: bf16 master partitions, gradients and Adam moments
+        bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     return {
         # DeepSpeed counts every rank as data parallel (micro x accumulation x world): Ulysses peers too
         "train_batch_size": t.global_batch_size * contract.parallel.ulysses,
@@ -53,7 +57,7 @@ def deepspeed_config(contract: Any, hidden_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": compute == "bf16"},
+        "bf16": bf16,
         "fp16": {"enabled": compute == "fp16"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
