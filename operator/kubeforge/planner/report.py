@@ -27,7 +27,7 @@ def table(plan: Plan) -> str:
                 if plan.ulysses > 1
                 else ("Megatron (within TP)" if plan.sequence_parallel else "no"),
             ),
-            ("Precision", plan.precision),
+            ("Precision", plan.precision + (", pure (bf16 master weights)" if plan.master_weights == "bf16" else "")),
             (
                 "Batch",
                 f"{plan.global_batch_size} = {plan.micro_batch_size} micro x "
