@@ -25,7 +25,7 @@ from kubeforge.runtime.contract import (
 
 PLAN_SUMMARY_KEYS = (
     "gpuType", "nodes", "gpusPerNode", "totalGPUs", "strategy", "zeroStage", "offload", "tensorParallel",
-    "pipelineParallel", "dataParallel", "precision", "microBatchSize", "gradientAccumulationSteps",
+    "pipelineParallel", "dataParallel", "precision", "masterWeights", "microBatchSize", "gradientAccumulationSteps",
     "gradientCheckpointing", "attention", "estimatedStepSeconds",
 )  # fmt: skip
 
