@@ -76,14 +76,14 @@ def test_unmodelled_list_names_real_entries():
 # Today (bench/planner_vs_references.py): over the 31 runs with an architecture (the catalog's, or a public
 # config.json written out in the bench), a measured peak and none of the memory savers in UNMODELLED, what each
 # peak's reading shows of memory.estimate (memory.shown_by: allocated, reserved, else the whole device) is
-# 0.51x-1.69x of the measured peak (checkpointing not stated -> the nearer of on/off); 14 of the 31 are within
+# 0.54x-1.79x of the measured peak (checkpointing not stated -> the nearer of on/off); 11 of the 31 are within
 # 10%. Issue 11 asks for 10% on all of them. What stands in the way, from the bench's rows: no model of
-# selective activation checkpointing (torchtitan 8B: the peak lies between the on/off estimates, 0.51x and
-# 0.60x of it), torch.compile + float8 (torchtitan 70B 2D: 0.87x; Trainy 8B: 0.78x), other frameworks' LoRA
-# and QLoRA implementations (ms-swift on Qwen-1's fused c_attn: 0.71x/0.81x; PEFT's and Answer.AI's FSDP CPU
-# offload on 24 GB cards: 0.72x/0.78x; LitGPT's bitsandbytes QLoRA: 0.74x; torchtune's LoRA recipes:
-# 1.42x-1.69x), and runs whose batches' lengths are not published. The bound below is what holds now with a
-# little room; tighten it as those close.
+# selective activation checkpointing (torchtitan 8B: the peak lies between the on/off estimates, 0.54x and
+# 0.64x of it), torch.compile + float8 (Trainy 8B: 0.83x), other frameworks' LoRA and QLoRA implementations
+# (ms-swift on Qwen-1's fused c_attn: 0.75x/0.86x; PEFT's and Answer.AI's FSDP CPU offload on 24 GB cards:
+# 0.76x/0.83x; LitGPT's bitsandbytes QLoRA: 0.74x; torchtune's LoRA recipes, compiled: 1.51x-1.79x; Qwen's,
+# Answer.AI's and LLaMA-Factory's 7B LoRA/QLoRA: 1.12x-1.19x), and runs whose batches' lengths are not
+# published. The bound below is what holds now with a little room; tighten it as those close.
 FACTOR = 2.0
 
 
@@ -97,7 +97,10 @@ def test_memory_estimate_within_a_factor_of_two_of_measured_peaks():
     assert len(within) >= WITHIN_TEN_PERCENT, within
 
 
-WITHIN_TEN_PERCENT = 14  # of the 31 today: a change that loses one of them fails here
+WITHIN_TEN_PERCENT = 11  # of the 31 today: a change that loses one of them fails here. It was 14 with an allocator
+# term of 8% that nobody had measured; the published measurement (15%, memory.FRAGMENTATION) puts five of those runs
+# at 1.12-1.16x (Qwen's 7B LoRA/QLoRA and 72B QLoRA, Answer.AI's 7B LoRA, LLaMA-Factory's 7B QLoRA) and two others
+# inside (torchtitan's 70B 2D, 0.93x; Qwen's 1.8B full, 0.90x)
 
 
 def test_runs_with_unmodelled_memory_savers_are_overestimated_never_under():

@@ -232,3 +232,24 @@ def test_rendering_is_deterministic():
     _, _, second = rendered()
     assert first == second
     assert copy.deepcopy(first) == first
+
+
+def test_the_trainer_runs_under_the_allocator_setting_the_memory_model_assumes():
+    """contract.CUDA_ALLOC_CONF (expandable segments): the pod's env sets it, and train.main sets it for local
+    runs unless the user already chose one (memory.FRAGMENTATION is measured under it)."""
+    import os
+
+    from kubeforge.runtime import train
+    from kubeforge.runtime.contract import CUDA_ALLOC_CONF
+
+    _, _, docs = rendered()
+    assert {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": CUDA_ALLOC_CONF} in pod_spec(docs)["containers"][0]["env"]
+    saved = os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    try:
+        assert train.allocator_config() == CUDA_ALLOC_CONF == "expandable_segments:True"
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
+        assert train.allocator_config() == "max_split_size_mb:512"
+    finally:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if saved is not None:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = saved

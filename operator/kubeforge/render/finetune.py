@@ -40,6 +40,7 @@ from kubeforge.runtime.contract import (
     CONFIG_DIR,
     CONFIG_FILE,
     CONFIG_PATH,
+    CUDA_ALLOC_CONF,
     ENV_NODE_RANK,
     ENV_POD_IP,
     ENV_POD_NAME,
@@ -229,6 +230,8 @@ def _env(job: FineTuneJob, plan: Plan) -> list[dict[str, Any]]:
         # NCCL: surface errors instead of hanging, and say why a collective failed
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
         {"name": "NCCL_DEBUG", "value": "WARN"},
+        # the allocator setting the planner's memory model is measured under (memory.FRAGMENTATION)
+        {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": CUDA_ALLOC_CONF},
     ]
     if plan.nvlink_domain <= 1 and plan.gpus_per_node > 1:
         # PCIe-only nodes: peer-to-peer through the host bridge is often slower than via memory

@@ -43,7 +43,7 @@ from kubeforge.runtime import (
     tracking,
 )
 from kubeforge.runtime import progress as progress_mod
-from kubeforge.runtime.contract import STRATEGIES, Contract, load
+from kubeforge.runtime.contract import CUDA_ALLOC_CONF, STRATEGIES, Contract, load
 from kubeforge.runtime.engines import Dist, Setup
 from kubeforge.runtime.engines.loading import load_whole
 from kubeforge.runtime.entry import UserError
@@ -52,6 +52,7 @@ log = logging.getLogger("kubeforge.train")
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator_config()
     dist = _dist_env()
     return entry.main(
         "python -m kubeforge.runtime.train",
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         rank=dist.rank,
         cleanup=_destroy_process_group,
     )
+
+
+def allocator_config() -> str:
+    """The caching allocator's setting (contract.CUDA_ALLOC_CONF) unless the environment sets one; before CUDA
+    starts, which reads it once. Returns the setting in force."""
+    return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
 
 
 def _dist_env() -> Dist:
