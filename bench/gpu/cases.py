@@ -27,6 +27,7 @@ class Case:
     precision: str
     micro_batch: int
     gradient_checkpointing: bool = False
+    master_weights: str = "fp32"  # bf16: pure bf16 (spec.parallelism.masterWeights)
     seq_len: int = SEQ_LEN
     optional: bool = False  # run only when named (or with --cases all)
     note: str = ""
@@ -40,6 +41,7 @@ class Case:
             nodes=1,
             gpus_per_node=1,
             precision=self.precision,
+            master_weights=self.master_weights,
             micro_batch=self.micro_batch,
             seq_len=self.seq_len,
             gradient_checkpointing=self.gradient_checkpointing,
@@ -60,6 +62,8 @@ CASES: tuple[Case, ...] = (
     Case("3b-lora-ddp-bf16", "3b", "lora", "ddp", "bf16", micro_batch=2),
     Case("3b-full-ddp-bf16-gc", "3b", "full", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
          note="~60 GiB of fp32 states: skipped on GPUs predicted too small"),
+    Case("3b-full-ddp-pure-bf16-gc", "3b", "full", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
+         master_weights="bf16", note="the same in pure bf16: half the bytes of states"),
     Case("8b-lora-ddp-bf16-gc", "8b", "lora", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True),
     Case("8b-qlora-ddp-bf16-gc", "8b", "qlora", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
          note="bitsandbytes NF4"),
@@ -121,6 +125,7 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, vocab_size: in
         compute=ComputeConfig(
             device="cuda",
             precision=case.precision,
+            master_weights=case.master_weights,  # type: ignore[arg-type]
             gradient_checkpointing=case.gradient_checkpointing,
             attention="sdpa",
             host_memory_bytes=host_memory_bytes,

@@ -43,6 +43,8 @@ for _p in (str(HERE), str(ROOT / "operator"), str(ROOT / "runtime"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from kubeforge.runtime.contract import CUDA_ALLOC_CONF  # noqa: E402  (after the path set-up above)
+
 GIB = 1024**3
 PACKAGES = ("torch", "transformers", "torchao", "peft", "bitsandbytes", "deepspeed", "accelerate", "safetensors")
 FP8_PAIR = ("1b-full-ddp-bf16", "1b-full-ddp-fp8")
@@ -150,7 +152,8 @@ def run_case(case, model_dir: Path, vocab: int, work: Path, args, host_bytes: in
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a timeout ends it and its children
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # the allocator setting train.main gives every training process (contract.CUDA_ALLOC_CONF), unless set
+            env={"PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF, **os.environ, "PYTHONUNBUFFERED": "1"},
         )
         timed_out = False
         try:
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": cases_mod.SEQ_LEN,
             "lora": {"rank": cases_mod.LORA_RANK, "alpha": cases_mod.LORA_ALPHA, "dropout": cases_mod.LORA_DROPOUT},
             "models": str(args.models),
-            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF),
         },
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "versions": versions()},
         "cases": [],
