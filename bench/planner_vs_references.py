@@ -19,8 +19,10 @@ Mapping rules (printed with each row):
               never proposes this layout); unknown on one GPU -> ddp (every engine holds all states
               on one GPU).
   precision   as stated; null -> bf16. master_weights as stated (bf16: pure bf16); absent -> fp32.
-  checkpoint  true/false as stated; null or "selective" -> both are computed and each measure
-              takes the variant nearer the measurement (flagged '*': the best case for the planner).
+  checkpoint  true/false as stated; "selective" (full fine-tuning) -> kubeforge's selective checkpointing
+              (it keeps every matmul's output; torchtitan's per-op policy recomputes every second
+              one); null -> both are computed and each measure takes the variant nearer the
+              measurement (flagged '*': the best case for the planner).
   LoRA        rank and targets as stated (output_proj -> o_proj, mlp -> gate/up/down, *_proj ->
               all-linear; Qwen-1's c_attn -> q/k/v, c_proj -> o_proj + down_proj, w1/w2 ->
               gate/up); null -> kubeforge's defaults (rank 16, all-linear), flagged.
@@ -206,6 +208,9 @@ UNMODELLED: dict[str, tuple[str, ...]] = {
     # its peak is the 99th percentile of the allocator's reserved bytes over variable-length batches (mean 210
     # tokens a sample, capped at 768): the longest batch's length is not published
     "peft-metamathqa-llama32-3b-lora-r32-1xl40s": ("variable-length batches, longest not published",),
+    # torchtitan with --training.compile: the compiled graph fuses what eager mode keeps between operations
+    "torchao-llama3-8b-fsdp-8xb200-750w-bf16": ("torch.compile",),
+    "trainy-llama31-8b-fsdp-32xh200-fp8": ("torch.compile", "float8 linears"),
     "peft-metamathqa-llama32-3b-full-1xl40s": ("variable-length batches, longest not published",),
 }
 
@@ -260,6 +265,8 @@ def lora_settings(entry: dict[str, Any]) -> tuple[int, tuple[str, ...], bool]:
 
 def checkpointing_options(entry: dict[str, Any]) -> tuple[bool, ...]:
     gc = entry.get("gradient_checkpointing")
+    if gc == "selective" and entry["method"] == "full":
+        return (True,)  # kubeforge's selective checkpointing (runtime/selective.py)
     return (gc,) if isinstance(gc, bool) else (False, True)
 
 
@@ -286,6 +293,7 @@ def layout(entry: dict[str, Any], gradient_checkpointing: bool) -> Layout | None
         micro_batch=micro,
         seq_len=entry["seq_len"],
         gradient_checkpointing=gradient_checkpointing,
+        checkpointing_policy="selective" if entry.get("gradient_checkpointing") == "selective" else "full",
         gradient_accumulation=max(1, global_batch // (micro * dp)),
         lora_rank=rank,
         lora_targets=targets,
@@ -643,7 +651,7 @@ def print_table(rows: list[Row]) -> None:
 def _print_memory(title: str, m: dict[str, Any]) -> None:
     print(
         f"{title}: {m['within_10pct']}/{m['compared']} within 10% of the measured peak "
-        f"({m['ambiguous_checkpointing']} with checkpointing not stated or selective: nearer variant used)"
+        f"({m['ambiguous_checkpointing']} with checkpointing not stated: nearer variant used)"
     )
     for method, d in m["per_method"].items():
         print(

@@ -57,24 +57,27 @@ def test_examples_break_no_rule():
 
 
 finetune_docs = st.builds(
-    lambda method, lora, strategy, tp, pp, sp, fmt, objective, epochs, steps, revision, kv, precision, master: finetune(
-        method=method,
-        lora={"rank": 8} if lora else DELETE,
-        **{
-            "parallelism.strategy": strategy,
-            "parallelism.tensorParallel": tp if tp else DELETE,
-            "parallelism.pipelineParallel": pp if pp else DELETE,
-            "parallelism.sequenceParallel": sp if sp is not None else DELETE,
-            "dataset.format": fmt,
-            "training.objective": objective,
-            "training.epochs": epochs if epochs else DELETE,
-            "training.maxSteps": steps if steps else DELETE,
-            "model.revision": revision if revision else DELETE,
-            "model.uri": "hf://Qwen/Qwen3-8B" if revision != "pvc" else "pvc://models/base",
-            "model.architecture": {"numAttentionHeads": 32, "numKeyValueHeads": kv} if kv else DELETE,
-            "parallelism.precision": precision,
-            "parallelism.masterWeights": master if master else DELETE,
-        },
+    lambda method, lora, strategy, tp, pp, sp, fmt, objective, epochs, steps, revision, kv, precision, master, ac: (
+        finetune(
+            method=method,
+            lora={"rank": 8} if lora else DELETE,
+            **{
+                "parallelism.strategy": strategy,
+                "parallelism.tensorParallel": tp if tp else DELETE,
+                "parallelism.pipelineParallel": pp if pp else DELETE,
+                "parallelism.sequenceParallel": sp if sp is not None else DELETE,
+                "dataset.format": fmt,
+                "training.objective": objective,
+                "training.epochs": epochs if epochs else DELETE,
+                "training.maxSteps": steps if steps else DELETE,
+                "model.revision": revision if revision else DELETE,
+                "model.uri": "hf://Qwen/Qwen3-8B" if revision != "pvc" else "pvc://models/base",
+                "model.architecture": {"numAttentionHeads": 32, "numKeyValueHeads": kv} if kv else DELETE,
+                "parallelism.precision": precision,
+                "parallelism.masterWeights": master if master else DELETE,
+                "parallelism.activationCheckpointing": ac if ac else DELETE,
+            },
+        )
     ),
     st.sampled_from(["full", "lora", "qlora"]),
     st.booleans(),
@@ -90,6 +93,7 @@ finetune_docs = st.builds(
     st.sampled_from([None, 8, 5]),
     st.sampled_from(["auto", "bf16", "fp16"]),
     st.sampled_from([None, "fp32", "bf16"]),
+    st.sampled_from([None, "auto", "full", "selective"]),
 )
 
 quantize_docs = st.builds(

@@ -100,6 +100,19 @@ FINETUNE_CASES = [
     ),
     ({"parallelism.masterWeights": "fp16"}, ["spec.parallelism.masterWeights: must be one of 'fp32' or 'bf16'"]),
     (
+        {"parallelism.activationCheckpointing": "selective"},
+        ["spec.parallelism.activationCheckpointing: activationCheckpointing selective keeps every matmul's output"],
+    ),
+    (
+        {
+            "method": "full",
+            "lora": DELETE,
+            "parallelism.strategy": "megatron",
+            "parallelism.activationCheckpointing": "selective",
+        },
+        ["spec.parallelism.activationCheckpointing: activationCheckpointing selective needs a non-Megatron strategy"],
+    ),
+    (
         {"training.dpo": {"beta": 0.2}},
         ["spec.training.dpo: only applies to objective dpo"],
     ),

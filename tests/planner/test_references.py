@@ -73,17 +73,17 @@ def test_unmodelled_list_names_real_entries():
     assert set(UNMODELLED) <= {e["id"] for e in ENTRIES}
 
 
-# Today (bench/planner_vs_references.py): over the 31 runs with an architecture (the catalog's, or a public
-# config.json written out in the bench), a measured peak and none of the memory savers in UNMODELLED, what each
-# peak's reading shows of memory.estimate (memory.shown_by: allocated, reserved, else the whole device) is
-# 0.54x-1.79x of the measured peak (checkpointing not stated -> the nearer of on/off); 11 of the 31 are within
-# 10%. Issue 11 asks for 10% on all of them. What stands in the way, from the bench's rows: no model of
-# selective activation checkpointing (torchtitan 8B: the peak lies between the on/off estimates, 0.54x and
-# 0.64x of it), torch.compile + float8 (Trainy 8B: 0.83x), other frameworks' LoRA and QLoRA implementations
-# (ms-swift on Qwen-1's fused c_attn: 0.75x/0.86x; PEFT's and Answer.AI's FSDP CPU offload on 24 GB cards:
-# 0.76x/0.83x; LitGPT's bitsandbytes QLoRA: 0.74x; torchtune's LoRA recipes, compiled: 1.51x-1.79x; Qwen's,
-# Answer.AI's and LLaMA-Factory's 7B LoRA/QLoRA: 1.12x-1.19x), and runs whose batches' lengths are not
-# published. The bound below is what holds now with a little room; tighten it as those close.
+# Today (bench/planner_vs_references.py): over the 29 runs with an architecture (the catalog's, or a public
+# config.json written out in the bench), a measured peak and none of the features in UNMODELLED, what each peak's
+# reading shows of memory.estimate (memory.shown_by: allocated, reserved, else the whole device) is 0.74x-1.79x of
+# the measured peak (checkpointing not stated -> the nearer of on/off); 12 of the 29 are within 10%, every full
+# fine-tuning among them (6 of 6, 0.90x-1.01x: torchtitan's selective checkpointing at 1.01x on 8 and 128 H100s).
+# Issue 11 asks for 10% on all of them. What stands in the way, from the bench's rows: other frameworks' LoRA and
+# QLoRA implementations (ms-swift on Qwen-1's fused c_attn: 0.75x/0.86x; PEFT's and Answer.AI's FSDP CPU offload
+# on 24 GB cards: 0.76x/0.83x; LitGPT's bitsandbytes QLoRA: 0.74x; torchtune's LoRA recipes, compiled:
+# 1.51x-1.79x; Qwen's, Answer.AI's and LLaMA-Factory's 7B LoRA/QLoRA: 1.12x-1.19x) and runs whose settings or
+# batches' lengths are not published. The bound below is what holds now with a little room; tighten it as those
+# close.
 FACTOR = 2.0
 
 
@@ -97,10 +97,19 @@ def test_memory_estimate_within_a_factor_of_two_of_measured_peaks():
     assert len(within) >= WITHIN_TEN_PERCENT, within
 
 
-WITHIN_TEN_PERCENT = 11  # of the 31 today: a change that loses one of them fails here. It was 14 with an allocator
-# term of 8% that nobody had measured; the published measurement (15%, memory.FRAGMENTATION) puts five of those runs
-# at 1.12-1.16x (Qwen's 7B LoRA/QLoRA and 72B QLoRA, Answer.AI's 7B LoRA, LLaMA-Factory's 7B QLoRA) and two others
-# inside (torchtitan's 70B 2D, 0.93x; Qwen's 1.8B full, 0.90x)
+WITHIN_TEN_PERCENT = 12  # of the 29 today: a change that loses one of them fails here. (It was 14 of 31 with an
+# allocator term of 8% that nobody had measured; the published measurement, 15% (memory.FRAGMENTATION), put five
+# 7B LoRA/QLoRA runs at 1.12-1.16x, and selective checkpointing brought torchtitan's two 8B runs inside.)
+
+
+def test_full_fine_tuning_memory_within_ten_percent():
+    """Every like-for-like full fine-tuning reference (kubeforge's runtime trains the same way: its precision
+    policy, checkpointing policy and allocator setting) within 10% of its measured peak."""
+    rows = [memory_row(e) for e in ENTRIES if e["method"] == "full"]
+    compared = {r.id: round(r.ratio, 3) for r in rows if r.ratio is not None and not r.caveats}
+    assert len(compared) >= 6, compared
+    off = {k: v for k, v in compared.items() if abs(v - 1) > 0.10}
+    assert not off, off
 
 
 def test_runs_with_unmodelled_memory_savers_are_overestimated_never_under():
@@ -123,6 +132,8 @@ STEP_MISSES = {
     "peft-metamathqa-llama32-3b-full-1xl40s": "840 real tokens a step (variable-length batches): kernels that small "
     "run far below the efficiency cost.py assumes (its small-micro-batch floor is 0.75 of EFFICIENCY); the AdamW "
     "update on the GPU is counted (pure bf16: 0.07 of the 0.52 s predicted vs 1.34 s published)",
+    "torchao-llama3-8b-fsdp-8xb200-750w-bf16": "the B200s were power-limited to 750 W (the part is rated 1000 W) and "
+    "the run compiled its model; cost.py has no B200 run to calibrate on (its 0.62x is the only one)",
     "philschmid-llama3-70b-qlora-fsdp-offload-4xa10g-3072": "timed loosely by the source ('~40 steps', '~1h': "
     "+-25%); the planner's compute term alone at the A10G's 70 TFLOPS and FSDP offload's efficiency is 184 s of "
     "its 187 s, twice the published 90 s; the A10 family has no other published step to calibrate on",

@@ -29,6 +29,7 @@ MEGATRON = ("megatron", "megatron-offload-optimizer")
 Strategy = Literal[("auto", *get_args(RuntimeStrategy))]  # the runtime's strategies (contract.STRATEGIES), or auto
 Precision = Literal["auto", "bf16", "fp16", "fp8"]
 MasterWeights = Literal["fp32", "bf16"]  # contract.MASTER_WEIGHTS
+ActivationCheckpointing = Literal["auto", "full", "selective"]  # contract.CHECKPOINTING_POLICIES, or the planner's
 # strategies whose optimizer keeps fp32 masters whatever masterWeights says (contract.unsupported_master_weights)
 FP32_MASTERS = tuple(s for s, f in STRATEGIES.items() if f.engine == "megatron" or f.offload != "none")
 FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
@@ -273,6 +274,17 @@ class Parallelism(KubeModel):
         ),
     )
 
+    activation_checkpointing: ActivationCheckpointing = Field(
+        default="auto",
+        description=(
+            "auto: the planner checkpoints each decoder layer (recomputing its forward pass in the backward pass) "
+            "only where the activations do not fit otherwise. full: always. selective: keep every matmul's and the "
+            "attention kernel's output and recompute only the operations between them (norms, rotary embeddings, "
+            "activations): less memory than none, less recomputation than full; method full and a non-Megatron "
+            "strategy only."
+        ),
+    )
+
     rules = (
         Rule(
             cel="self.strategy in ['auto', 'megatron', 'megatron-offload-optimizer'] || "
@@ -312,6 +324,19 @@ class Parallelism(KubeModel):
                 p.master_weights == "fp32" or (p.precision in ("auto", "bf16") and p.strategy not in FP32_MASTERS)
             ),
             field=".masterWeights",
+        ),
+        Rule(
+            cel="!has(self.activationCheckpointing) || self.activationCheckpointing != 'selective' || "
+            "(!(self.strategy in ['megatron', 'megatron-offload-optimizer']) "
+            "&& (!has(self.tensorParallel) || self.tensorParallel == 1) "
+            "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
+            message="activationCheckpointing selective needs a non-Megatron strategy (megatron-core recomputes whole "
+            "layers; no tensorParallel or pipelineParallel above 1)",
+            check=lambda p: (
+                p.activation_checkpointing != "selective"
+                or (p.strategy not in MEGATRON and (p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1)
+            ),
+            field=".activationCheckpointing",
         ),
     )
 
@@ -397,6 +422,14 @@ class FineTuneJobSpec(KubeModel):
                 )
             ),
             field=".parallelism.strategy",
+        ),
+        Rule(
+            cel="self.method == 'full' || !has(self.parallelism) || !has(self.parallelism.activationCheckpointing) "
+            "|| self.parallelism.activationCheckpointing != 'selective'",
+            message="activationCheckpointing selective keeps every matmul's output, with lora or qlora the "
+            "adapters' too (about what no checkpointing keeps): it serves method full only",
+            check=lambda s: s.method == "full" or s.parallelism.activation_checkpointing != "selective",
+            field=".parallelism.activationCheckpointing",
         ),
         Rule(
             cel="!has(self.dataset.format) || !has(self.training) || !has(self.training.objective) || "

@@ -126,17 +126,28 @@ class StepTime:
 
 def flops_per_token(arch: Architecture, layout: Layout) -> float:
     chunked = loss_chunk(arch, layout) > 0
-    return _flops_per_token(arch, layout.method, layout.seq_len, layout.gradient_checkpointing, chunked)
+    policy = layout.checkpointing_policy if layout.gradient_checkpointing else ""
+    return _flops_per_token(arch, layout.method, layout.seq_len, policy, chunked)
 
 
-def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: bool, chunked: bool) -> float:
+def selective_recompute(arch: Architecture) -> float:
+    """Parameters whose matmuls selective checkpointing runs again in the backward pass (runtime/selective.py:
+    every second matmul of a layer, k, o and up in a Llama layer); the attention kernel's output is kept. The
+    element-wise operations it also recomputes (norms, rotary embeddings, SwiGLU) are not counted: no FLOPs of
+    note, and not yet timed on a GPU."""
+    q, k, h = arch.q_dim, arch.kv_dim, arch.hidden_size
+    i = arch.intermediate_size * arch.num_experts_per_token
+    return arch.num_layers * (h * k + q * h + h * i)
+
+
+def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: str, chunked: bool) -> float:
+    """``checkpointing``: "" (off), "full" (the whole forward pass again) or "selective"."""
     active = arch.active_parameters
     per_param = 6.0 if method == "full" else 4.0
-    if checkpointing:
-        per_param += 2.0
+    recomputed = {"": 0.0, "full": active, "selective": selective_recompute(arch)}[checkpointing]
     attention = 6.0 * arch.num_layers * seq_len * arch.q_dim
     head = 2.0 * arch.hidden_size * arch.vocab_size if chunked else 0.0
-    return per_param * active + attention + head
+    return per_param * active + 2.0 * recomputed + attention + head
 
 
 def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
@@ -159,7 +170,7 @@ class JobTerms:
     """What step_time needs of the job alone (model, method, sequence, batch): the same for every layout
     a plan tries, so the search computes it once."""
 
-    work: tuple[float, float]  # tokens per step x FLOPs per token, without and with gradient checkpointing
+    work: tuple[float, float]  # tokens per step x FLOPs per token, without and with checkpointing (its policy)
     trainable: int
     base_bytes: float  # the weights' bytes as gathered (base_weight_bytes in bf16)
     stored_bytes: float = 0.0  # the frozen base as stored (0 for full fine-tuning: every weight trains, in fp32)
@@ -168,7 +179,8 @@ class JobTerms:
 def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
     chunked = loss_chunk(arch, layout) > 0
-    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, gc, chunked) for gc in (False, True))
+    policies = ("", layout.checkpointing_policy)  # without and with checkpointing
+    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, p, chunked) for p in policies)
     trainable = trainable_parameters(arch, layout)
     stored = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method)
     return JobTerms(work, trainable, base_weight_bytes(arch, layout.method), stored)  # type: ignore[arg-type]
@@ -353,8 +365,17 @@ def reference_pass_seconds(arch: Architecture, layout: Layout, step: StepTime, s
     forward share (2 of flops_per_token's 4 or 6 FLOPs per parameter) of one epoch's compute."""
     if layout.objective != "dpo" or not steps_per_epoch:
         return 0.0
-    per_param = (6.0 if layout.method == "full" else 4.0) + (2.0 if layout.gradient_checkpointing else 0.0)
+    per_param = (6.0 if layout.method == "full" else 4.0) + 2.0 * _recomputed_share(arch, layout)
     return steps_per_epoch * step.compute * 2.0 / per_param
+
+
+def _recomputed_share(arch: Architecture, layout: Layout) -> float:
+    """The share of the forward pass's matmul work that checkpointing runs again."""
+    if not layout.gradient_checkpointing:
+        return 0.0
+    if layout.checkpointing_policy == "selective":
+        return selective_recompute(arch) / arch.active_parameters
+    return 1.0
 
 
 def total_steps(epochs: float | None, max_steps: int | None, examples: int | None, global_batch: int) -> int | None:

@@ -193,7 +193,7 @@ def decisions(req: Request, arch: Architecture, best: Candidate, fitting: list[C
         f"Global batch {req.global_batch} = micro-batch {lay.micro_batch} x gradient accumulation "
         f"{lay.gradient_accumulation} x data parallel {lay.data_parallel}."
     )
-    out.append(_checkpointing_sentence(arch, best))
+    out.append(_checkpointing_sentence(req, arch, best))
     if lay.ulysses > 1:
         out.append(_ulysses_sentence(arch, best, fitting))
     if lay.objective == "dpo":
@@ -363,8 +363,21 @@ def _precision_sentence(req: Request, pool: Pool, precision: str) -> str:
     return f"Precision fp16: {pool.gpu.name} (compute capability {cc}) has no bf16."
 
 
-def _checkpointing_sentence(arch: Architecture, best: Candidate) -> str:
+def _checkpointing_sentence(req: Request, arch: Architecture, best: Candidate) -> str:
     lay = best.layout
+    if req.checkpointing != "auto":
+        without = estimate(arch, replace(lay, gradient_checkpointing=False))
+        what = (
+            "each layer keeps its input, the attention kernel's output and every second matmul's, and recomputes "
+            "the rest"
+            if lay.checkpointing_policy == "selective"
+            else "each layer keeps only its input and runs its forward pass again in the backward pass"
+        )
+        return (
+            f"Gradient checkpointing {lay.checkpointing_policy}, as spec.parallelism.activationCheckpointing asks: "
+            f"{what}; activations {gib(best.memory.activations)} (without checkpointing "
+            f"{gib(without.activations)})."
+        )
     if lay.gradient_checkpointing:
         without = estimate(arch, replace(lay, gradient_checkpointing=False))
         return (

@@ -98,7 +98,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
     for mb in (8, 4, 2, 1):
         if per_process % mb:
             continue
-        for checkpointing in (False, True):
+        for checkpointing in (False, True) if req.checkpointing == "auto" else (True,):
             layout = Layout(
                 method=spec.method,
                 strategy=strategy,
@@ -108,6 +108,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
                 micro_batch=mb,
                 seq_len=spec.dataset.max_seq_length,
                 gradient_checkpointing=checkpointing,
+                checkpointing_policy="selective" if req.checkpointing == "selective" else "full",
                 gradient_accumulation=per_process // mb,
                 lora_rank=req.lora_rank,
                 lora_targets=req.lora_targets,
@@ -155,6 +156,7 @@ def plan_cpu(spec: FineTuneJobSpec, arch: Architecture, *, nproc: int, host_memo
         micro_batch_size=layout.micro_batch,
         gradient_accumulation_steps=layout.gradient_accumulation,
         gradient_checkpointing=layout.gradient_checkpointing,
+        checkpointing_policy=layout.checkpointing_policy if layout.gradient_checkpointing else "",
         attention="sdpa",
         sequence_length=spec.dataset.max_seq_length,
         objective=layout.objective,

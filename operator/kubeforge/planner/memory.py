@@ -53,9 +53,11 @@ autocast) keeps the residual stream in fp32 (12h more) and the bf16 copy autocas
 weight until the backward pass (2 bytes per parameter). LoRA/QLoRA keep less: the frozen norms' weights
 need no normalized input (4h), a frozen linear without an adapter needs no input (q/k/v: 2h, gate/up: 2h,
 down: 2i when none of the group is adapted), and dropout adds 3 bytes per element of each adapted module's
-input (lora_activations). With gradient checkpointing only each layer's
-input (2h, 4h under autocast) is kept, plus one layer recomputed at a time. Every case is counted on
-the runtime's own modules (tests/planner/test_activations.py: the bytes autograd saves, within 10%).
+input (lora_activations). With gradient checkpointing only each layer's input (2h, 4h under autocast)
+is kept, plus one layer recomputed at a time; selective checkpointing (full fine-tuning,
+runtime/selective.py, torchtitan's per-op policy) keeps besides it the attention kernel's output and every
+second matmul's (selective_outputs: 4q + 2k + 2i + 2h bytes and the log-sum-exp) and recomputes the rest.
+Every case is counted on the runtime's own modules (tests/planner/test_activations.py, within 10%).
 Pipeline stages hold L/p layers for up to p micro-batches in flight (1F1B). The logits: the runtime computes
 the loss (SFT, DPO's log-probs) in chunks of contract.loss_chunk_tokens tokens (runtime/chunked_loss.py: each
 chunk's logits are recomputed in the backward pass), which holds 8 bytes per chunk token and vocabulary entry
@@ -113,6 +115,7 @@ class Layout:
     micro_batch: int = 1
     seq_len: int = 2048
     gradient_checkpointing: bool = False
+    checkpointing_policy: str = "full"  # with gradient_checkpointing: full | selective (runtime/selective.py)
     gradient_accumulation: int = 1
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("all-linear",)
@@ -304,6 +307,8 @@ class Activations:
         if amp:
             per_layer += 12 * h / self.divide
         self.kept = (4 if amp else 2) * h / self.divide  # each layer's input, with checkpointing
+        if layout.checkpointing_policy == "selective":  # and every matmul's and the attention kernel's output
+            self.kept += selective_outputs(arch) / t
         self.casts = 2.0 * arch.params_per_layer / t if amp else 0.0  # per layer, without checkpointing
         if layout.method != "full":
             per_layer += lora_activations(arch, layout.lora_targets, layout.lora_dropout) / t
@@ -327,6 +332,16 @@ class Activations:
         else:
             logits = tokens * self.vocab * LOGIT_BYTES / self.t
         return (body + logits) * self.scale
+
+
+def selective_outputs(arch: Architecture) -> float:
+    """Bytes per token and layer that selective checkpointing keeps beyond the layer's input (selective.py in the
+    runtime): the bf16 outputs of every second matmul (q, v, gate and down in a Llama layer: q + k + i + h
+    elements) and of the attention kernel (q elements and its fp32 log-sum-exp per head). Measured on the
+    runtime's modules (tests/planner/test_activations.py)."""
+    q, k, h = arch.q_dim, arch.kv_dim, arch.hidden_size
+    i = arch.intermediate_size * arch.num_experts_per_token
+    return 2.0 * (q + k + i + h + q) + 4.0 * arch.num_attention_heads
 
 
 # The inputs a trained layer keeps for its weights' gradients and a frozen base keeps only where an adapter

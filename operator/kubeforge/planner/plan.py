@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeforge.runtime.contract import STRATEGIES, unsupported_master_weights
+from kubeforge.runtime.contract import STRATEGIES, unsupported_checkpointing, unsupported_master_weights
 
 
 class PlanError(ValueError):
@@ -90,6 +90,7 @@ class Plan:
     micro_batch_size: int = 0
     gradient_accumulation_steps: int = 0
     gradient_checkpointing: bool = False
+    checkpointing_policy: str = ""  # with gradient_checkpointing: full | selective (runtime/selective.py)
     attention: str = ""
     sequence_length: int = 0
     loss_chunk_tokens: int = 0  # the loss (SFT, DPO's log-probs) in chunks of this many tokens; 0: the model's own
@@ -152,6 +153,11 @@ class Plan:
         need(self.precision != "bf16" or self.compute_capability >= (8, 0), "bf16 needs compute capability >= 8.0")
         need(self.precision != "fp32" or self.gpu_type == "cpu", "fp32 only on CPU")
         need(
+            self.gradient_checkpointing == bool(self.checkpointing_policy)
+            and not unsupported_checkpointing(self.strategy, self.method, self.checkpointing_policy),
+            "a checkpointing policy (full; selective: full fine-tuning, no Megatron) exactly when checkpointing",
+        )
+        need(
             self.master_weights == "fp32" or not unsupported_master_weights(self.strategy, self.precision, "bf16"),
             "pure bf16 (masterWeights bf16) needs bf16 compute and an engine that steps bf16 weights",
         )
@@ -197,6 +203,7 @@ class Plan:
                 "microBatchSize": self.micro_batch_size,
                 "gradientAccumulationSteps": self.gradient_accumulation_steps,
                 "gradientCheckpointing": self.gradient_checkpointing,
+                "checkpointingPolicy": self.checkpointing_policy or None,
                 "attention": self.attention,
                 "lossChunkTokens": self.loss_chunk_tokens,
                 "memoryPerGPU": self.memory.to_json(),

@@ -64,7 +64,7 @@ from kubeforge.planner.memory import (
     trainable_parameters,
 )
 from kubeforge.planner.plan import Alternative, MemoryPerGPU, Plan
-from kubeforge.runtime.contract import ENGINE_PRECISIONS, unsupported_master_weights
+from kubeforge.runtime.contract import ENGINE_PRECISIONS, unsupported_checkpointing, unsupported_master_weights
 from kubeforge.runtime.contract import STRATEGIES as FACTS
 
 UTILISATION = 0.90  # of GPU memory a plan may fill
@@ -264,6 +264,7 @@ class Request:
     objective: str
     precision: str
     master_weights: str
+    checkpointing: str  # auto (the planner: off or full) | full | selective
     max_gpus: int | None
     max_hours: float | None
     gpu_type: str
@@ -291,6 +292,7 @@ class Request:
             objective=spec.training.objective,
             precision=par.precision,
             master_weights=par.master_weights,
+            checkpointing=par.activation_checkpointing,
             max_gpus=spec.resources.max_gpus,
             max_hours=spec.resources.max_hours,
             gpu_type=spec.resources.gpu_type,
@@ -455,6 +457,8 @@ def strategies(req: Request) -> tuple[str, ...]:
     def allowed(strategy: str) -> bool:
         if unsupported_master_weights(strategy, "bf16", req.master_weights):  # pure bf16: no fp32-master engines
             return False
+        if unsupported_checkpointing(strategy, req.method, req.checkpointing):  # selective: no megatron-core
+            return False
         if FACTS[strategy].engine == "megatron":  # full fine-tuning with the next-token loss, no Ulysses degree
             return req.method == "full" and req.objective == "sft" and (req.sequence_parallel_size or 1) == 1
         return True  # QLoRA shards its NF4 base under FSDP2 (torchao's NF4Tensor) and ZeRO-3 (quant storage)
@@ -512,6 +516,7 @@ def enumerate_candidates(
     if tried is None:
         tried = strategies(req)
     global_batch = req.global_batch
+    checkpointing_options = (False, True) if req.checkpointing == "auto" else (True,)  # full | selective: asked
     gpu_limit = UTILISATION * pool.memory_bytes
     host_limit = HOST_UTILISATION * pool.host_memory_bytes
     for nodes, per_node in gpu_counts(pool, req.max_gpus):
@@ -574,7 +579,7 @@ def enumerate_candidates(
                             total_of = group.memory.total
                             host_ok = group.host_per_node <= host_limit
                         lean_fits = False  # memory grows with the micro-batch: stop at the first that cannot fit
-                        for checkpointing in (False, True):
+                        for checkpointing in checkpointing_options:
                             if checkpointing and lean_fits:
                                 break  # recomputing the forward pass only costs time when the layout fits without it
                             if lean_cannot_fit and not checkpointing:
@@ -623,6 +628,7 @@ def _group(
                 lora_dropout=req.lora_dropout,
                 objective=req.objective,
                 master_weights=req.master_weights,
+                checkpointing_policy="selective" if req.checkpointing == "selective" else "full",
             )
         layout = layout_like(
             base,
@@ -755,6 +761,7 @@ def build(req: Request, arch: Architecture, best: Candidate, fitting: list[Candi
         micro_batch_size=layout.micro_batch,
         gradient_accumulation_steps=layout.gradient_accumulation,
         gradient_checkpointing=layout.gradient_checkpointing,
+        checkpointing_policy=layout.checkpointing_policy if layout.gradient_checkpointing else "",
         attention=attention_for(pool),
         sequence_length=req.seq_len,
         loss_chunk_tokens=loss_chunk(arch, layout),

@@ -26,7 +26,7 @@ from kubeforge.runtime.contract import (
 PLAN_SUMMARY_KEYS = (
     "gpuType", "nodes", "gpusPerNode", "totalGPUs", "strategy", "zeroStage", "offload", "tensorParallel",
     "pipelineParallel", "dataParallel", "precision", "masterWeights", "microBatchSize", "gradientAccumulationSteps",
-    "gradientCheckpointing", "attention", "estimatedStepSeconds",
+    "gradientCheckpointing", "checkpointingPolicy", "attention", "estimatedStepSeconds",
 )  # fmt: skip
 
 
@@ -84,6 +84,7 @@ def finetune_contract(job: FineTuneJob, plan: Plan, *, device: str = "cuda") -> 
             precision=plan.precision,
             master_weights=plan.master_weights,  # type: ignore[arg-type]
             gradient_checkpointing=plan.gradient_checkpointing,
+            checkpointing_policy=plan.checkpointing_policy or "full",  # type: ignore[arg-type]
             attention=plan.attention,
             loss_chunk_tokens=plan.loss_chunk_tokens,
             host_memory_bytes=plan.host_memory_per_node if plan.offload != "none" else 0,

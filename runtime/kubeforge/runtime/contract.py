@@ -256,6 +256,26 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
 # every gradient to the model's own loss's there).
 LOSS_CHUNK_ELEMENTS = 2**25
 
+# Selective activation checkpointing (runtime/selective.py) keeps every matmul's output: with LoRA those of the
+# adapters too, about what no checkpointing keeps, so it serves full fine-tuning only; megatron-core has its
+# own recompute (full, per layer).
+CHECKPOINTING_POLICIES = ("full", "selective")
+
+
+def unsupported_checkpointing(strategy: str, method: str, policy: str, field: str = "compute.checkpointing_policy"):
+    """Why ``policy`` cannot checkpoint this strategy and method (one sentence naming ``field``), or None."""
+    if policy != "selective":
+        return None
+    if method != "full":
+        return (
+            f"{field} selective keeps every matmul's output, with {method} the adapters' too (about what no "
+            "checkpointing keeps): it serves method full only"
+        )
+    if STRATEGIES[strategy].engine == "megatron":
+        return f"{field} selective: strategy {strategy} (megatron-core) recomputes whole layers only"
+    return None
+
+
 # The CUDA caching allocator's setting in every training process (the pod's env, and train.main's default for
 # local runs; a value the user sets wins): expandable segments grow one mapping instead of caching blocks of
 # fixed sizes, so less memory sits reserved but unused. Published peaks of reserved over active bytes for the
@@ -320,6 +340,7 @@ class ComputeConfig(_Model):
     precision: Precision = "bf16"
     master_weights: Literal["fp32", "bf16"] = "fp32"  # bf16: pure bf16 (precision_policy)
     gradient_checkpointing: bool = False
+    checkpointing_policy: Literal["full", "selective"] = "full"  # with gradient_checkpointing: selective.py
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
     loss_chunk_tokens: int = Field(default=0, ge=0)  # the loss (SFT, DPO's log-probs) in chunks of this many tokens
     # (chunked_loss.py); 0: the model's own loss over its whole logits. The planner counts the same (loss_chunk_tokens).

@@ -22,7 +22,13 @@ from typing import Protocol
 
 import torch
 
-from kubeforge.runtime.contract import STRATEGIES, Contract, unsupported_master_weights, unsupported_precision
+from kubeforge.runtime.contract import (
+    STRATEGIES,
+    Contract,
+    unsupported_checkpointing,
+    unsupported_master_weights,
+    unsupported_precision,
+)
 from kubeforge.runtime.engines.common import Dist, Setup
 from kubeforge.runtime.entry import UserError
 
@@ -64,8 +70,10 @@ def check(contract: Contract, *, cuda: bool, host_memory_bytes: int | None = Non
     _check_ulysses(contract, engine)
     if contract.compute.device == "cuda" and not cuda:
         raise UserError("compute.device cuda: the plan needs a CUDA GPU and none is visible")
-    why = unsupported_precision(strategy, precision) or unsupported_master_weights(
-        strategy, precision, contract.compute.master_weights
+    why = (
+        unsupported_precision(strategy, precision)
+        or unsupported_master_weights(strategy, precision, contract.compute.master_weights)
+        or unsupported_checkpointing(strategy, method, contract.compute.checkpointing_policy)
     )
     if why:
         raise UserError(why)

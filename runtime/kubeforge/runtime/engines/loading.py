@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.runtime import chunked_loss
+from kubeforge.runtime import chunked_loss, selective
 from kubeforge.runtime.contract import Contract, PrecisionPolicy, chunked_loss_runs, precision_policy
 
 log = logging.getLogger("kubeforge.train")
@@ -83,8 +83,9 @@ def prepare(contract: Contract, model, device: torch.device, *, fsdp: bool = Fal
         from kubeforge.runtime.engines.float8 import convert
 
         convert(model, fsdp=fsdp)
-    if contract.compute.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if contract.compute.gradient_checkpointing:  # full, or selective (selective.py)
+        kwargs = selective.checkpoint_kwargs(contract.compute.checkpointing_policy)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if contract.training.method in ("lora", "qlora"):
         model = add_lora(contract, model)
     if contract.training.method != "qlora" and device.type != "meta":
