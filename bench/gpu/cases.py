@@ -28,6 +28,7 @@ class Case:
     micro_batch: int
     gradient_checkpointing: bool = False
     master_weights: str = "fp32"  # bf16: pure bf16 (spec.parallelism.masterWeights)
+    checkpointing_policy: str = "full"  # with gradient_checkpointing: full | selective (runtime/selective.py)
     seq_len: int = SEQ_LEN
     optional: bool = False  # run only when named (or with --cases all)
     note: str = ""
@@ -45,6 +46,7 @@ class Case:
             micro_batch=self.micro_batch,
             seq_len=self.seq_len,
             gradient_checkpointing=self.gradient_checkpointing,
+            checkpointing_policy=self.checkpointing_policy,
             gradient_accumulation=1,
             lora_rank=LORA_RANK,
             lora_dropout=LORA_DROPOUT,
@@ -64,6 +66,8 @@ CASES: tuple[Case, ...] = (
          note="~60 GiB of fp32 states: skipped on GPUs predicted too small"),
     Case("3b-full-ddp-pure-bf16-gc", "3b", "full", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
          master_weights="bf16", note="the same in pure bf16: half the bytes of states"),
+    Case("3b-full-ddp-bf16-sac", "3b", "full", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
+         checkpointing_policy="selective", note="selective checkpointing: memory and speed against full"),
     Case("8b-lora-ddp-bf16-gc", "8b", "lora", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True),
     Case("8b-qlora-ddp-bf16-gc", "8b", "qlora", "ddp", "bf16", micro_batch=4, gradient_checkpointing=True,
          note="bitsandbytes NF4"),
@@ -127,6 +131,7 @@ def contract(case: Case, model_dir: Path, work: Path, steps: int, vocab_size: in
             precision=case.precision,
             master_weights=case.master_weights,  # type: ignore[arg-type]
             gradient_checkpointing=case.gradient_checkpointing,
+            checkpointing_policy=case.checkpointing_policy,  # type: ignore[arg-type]
             attention="sdpa",
             host_memory_bytes=host_memory_bytes,
             # the loss in chunks, as the planner asks and memory.estimate counts (predict)
