@@ -64,9 +64,16 @@ def specs(draw):
         changes["parallelism.sequenceParallel"] = True
         changes["parallelism.sequenceParallelSize"] = draw(st.sampled_from([DELETE, 2, 4]))
     ulysses = "parallelism.sequenceParallelSize" in changes or "training.objective" in changes
-    if (strategy == "megatron" or (strategy == "auto" and method == "full")) and not ulysses and draw(st.booleans()):
+    megatron = strategy == "megatron"
+    if (megatron or (strategy == "auto" and method == "full")) and not ulysses and draw(st.booleans()):
         changes["parallelism.tensorParallel"] = draw(st.sampled_from([1, 2, 4, 8]))
         changes["parallelism.pipelineParallel"] = draw(st.sampled_from([1, 2, 4]))
+        megatron = megatron or changes["parallelism.tensorParallel"] > 1 or changes["parallelism.pipelineParallel"] > 1
+    # pure bf16 and the checkpointing policy where the API lets them be asked for
+    if changes["parallelism.precision"] in ("auto", "bf16") and strategy in ("auto", "ddp", "zero2", "zero3", "fsdp"):
+        changes["parallelism.masterWeights"] = draw(st.sampled_from(["fp32", "fp32", "bf16"]))
+    choices = ["auto", "auto", "full"] + (["selective"] if method == "full" and not megatron else [])
+    changes["parallelism.activationCheckpointing"] = draw(st.sampled_from(choices))
     return parse(finetune(**changes)).spec
 
 
@@ -111,6 +118,9 @@ def test_plan_is_infeasible_with_a_reason_or_obeys_every_hard_rule(spec, invento
         assert result.strategy == par.strategy
     if par.precision != "auto":
         assert result.precision == par.precision
+    assert result.master_weights == par.master_weights
+    if par.activation_checkpointing != "auto":
+        assert result.gradient_checkpointing and result.checkpointing_policy == par.activation_checkpointing
     if par.tensor_parallel:
         assert result.tensor_parallel == par.tensor_parallel
     if par.pipeline_parallel:

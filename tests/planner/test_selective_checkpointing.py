@@ -67,3 +67,14 @@ def test_the_contract_carries_the_policy():
     result = planned(job.spec, H100)
     compute = finetune_contract(job, result).compute
     assert compute.gradient_checkpointing and compute.checkpointing_policy == "selective"
+
+
+def test_refused_with_the_alternatives_when_it_cannot_fit():
+    """Selective checkpointing of 8,192-token sequences of Llama-3.1-8B under FSDP on 8 A100-40GB, no Ulysses: the kept
+    outputs do not fit; the planner's own choice (full checkpointing) is offered, as it does."""
+    a100_40 = cluster(("NVIDIA-A100-SXM4-40GB", 8, 1))
+    no_ulysses = {"parallelism.sequenceParallel": False}
+    result = planned(full("selective", **no_ulysses).spec, a100_40)
+    assert not result.feasible, result.reason
+    assert "parallelism.activationCheckpointing: auto" in [a.change for a in result.alternatives], result.alternatives
+    assert planned(full(**no_ulysses).spec, a100_40).feasible

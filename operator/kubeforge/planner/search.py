@@ -446,6 +446,7 @@ def _powers(limit: int) -> list[int]:
 
 
 MASTER_WEIGHTS_FIELD = "spec.parallelism.masterWeights"
+CHECKPOINTING_FIELD = "spec.parallelism.activationCheckpointing"
 
 
 def strategies(req: Request) -> tuple[str, ...]:
@@ -530,7 +531,9 @@ def enumerate_candidates(
                     + ", ".join(ENGINE_PRECISIONS[engine])
                 )
                 continue
-            why = unsupported_master_weights(strategy, layout_precision, req.master_weights, MASTER_WEIGHTS_FIELD)
+            why = unsupported_master_weights(
+                strategy, layout_precision, req.master_weights, MASTER_WEIGHTS_FIELD
+            ) or unsupported_checkpointing(strategy, req.method, req.checkpointing, CHECKPOINTING_FIELD)
             if why:
                 rejections.append(why)
                 continue
@@ -798,19 +801,23 @@ def _alternatives(req: Request, inventory: Inventory, arch: Architecture) -> tup
     """The nearest feasible changes: a lighter method, fp32 masters, no GPU cap, any pool, automatic parallelism."""
     tries: list[tuple[str, Request]] = []
     lighter = ("lora", "qlora") if req.method == "full" else ("qlora",) if req.method == "lora" else ()
+    # selective checkpointing serves full fine-tuning only: a lighter method leaves it to the planner
+    light = replace(req, checkpointing="auto") if req.checkpointing == "selective" else req
     for method in lighter:  # Megatron trains method full only: a lighter method leaves it
         if (
             (req.strategy in FACTS and FACTS[req.strategy].engine == "megatron")
             or req.tensor_parallel
             or req.pipeline_parallel
         ):
-            alt = replace(req, method=method, strategy="auto", tensor_parallel=None, pipeline_parallel=None,
+            alt = replace(light, method=method, strategy="auto", tensor_parallel=None, pipeline_parallel=None,
                           sequence_parallel=None, sequence_parallel_size=None)  # fmt: skip
             tries.append((f"method: {method}, parallelism: auto", alt))
         else:
-            tries.append((f"method: {method}", replace(req, method=method)))
+            tries.append((f"method: {method}", replace(light, method=method)))
     if req.master_weights != "fp32":  # mixed precision may offload, and trains on GPUs without bf16
         tries.append(("parallelism.masterWeights: fp32", replace(req, master_weights="fp32")))
+    if req.checkpointing != "auto":  # the planner's choice of none or full checkpointing
+        tries.append(("parallelism.activationCheckpointing: auto", replace(req, checkpointing="auto")))
     if req.max_gpus is not None:
         tries.append(("remove resources.maxGPUs", replace(req, max_gpus=None)))
     if req.gpu_type.lower() != "auto" or req.node_selector:
