@@ -13,12 +13,14 @@ the count for each.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from kubeforge.planner.architecture import Architecture  # noqa: E402
-from kubeforge.planner.memory import Activations, Layout  # noqa: E402
+from kubeforge.planner.memory import Activations, Layout, checkpointing_mode  # noqa: E402
 
 SEQ, VOCAB = 128, 256
 SHAPES = [(512, 1024, 2, 8), (512, 2048, 8, 8)]  # hidden, MLP width, KV heads, heads
@@ -117,8 +119,8 @@ def test_two_layers_keep_what_the_formula_says(case, shape):
                     checkpointing_policy="selective" if checkpointing == "selective" else "full")  # fmt: skip
     one, two = (Architecture(num_layers=n, hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv,
                              intermediate_size=i, vocab_size=VOCAB) for n in (1, 2))  # fmt: skip
-    on = bool(checkpointing)
-    formula = Activations(two, layout)(1, on, 1) - Activations(one, layout)(1, on, 1)
+    mode = checkpointing_mode(replace(layout, gradient_checkpointing=bool(checkpointing)))
+    formula = Activations(two, layout)(1, mode, 1) - Activations(one, layout)(1, mode, 1)
     assert abs(formula / measured - 1) <= 0.10, (measured / SEQ / h, formula / SEQ / h)
 
 

@@ -56,10 +56,19 @@ def test_asked_for_selective_the_plan_says_so_and_is_faster_than_full():
     assert sac.to_json()["checkpointingPolicy"] == "selective"
 
 
-def test_auto_checkpoints_fully_or_not_at_all():
-    result = planned(full().spec, H100)
+def test_auto_takes_selective_where_it_fits_and_is_faster_than_full():
+    auto, sac, whole = (planned(full(c).spec, H100) for c in (None, "selective", "full"))
+    assert auto.checkpointing_policy == "selective"  # no checkpointing does not fit 8,192 tokens here
+    assert auto.estimated_step_seconds == sac.estimated_step_seconds < whole.estimated_step_seconds
+    assert any(
+        r.startswith("Gradient checkpointing selective: without it activations would need") for r in auto.reasons
+    )
+
+
+def test_auto_never_checkpoints_lora_selectively():
+    lora = parse(finetune(**LLAMA_8B, **{"resources.queue": DELETE, "resources.maxGPUs": 1})).spec
+    result = planned(lora, H100)
     assert result.feasible and result.checkpointing_policy in ("full", "")
-    assert result.checkpointing_policy == ("full" if result.gradient_checkpointing else "")
 
 
 def test_the_contract_carries_the_policy():

@@ -277,11 +277,11 @@ class Parallelism(KubeModel):
     activation_checkpointing: ActivationCheckpointing = Field(
         default="auto",
         description=(
-            "auto: the planner checkpoints each decoder layer (recomputing its forward pass in the backward pass) "
-            "only where the activations do not fit otherwise. full: always. selective: keep every matmul's and the "
-            "attention kernel's output and recompute only the operations between them (norms, rotary embeddings, "
-            "activations): less memory than none, less recomputation than full; method full and a non-Megatron "
-            "strategy only."
+            "auto: the planner checkpoints only where the activations do not fit otherwise, selectively or fully, "
+            "whichever is estimated faster. full: each decoder layer keeps only its input and runs its forward pass "
+            "again in the backward pass. selective: each layer also keeps the attention kernel's output and every "
+            "second matmul's, and recomputes the rest (torchtitan's per-op policy): more memory than full, about a "
+            "third of its recomputation; method full and a non-Megatron strategy only."
         ),
     )
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from kubeforge.inventory.pools import Pool
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.memory import Layout, base_weight_bytes, loss_chunk, trainable_parameters
+from kubeforge.planner.memory import Layout, base_weight_bytes, checkpointing_mode, loss_chunk, trainable_parameters
 from kubeforge.runtime.contract import STRATEGIES, precision_policy
 
 EFFICIENCY = {
@@ -162,7 +162,7 @@ def bandwidths(pool: Pool, layout: Layout) -> tuple[float, float]:
 
 def step_time(arch: Architecture, layout: Layout, pool: Pool, global_batch: int) -> StepTime:
     model = StepModel(arch, layout, pool, global_batch)
-    return StepTime(*model.terms(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation))
+    return StepTime(*model.terms(layout.micro_batch, checkpointing_mode(layout), layout.gradient_accumulation))
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class JobTerms:
     """What step_time needs of the job alone (model, method, sequence, batch): the same for every layout
     a plan tries, so the search computes it once."""
 
-    work: tuple[float, float]  # tokens per step x FLOPs per token, without and with checkpointing (its policy)
+    work: tuple[float, float, float]  # tokens per step x FLOPs per token per checkpointing mode (memory.NONE, ...)
     trainable: int
     base_bytes: float  # the weights' bytes as gathered (base_weight_bytes in bf16)
     stored_bytes: float = 0.0  # the frozen base as stored (0 for full fine-tuning: every weight trains, in fp32)
@@ -179,7 +179,7 @@ class JobTerms:
 def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
     chunked = loss_chunk(arch, layout) > 0
-    policies = ("", layout.checkpointing_policy)  # without and with checkpointing
+    policies = ("", "full", "selective")  # memory.NONE, FULL, SELECTIVE
     work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, p, chunked) for p in policies)
     trainable = trainable_parameters(arch, layout)
     stored = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method)
@@ -235,8 +235,8 @@ class StepShape:
         ring = 2 * (d - 1) / d if d > 1 else 0.0
         facts = STRATEGIES[layout.strategy]
         sharded = self.sharded = facts.zero_stage == 3 or facts.engine == "fsdp"
-        dp_bytes = []  # per checkpointing (False, True), before the bandwidth
-        for gc in (False, True):
+        dp_bytes = []  # per checkpointing mode (none, full, selective), before the bandwidth
+        for gc in (False, True, True):  # a selective layer is gathered again for its recomputation, as a full one
             dp = ring * grad_bytes / layout.model_parallel
             if sharded and d > 1:
                 gathers = 3 if gc else 2
@@ -246,7 +246,8 @@ class StepShape:
 
         self.tensor_share = 4 * self.per_stage * 2 * (t - 1) / t
         u = self.ulysses  # forward, backward (and the recomputed forward with checkpointing)
-        self.ulysses_share = (2 * arch.num_layers * (u - 1) / u, 3 * arch.num_layers * (u - 1) / u)
+        recomputed = 3 * arch.num_layers * (u - 1) / u  # selective recomputes the all-to-alls too
+        self.ulysses_share = (2 * arch.num_layers * (u - 1) / u, recomputed, recomputed)
         self.ulysses_width = 2 * arch.q_dim + 2 * arch.kv_dim
 
         self.alpha = COLLECTIVE_LATENCY * (5 if layout.nodes > 1 else 1)
@@ -263,12 +264,12 @@ class StepShape:
             if facts.offload == "parameters":  # every step gathers the weights from host memory, forward and backward
                 moved += 2 * job.base_bytes / layout.world
         self.moved = moved
-        self.offload_micro = (0.0, 0.0)  # bytes over PCIe per micro-batch, without and with checkpointing
+        self.offload_micro = (0.0, 0.0, 0.0)  # bytes over PCIe per micro-batch, per checkpointing mode
         if facts.engine == "fsdp" and facts.offload == "parameters":
             stored = (job.stored_bytes + 4.0 * trainable) / layout.world  # this rank's shards as kept on the host
             grads = 4.0 * trainable / layout.world
             self.moved = 0.0
-            self.offload_micro = (2 * stored + grads, 3 * stored + grads)
+            self.offload_micro = (2 * stored + grads, 3 * stored + grads, 3 * stored + grads)
 
 
 class StepModel:
@@ -298,18 +299,21 @@ class StepModel:
         self.world_peak = layout.world * peak * FAMILY_EFFICIENCY.get(pool.gpu.family, 1.0)
         intra, across = bandwidths(pool, layout)
         self.intra = intra
-        self.data_parallel = (shape.dp_bytes[0] / across * (1 - OVERLAP), shape.dp_bytes[1] / across * (1 - OVERLAP))
+        share = (1 - OVERLAP) / across
+        dp = shape.dp_bytes
+        self.data_parallel = (dp[0] * share, dp[1] * share, dp[2] * share)
         offload = 0.0
-        self.offload_micro = (0.0, 0.0)
+        self.offload_micro: tuple[float, ...] = (0.0, 0.0, 0.0)
         if shape.offload != "none":  # Adam on the host's cores
             pcie = pool.gpu.pcie_gbps * 1e9
             offload = shape.moved / pcie + shape.trainable / layout.nodes / HOST_ADAM_PARAMS_PER_SECOND
-            self.offload_micro = (shape.offload_micro[0] / pcie, shape.offload_micro[1] / pcie)
+            micro = shape.offload_micro
+            self.offload_micro = (micro[0] / pcie, micro[1] / pcie, micro[2] / pcie)
         self.offload = offload
         self.optimizer = shape.optimizer_bytes / (pool.gpu.memory_gbps * 1e9)
 
     def terms(
-        self, micro_batch: int, checkpointing: bool, accumulation: int
+        self, micro_batch: int, checkpointing: int, accumulation: int
     ) -> tuple[float, float, float, float, float, float, float, float]:
         """(compute, bubble, data_parallel, tensor_parallel, offload, latency, ulysses, optimizer): StepTime's
         fields."""
@@ -352,7 +356,7 @@ class StepModel:
         offload = self.offload + micro_batches * self.offload_micro[checkpointing]
         return compute, bubble, self.data_parallel[checkpointing], tensor, offload, latency, ulysses, self.optimizer
 
-    def seconds(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
+    def seconds(self, micro_batch: int, checkpointing: int, accumulation: int) -> float:
         """StepTime.total of ``terms`` without building the StepTime."""
         compute, bubble, data_parallel, tensor, offload, latency, ulysses, optimizer = self.terms(
             micro_batch, checkpointing, accumulation

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from kubeforge.inventory.pools import Inventory, Pool
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.memory import estimate
+from kubeforge.planner.cost import selective_recompute
+from kubeforge.planner.memory import Layout, estimate
 from kubeforge.runtime.contract import STRATEGIES
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def infeasible_reason(
     if gpu_pressure > 1 and gpu_pressure >= host_pressure:  # name the limit that binds hardest
         binding = (
             f"even the leanest layout ({NAMES[layout.strategy]} over {gpus}, micro-batch {layout.micro_batch}, "
-            f"gradient checkpointing {'on' if layout.gradient_checkpointing else 'off'}) needs "
+            f"gradient checkpointing {_checkpointing_word(layout)}) needs "
             f"{gib(mem.total)} per GPU (model states {gib(mem.model_states)}, activations {gib(mem.activations)}); "
             f"a {pool.gpu.name} offers {gib(0.9 * pool.memory_bytes)} of its {gib(pool.memory_bytes)}"
         )
@@ -166,7 +167,7 @@ def infeasible_details(
         host = f", host {gib(mem.host_per_node)} per node" if mem.host_per_node else ""
         out.append(
             f"Leanest layout on {name}: {NAMES[lay.strategy]} over {lay.world} GPU(s), micro-batch {lay.micro_batch}, "
-            f"checkpointing {'on' if lay.gradient_checkpointing else 'off'}: {gib(mem.total)} per GPU{host}."
+            f"checkpointing {_checkpointing_word(lay)}: {gib(mem.total)} per GPU{host}."
         )
     out += [f"Ruled out: {r}." for r in dict.fromkeys(rejections)]
     return out
@@ -380,8 +381,22 @@ def _checkpointing_sentence(req: Request, arch: Architecture, best: Candidate) -
         )
     if lay.gradient_checkpointing:
         without = estimate(arch, replace(lay, gradient_checkpointing=False))
-        return (
-            f"Gradient checkpointing on: without it activations would need {gib(without.activations)} "
-            f"(total {gib(without.total)}), more than fits."
+        sentence = (
+            f"Gradient checkpointing {_checkpointing_word(lay)}: without it activations would need "
+            f"{gib(without.activations)} (total {gib(without.total)}), more than fits"
         )
+        if lay.checkpointing_policy == "selective":
+            share = selective_recompute(arch) / arch.active_parameters
+            sentence += (
+                f"; selective keeps each layer's input, the attention kernel's output and every second matmul's "
+                f"({gib(best.memory.activations)}) and runs {share:.0%} of the forward matmul work again, where full "
+                "checkpointing runs all of it"
+            )
+        return sentence + "."
     return f"Gradient checkpointing off: activations fit ({gib(best.memory.activations)})."
+
+
+def _checkpointing_word(layout: Layout) -> str:
+    if not layout.gradient_checkpointing:
+        return "off"
+    return "selective" if layout.checkpointing_policy == "selective" else "on"

@@ -273,17 +273,28 @@ def activation_regime(strategy: str, method: str, precision: str) -> tuple[bool,
     return engine == "ddp" and method == "full" and precision != "fp32", engine == "megatron"
 
 
+# Checkpointing as the search evaluates it, per candidate: none, full, selective (a bool reads as none or full)
+NONE, FULL, SELECTIVE = 0, 1, 2
+
+
+def checkpointing_mode(layout: Layout) -> int:
+    if not layout.gradient_checkpointing:
+        return NONE
+    return SELECTIVE if layout.checkpointing_policy == "selective" else FULL
+
+
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
-    return Activations(arch, layout)(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation)
+    return Activations(arch, layout)(layout.micro_batch, checkpointing_mode(layout), layout.gradient_accumulation)
 
 
 class Activations:
     """activation_bytes for one layout's fixed choices (parallel degrees, method, precision), evaluated per
-    micro-batch, gradient checkpointing and accumulation: the search calls it once per candidate."""
+    micro-batch, checkpointing mode (NONE, FULL, SELECTIVE) and accumulation: the search calls it once per
+    candidate."""
 
     __slots__ = (
-        "casts", "chunk", "divide", "examples", "h", "kept", "layers", "p", "per_layer", "scale", "seq_len", "t", "u",
-        "vocab",
+        "casts", "chunk", "divide", "examples", "h", "kept", "kept_selective", "layers", "p", "per_layer", "scale",
+        "seq_len", "t", "u", "vocab",
     )  # fmt: skip
 
     def __init__(self, arch: Architecture, layout: Layout) -> None:
@@ -307,8 +318,8 @@ class Activations:
         if amp:
             per_layer += 12 * h / self.divide
         self.kept = (4 if amp else 2) * h / self.divide  # each layer's input, with checkpointing
-        if layout.checkpointing_policy == "selective":  # and every matmul's and the attention kernel's output
-            self.kept += selective_outputs(arch) / t
+        # selective: and the attention kernel's and every second matmul's outputs
+        self.kept_selective = self.kept + selective_outputs(arch) / t
         self.casts = 2.0 * arch.params_per_layer / t if amp else 0.0  # per layer, without checkpointing
         if layout.method != "full":
             per_layer += lora_activations(arch, layout.lora_targets, layout.lora_dropout) / t
@@ -318,12 +329,12 @@ class Activations:
         self.chunk = loss_chunk(arch, layout)
         self.scale = 2.0 if layout.precision == "fp32" else 1.0  # the formulas count 2-byte activations
 
-    def __call__(self, micro_batch: int, checkpointing: bool, accumulation: int) -> float:
+    def __call__(self, micro_batch: int, checkpointing: int, accumulation: int) -> float:
         tokens = micro_batch * self.examples * self.seq_len / self.u
         p = self.p
         in_flight = 1 if p == 1 else min(p, max(1, accumulation))
         if checkpointing:
-            kept = self.layers * in_flight * self.kept
+            kept = self.layers * in_flight * (self.kept_selective if checkpointing == SELECTIVE else self.kept)
             body = tokens * (kept + self.per_layer) + self.casts
         else:
             body = tokens * self.layers * in_flight * self.per_layer + self.layers * self.casts
@@ -416,7 +427,7 @@ def estimate(arch: Architecture, layout: Layout, states: States | None = None) -
     """``states``: model_states(arch, layout), when the caller already has it (it does not depend on the
     micro-batch or on gradient checkpointing)."""
     model = MemoryModel(arch, layout, states)
-    return model.at(layout.micro_batch, layout.gradient_checkpointing, layout.gradient_accumulation)
+    return model.at(layout.micro_batch, checkpointing_mode(layout), layout.gradient_accumulation)
 
 
 class MemoryModel:
@@ -438,9 +449,9 @@ class MemoryModel:
         self.fixed_overhead = _fixed_overhead(arch, layout)
         self.states_sum = states.weights + states.gradients + states.optimizer + states.gathered
         self.states_ints = int(states.weights) + int(states.gradients) + int(states.optimizer) + int(states.gathered)
-        self._totals: dict[tuple[int, bool, int], int] = {}  # pools with the same layouts ask the same totals
+        self._totals: dict[tuple[int, int, int], int] = {}  # pools with the same layouts ask the same totals
 
-    def at(self, micro_batch: int, checkpointing: bool, accumulation: int) -> Memory:
+    def at(self, micro_batch: int, checkpointing: int, accumulation: int) -> Memory:
         states = self.states
         acts = self.activations(micro_batch, checkpointing, accumulation)
         return Memory(
@@ -453,7 +464,7 @@ class MemoryModel:
             gathered=int(states.gathered),
         )
 
-    def total(self, micro_batch: int, checkpointing: bool, accumulation: int) -> int:
+    def total(self, micro_batch: int, checkpointing: int, accumulation: int) -> int:
         key = (micro_batch, checkpointing, accumulation)
         total = self._totals.get(key)
         if total is None:

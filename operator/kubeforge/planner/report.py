@@ -33,7 +33,7 @@ def table(plan: Plan) -> str:
                 f"{plan.global_batch_size} = {plan.micro_batch_size} micro x "
                 f"{plan.gradient_accumulation_steps} accumulation x {plan.data_parallel} data parallel",
             ),
-            ("Gradient checkpointing", "on" if plan.gradient_checkpointing else "off"),
+            ("Gradient checkpointing", plan.checkpointing_policy if plan.gradient_checkpointing else "off"),
             ("Attention", plan.attention),
             ("Step time (est.)", f"{plan.estimated_step_seconds:.2f} s"),
             (

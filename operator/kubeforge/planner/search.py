@@ -53,6 +53,9 @@ from kubeforge.planner.cost import (
     total_steps,
 )
 from kubeforge.planner.memory import (
+    FULL,
+    NONE,
+    SELECTIVE,
     Activations,
     Layout,
     Memory,
@@ -180,9 +183,10 @@ class Candidate:
     )  # fmt: skip
 
     def __init__(
-        self, group: Group, micro_batch: int, checkpointing: bool, accumulation: int, total: int | None,
+        self, group: Group, micro_batch: int, checkpointing: int, accumulation: int, total: int | None,
         fits: bool, seconds: float,
     ) -> None:  # fmt: skip
+        """``checkpointing``: memory.NONE, FULL or SELECTIVE (a bool reads as NONE or FULL)."""
         self.group = group
         self.micro_batch, self.gradient_checkpointing, self.gradient_accumulation = (
             micro_batch,
@@ -206,10 +210,12 @@ class Candidate:
     @property
     def layout(self) -> Layout:
         if self._layout is None:
+            mode = self.gradient_checkpointing  # memory.NONE, FULL or SELECTIVE
             self._layout = layout_like(
                 self.group.layout,
                 micro_batch=self.micro_batch,
-                gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing=mode != NONE,
+                checkpointing_policy="selective" if mode == SELECTIVE else "full",
                 gradient_accumulation=self.gradient_accumulation,
             )
         return self._layout
@@ -517,7 +523,13 @@ def enumerate_candidates(
     if tried is None:
         tried = strategies(req)
     global_batch = req.global_batch
-    checkpointing_options = (False, True) if req.checkpointing == "auto" else (True,)  # full | selective: asked
+    asked = {"full": (FULL,), "selective": (SELECTIVE,)}.get(req.checkpointing)
+    # none first, then (full fine-tuning outside Megatron) selective, then full: a mode is tried only where the
+    # ones before it do not fit (full can fit a larger micro-batch than selective: both compete)
+    modes = {
+        s: asked or ((NONE, FULL) if unsupported_checkpointing(s, req.method, "selective") else (NONE, SELECTIVE, FULL))
+        for s in tried
+    }
     gpu_limit = UTILISATION * pool.memory_bytes
     host_limit = HOST_UTILISATION * pool.host_memory_bytes
     for nodes, per_node in gpu_counts(pool, req.max_gpus):
@@ -538,6 +550,7 @@ def enumerate_candidates(
                 rejections.append(why)
                 continue
             megatron = engine == "megatron"
+            checkpointing_options = modes[strategy]
             layouts = [(1, 1)] if not megatron else list(model_parallel_options(req, pool, arch, world))
             if megatron and not layouts and (req.strategy != "auto" or req.tensor_parallel or req.pipeline_parallel):
                 rejections.append(explain.no_model_parallel(req, pool, arch, world))
@@ -570,7 +583,7 @@ def enumerate_candidates(
                     # one pipeline stage: per checkpointing choice only the largest micro-batch that fits can be
                     # chosen (cost.StepModel: the same compute, fewer launches and micro-steps, no bubble; never
                     # slower), so only its step time is computed (the smaller ones stay out of ``fitting``)
-                    largest: dict[bool, tuple[int, int, int]] = {}
+                    largest: dict[int, tuple[int, int, int]] = {}
                     for mb in MICRO_BATCHES:
                         chunk = mb * d
                         if global_batch % chunk:
@@ -586,7 +599,7 @@ def enumerate_candidates(
                             if checkpointing and lean_fits:
                                 break  # recomputing the forward pass only costs time when the layout fits without it
                             if lean_cannot_fit and not checkpointing:
-                                unfit.append((group, mb, False, accumulation, None))
+                                unfit.append((group, mb, NONE, accumulation, None))
                                 continue
                             total = total_of(mb, checkpointing, accumulation)
                             if total <= gpu_limit and host_ok:
@@ -631,7 +644,6 @@ def _group(
                 lora_dropout=req.lora_dropout,
                 objective=req.objective,
                 master_weights=req.master_weights,
-                checkpointing_policy="selective" if req.checkpointing == "selective" else "full",
             )
         layout = layout_like(
             base,
