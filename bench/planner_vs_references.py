@@ -20,9 +20,9 @@ Mapping rules (printed with each row):
               on one GPU).
   precision   as stated; null -> bf16. master_weights as stated (bf16: pure bf16); absent -> fp32.
   checkpoint  true/false as stated; "selective" (full fine-tuning) -> kubeforge's selective checkpointing
-              (it keeps every matmul's output; torchtitan's per-op policy recomputes every second
-              one); null -> both are computed and each measure takes the variant nearer the
-              measurement (flagged '*': the best case for the planner).
+              (torchtitan's per-op policy: the attention output and every second matmul's kept);
+              null -> both are computed and each measure takes the variant nearer the measurement
+              (flagged '*': the best case for the planner).
   LoRA        rank and targets as stated (output_proj -> o_proj, mlp -> gate/up/down, *_proj ->
               all-linear; Qwen-1's c_attn -> q/k/v, c_proj -> o_proj + down_proj, w1/w2 ->
               gate/up); null -> kubeforge's defaults (rank 16, all-linear), flagged.

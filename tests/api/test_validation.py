@@ -101,7 +101,7 @@ FINETUNE_CASES = [
     ({"parallelism.masterWeights": "fp16"}, ["spec.parallelism.masterWeights: must be one of 'fp32' or 'bf16'"]),
     (
         {"parallelism.activationCheckpointing": "selective"},
-        ["spec.parallelism.activationCheckpointing: activationCheckpointing selective keeps every matmul's output"],
+        ["spec.parallelism.activationCheckpointing: activationCheckpointing selective serves method full only"],
     ),
     (
         {

@@ -68,7 +68,7 @@ def test_a_selective_plan_trains(tiny_model, task_data, tmp_path):
 @pytest.mark.parametrize(
     ("method", "strategy", "message"),
     [
-        ("lora", "ddp", "compute.checkpointing_policy selective keeps every matmul's output, with lora"),
+        ("lora", "ddp", "compute.checkpointing_policy selective serves method full only: with lora each adapter"),
         ("full", "megatron", "compute.checkpointing_policy selective: strategy megatron (megatron-core)"),
     ],
 )

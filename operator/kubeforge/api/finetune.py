@@ -19,7 +19,14 @@ from kubeforge.api.base import (
 )
 from kubeforge.api.meta import ObjectMeta
 from kubeforge.api.uris import OutputUri, Uri
-from kubeforge.runtime.contract import STRATEGIES, DPOLoss
+from kubeforge.runtime.contract import (
+    STRATEGIES,
+    CheckpointingPolicy,
+    DPOLoss,
+    MasterWeights,
+    unsupported_checkpointing,
+    unsupported_master_weights,
+)
 from kubeforge.runtime.contract import Strategy as RuntimeStrategy
 
 Positive = Annotated[int, Field(gt=0)]
@@ -28,10 +35,10 @@ Method = Literal["full", "lora", "qlora"]
 MEGATRON = ("megatron", "megatron-offload-optimizer")
 Strategy = Literal[("auto", *get_args(RuntimeStrategy))]  # the runtime's strategies (contract.STRATEGIES), or auto
 Precision = Literal["auto", "bf16", "fp16", "fp8"]
-MasterWeights = Literal["fp32", "bf16"]  # contract.MASTER_WEIGHTS
-ActivationCheckpointing = Literal["auto", "full", "selective"]  # contract.CHECKPOINTING_POLICIES, or the planner's
-# strategies whose optimizer keeps fp32 masters whatever masterWeights says (contract.unsupported_master_weights)
-FP32_MASTERS = tuple(s for s, f in STRATEGIES.items() if f.engine == "megatron" or f.offload != "none")
+ActivationCheckpointing = Literal[("auto", *get_args(CheckpointingPolicy))]  # the runtime's policies, or the planner's
+# the strategies each opt-in does not run under (contract.unsupported_master_weights, unsupported_checkpointing)
+FP32_MASTERS = tuple(s for s in STRATEGIES if unsupported_master_weights(s, "bf16", "bf16"))
+NO_SELECTIVE = tuple(s for s in STRATEGIES if unsupported_checkpointing(s, "full", "selective"))
 FineTunePhase = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
 
 
@@ -327,14 +334,16 @@ class Parallelism(KubeModel):
         ),
         Rule(
             cel="!has(self.activationCheckpointing) || self.activationCheckpointing != 'selective' || "
-            "(!(self.strategy in ['megatron', 'megatron-offload-optimizer']) "
+            f"(!(self.strategy in [{', '.join(repr(s) for s in NO_SELECTIVE)}]) "
             "&& (!has(self.tensorParallel) || self.tensorParallel == 1) "
             "&& (!has(self.pipelineParallel) || self.pipelineParallel == 1))",
             message="activationCheckpointing selective needs a non-Megatron strategy (megatron-core recomputes whole "
             "layers; no tensorParallel or pipelineParallel above 1)",
             check=lambda p: (
                 p.activation_checkpointing != "selective"
-                or (p.strategy not in MEGATRON and (p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1)
+                or (
+                    p.strategy not in NO_SELECTIVE and (p.tensor_parallel or 1) == 1 and (p.pipeline_parallel or 1) == 1
+                )
             ),
             field=".activationCheckpointing",
         ),
@@ -426,8 +435,9 @@ class FineTuneJobSpec(KubeModel):
         Rule(
             cel="self.method == 'full' || !has(self.parallelism) || !has(self.parallelism.activationCheckpointing) "
             "|| self.parallelism.activationCheckpointing != 'selective'",
-            message="activationCheckpointing selective keeps every matmul's output, with lora or qlora the "
-            "adapters' too (about what no checkpointing keeps): it serves method full only",
+            message="activationCheckpointing selective serves method full only: with lora or qlora each adapter adds "
+            "two matmuls to a layer, and what keeping every second matmul's output then holds is not what the planner "
+            "counts",
             check=lambda s: s.method == "full" or s.parallelism.activation_checkpointing != "selective",
             field=".parallelism.activationCheckpointing",
         ),

@@ -218,7 +218,7 @@ def precision_policy(precision: str, method: str, master_weights: str = "fp32") 
 # bf16_optimizer_states. Megatron's distributed optimizer and the offloading strategies (the host's Adam) keep
 # fp32 masters. bf16 compute only: fp16 would need loss scaling, fp8's float8 matmuls are not verified on bf16
 # weights, fp32 compute (a CPU) keeps fp32 weights.
-MASTER_WEIGHTS = ("fp32", "bf16")
+MasterWeights = Literal["fp32", "bf16"]
 
 
 def unsupported_master_weights(
@@ -256,10 +256,11 @@ def unsupported_precision(strategy: str, precision: str) -> str | None:
 # every gradient to the model's own loss's there).
 LOSS_CHUNK_ELEMENTS = 2**25
 
-# Selective activation checkpointing (runtime/selective.py) keeps every matmul's output: with LoRA those of the
-# adapters too, about what no checkpointing keeps, so it serves full fine-tuning only; megatron-core has its
-# own recompute (full, per layer).
-CHECKPOINTING_POLICIES = ("full", "selective")
+# Selective activation checkpointing (runtime/selective.py) keeps every second matmul's output of a layer: the
+# planner counts what that keeps of a trained layer's seven matmuls (memory.selective_outputs); an adapter adds two
+# matmuls to each adapted module, and what the alternation then keeps is not counted, so it serves full
+# fine-tuning only; megatron-core has its own recompute (full, per layer).
+CheckpointingPolicy = Literal["full", "selective"]
 
 
 def unsupported_checkpointing(strategy: str, method: str, policy: str, field: str = "compute.checkpointing_policy"):
@@ -268,8 +269,8 @@ def unsupported_checkpointing(strategy: str, method: str, policy: str, field: st
         return None
     if method != "full":
         return (
-            f"{field} selective keeps every matmul's output, with {method} the adapters' too (about what no "
-            "checkpointing keeps): it serves method full only"
+            f"{field} selective serves method full only: with {method} each adapter adds two matmuls to a layer, "
+            "and what keeping every second matmul's output then holds is not what the planner counts"
         )
     if STRATEGIES[strategy].engine == "megatron":
         return f"{field} selective: strategy {strategy} (megatron-core) recomputes whole layers only"
@@ -338,9 +339,9 @@ class ParallelConfig(_Model):
 class ComputeConfig(_Model):
     device: Literal["cuda", "cpu"] = "cuda"
     precision: Precision = "bf16"
-    master_weights: Literal["fp32", "bf16"] = "fp32"  # bf16: pure bf16 (precision_policy)
+    master_weights: MasterWeights = "fp32"  # bf16: pure bf16 (precision_policy)
     gradient_checkpointing: bool = False
-    checkpointing_policy: Literal["full", "selective"] = "full"  # with gradient_checkpointing: selective.py
+    checkpointing_policy: CheckpointingPolicy = "full"  # with gradient_checkpointing: selective.py
     attention: Literal["flash_attention_2", "sdpa", "eager"] = "sdpa"
     loss_chunk_tokens: int = Field(default=0, ge=0)  # the loss (SFT, DPO's log-probs) in chunks of this many tokens
     # (chunked_loss.py); 0: the model's own loss over its whole logits. The planner counts the same (loss_chunk_tokens).
