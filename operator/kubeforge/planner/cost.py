@@ -48,7 +48,16 @@ from dataclasses import dataclass
 
 from kubeforge.inventory.pools import Pool
 from kubeforge.planner.architecture import Architecture
-from kubeforge.planner.memory import Layout, base_weight_bytes, checkpointing_mode, loss_chunk, trainable_parameters
+from kubeforge.planner.memory import (
+    FULL,
+    NONE,
+    SELECTIVE,
+    Layout,
+    base_weight_bytes,
+    checkpointing_mode,
+    loss_chunk,
+    trainable_parameters,
+)
 from kubeforge.runtime.contract import STRATEGIES, precision_policy
 
 EFFICIENCY = {
@@ -126,8 +135,7 @@ class StepTime:
 
 def flops_per_token(arch: Architecture, layout: Layout) -> float:
     chunked = loss_chunk(arch, layout) > 0
-    policy = layout.checkpointing_policy if layout.gradient_checkpointing else ""
-    return _flops_per_token(arch, layout.method, layout.seq_len, policy, chunked)
+    return _flops_per_token(arch, layout.method, layout.seq_len, checkpointing_mode(layout), chunked)
 
 
 def selective_recompute(arch: Architecture) -> float:
@@ -140,11 +148,17 @@ def selective_recompute(arch: Architecture) -> float:
     return arch.num_layers * (h * k + q * h + h * i)
 
 
-def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: str, chunked: bool) -> float:
-    """``checkpointing``: "" (off), "full" (the whole forward pass again) or "selective"."""
+def recomputed_parameters(arch: Architecture, checkpointing: int) -> float:
+    """Parameters whose forward matmuls a checkpointing mode (memory.NONE, FULL, SELECTIVE) runs again."""
+    if checkpointing == NONE:
+        return 0.0
+    return arch.active_parameters if checkpointing == FULL else selective_recompute(arch)
+
+
+def _flops_per_token(arch: Architecture, method: str, seq_len: int, checkpointing: int, chunked: bool) -> float:
     active = arch.active_parameters
     per_param = 6.0 if method == "full" else 4.0
-    recomputed = {"": 0.0, "full": active, "selective": selective_recompute(arch)}[checkpointing]
+    recomputed = recomputed_parameters(arch, checkpointing)
     attention = 6.0 * arch.num_layers * seq_len * arch.q_dim
     head = 2.0 * arch.hidden_size * arch.vocab_size if chunked else 0.0
     return per_param * active + 2.0 * recomputed + attention + head
@@ -179,8 +193,9 @@ class JobTerms:
 def job_terms(arch: Architecture, layout: Layout, global_batch: int) -> JobTerms:
     tokens = global_batch * layout.sequences_per_example * layout.seq_len
     chunked = loss_chunk(arch, layout) > 0
-    policies = ("", "full", "selective")  # memory.NONE, FULL, SELECTIVE
-    work = tuple(tokens * _flops_per_token(arch, layout.method, layout.seq_len, p, chunked) for p in policies)
+    work = tuple(
+        tokens * _flops_per_token(arch, layout.method, layout.seq_len, m, chunked) for m in (NONE, FULL, SELECTIVE)
+    )
     trainable = trainable_parameters(arch, layout)
     stored = 0.0 if layout.method == "full" else base_weight_bytes(arch, layout.method)
     return JobTerms(work, trainable, base_weight_bytes(arch, layout.method), stored)  # type: ignore[arg-type]
@@ -369,17 +384,9 @@ def reference_pass_seconds(arch: Architecture, layout: Layout, step: StepTime, s
     forward share (2 of flops_per_token's 4 or 6 FLOPs per parameter) of one epoch's compute."""
     if layout.objective != "dpo" or not steps_per_epoch:
         return 0.0
-    per_param = (6.0 if layout.method == "full" else 4.0) + 2.0 * _recomputed_share(arch, layout)
+    recomputed = recomputed_parameters(arch, checkpointing_mode(layout)) / arch.active_parameters
+    per_param = (6.0 if layout.method == "full" else 4.0) + 2.0 * recomputed
     return steps_per_epoch * step.compute * 2.0 / per_param
-
-
-def _recomputed_share(arch: Architecture, layout: Layout) -> float:
-    """The share of the forward pass's matmul work that checkpointing runs again."""
-    if not layout.gradient_checkpointing:
-        return 0.0
-    if layout.checkpointing_policy == "selective":
-        return selective_recompute(arch) / arch.active_parameters
-    return 1.0
 
 
 def total_steps(epochs: float | None, max_steps: int | None, examples: int | None, global_batch: int) -> int | None:
