@@ -149,7 +149,7 @@ def test_the_search_shortcuts_agree_with_the_full_computation(name):
     from dataclasses import replace
 
     from kubeforge.planner.cost import step_time
-    from kubeforge.planner.memory import NONE, SELECTIVE, estimate
+    from kubeforge.planner.memory import checkpointing_fields, estimate
     from kubeforge.planner.search import Request, choose_precision, enumerate_candidates
 
     doc, cluster = CASES[name]
@@ -162,21 +162,15 @@ def test_the_search_shortcuts_agree_with_the_full_computation(name):
             enumerate_candidates(req, pool, arch, precision, [], fitting, unfit, shared)
     assert fitting and unfit
 
-    def checkpointing(mode: int) -> dict:  # memory.NONE, FULL, SELECTIVE as Layout's fields
-        return {
-            "gradient_checkpointing": mode != NONE,
-            "checkpointing_policy": "selective" if mode == SELECTIVE else "full",
-        }
-
     for c in fitting:
         base = c.group.layout
         full = replace(base, micro_batch=c.micro_batch, gradient_accumulation=c.gradient_accumulation,
-                       **checkpointing(c.gradient_checkpointing))  # fmt: skip
+                       **checkpointing_fields(c.gradient_checkpointing))  # fmt: skip
         assert c.layout == full and hash(c.layout) == hash(full)
         assert c.memory_total == estimate(arch, full).total == c.memory.total
         assert c.seconds == step_time(arch, full, c.pool, req.global_batch).total == c.time.total
     for group, mb, gc, accumulation, total in unfit:
-        full = replace(group.layout, micro_batch=mb, gradient_accumulation=accumulation, **checkpointing(gc))
+        full = replace(group.layout, micro_batch=mb, gradient_accumulation=accumulation, **checkpointing_fields(gc))
         needed = estimate(arch, full)
         assert total is None or total == needed.total
         assert needed.total > 0.9 * group.pool.memory_bytes or needed.host_per_node > 0.8 * group.pool.host_memory_bytes

@@ -142,24 +142,14 @@ def test_under_zero3_the_chunked_loss_gives_the_models_own_gradients(tiny_model,
     checkpoint must not compare the saved and recomputed weight's shapes (determinism_check "none"); every weight's
     full gradient, the trained head's included, equals the model's own loss's."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
+    from tests.runtime import probes
     from tests.runtime.conftest import make_contract
 
-    root = Path(__file__).resolve().parents[2]
     contract = make_contract(tiny_model, task_data[0], tmp_path / "out", method=method, strategy="zero3", world=2,
                              micro=2, accumulation=1, loss_chunk=16)  # fmt: skip
     assert contract.compute.loss_chunk_tokens == 16
-    (tmp_path / "contract.json").write_text(contract.to_json())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "tests.runtime.probes.zero3_chunked", str(tmp_path / "contract.json"),
-           str(tmp_path / "out.json")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-4000:]
+    probes.run("zero3_chunked", contract, tmp_path, tmp_path / "out.json")
     found = json.loads((tmp_path / "out.json").read_text())
     assert found["loss_diff"] < 1e-5
     head = [n for n in found["names"] if "lm_head" in n]

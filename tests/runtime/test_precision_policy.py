@@ -9,9 +9,6 @@ optimizer states, from contract.precision_policy) must be within 5% of it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,9 @@ from kubeforge.planner.architecture import from_hf_config
 from kubeforge.planner.memory import Layout, deepspeed_buckets, model_states
 from kubeforge.runtime.contract import STRATEGIES, ComputeConfig
 from kubeforge.runtime.demo import task, tiny
+from tests.runtime import probes
 from tests.runtime.conftest import make_contract
 
-ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 CASES = [
     ("full", "ddp", "fp32"),
@@ -54,13 +51,7 @@ def measure(model: Path, data: Path, tmp: Path, method: str, strategy: str, mast
                              accumulation=1)  # fmt: skip
     compute = ComputeConfig(device="cpu", precision="bf16", master_weights=master)
     contract = contract.model_copy(update={"compute": compute})
-    config = tmp / "contract.json"
-    config.write_text(contract.to_json())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           "-m", "tests.runtime.probes.model_states", str(config), str(tmp / "measured")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    probes.run("model_states", contract, tmp, tmp / "measured", nproc=WORLD)
     return [json.loads((tmp / "measured" / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

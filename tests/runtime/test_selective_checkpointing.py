@@ -98,23 +98,8 @@ def test_selective_under_sharding_engines(tiny_model, task_data, tmp_path, strat
 def test_selective_with_ulysses_trains_like_one_process(tiny_model, task_data, tmp_path):
     """Two ranks splitting each sequence (Ulysses' all-to-alls inside the checkpointed layers, recomputed) train
     the same model as one process without checkpointing."""
-    from tests.runtime.test_train import run_torchrun
+    from tests.runtime.test_ulysses_training import single_and_split
 
-    single_dir, split_dir = tmp_path / "single", tmp_path / "split"
-    single_dir.mkdir()
-    split_dir.mkdir()
-    one = make_contract(tiny_model, task_data[0], single_dir / "out", method="full", steps=4, lr=1e-3, micro=4,
-                        accumulation=2)  # fmt: skip
-    assert run_inline(one, single_dir)[0] == 0
-    two = make_contract(tiny_model, task_data[0], split_dir / "out", method="full", steps=4, lr=1e-3, micro=4,
-                        accumulation=2, world=2, strategy="fsdp")  # fmt: skip
-    compute = two.compute.model_copy(update={"gradient_checkpointing": True, "checkpointing_policy": "selective"})
-    two = two.model_copy(update={
-        "parallel": two.parallel.model_copy(update={"ulysses": 2}),
-        "training": two.training.model_copy(update={"global_batch_size": 8}),
-        "compute": compute,
-    })  # fmt: skip
-    logs: list[str] = []
-    code, _ = run_torchrun(two, split_dir, 2, logs)
-    assert code == 0, logs[0][-3000:]
-    assert losses(split_dir / "out") == pytest.approx(losses(single_dir / "out"), abs=2e-3)
+    single, split, _ = single_and_split(tiny_model, task_data, tmp_path, "fsdp", steps=4,
+                                        gradient_checkpointing=True, checkpointing_policy="selective")  # fmt: skip
+    assert split == pytest.approx(single, abs=2e-3)

@@ -9,17 +9,14 @@ of the model's bytes. Half the model is each rank's share; the rest is what is i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.runtime import probes
 from tests.runtime.conftest import make_contract
 from tests.runtime.probes import big_model
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMITS = {
     "fsdp": 0.60,  # measured 0.565: the rank's fp32 half plus one 16 MiB chunk in flight
     # measured 0.505-0.535: the rank's half plus the module zero.Init builds whole before partitioning
@@ -39,13 +36,7 @@ def big(tmp_path_factory) -> tuple[Path, int]:
 def peak_share(model: Path, size: int, tmp: Path, strategy: str) -> list[float]:
     contract = make_contract(model, model / "config.json", tmp / "out", method="full", strategy=strategy, world=2,
                              micro=1, accumulation=1)  # fmt: skip
-    config = tmp / "contract.json"
-    config.write_text(contract.to_json())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "tests.runtime.probes.load_peak", str(config), str(tmp / "peaks")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    probes.run("load_peak", contract, tmp, tmp / "peaks", timeout=900)
     return [json.loads((tmp / "peaks" / f"rank{r}.json").read_text())["attributable"] / size for r in range(2)]
 
 
@@ -67,11 +58,5 @@ def test_zero3_loads_a_model_with_tied_embeddings(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     contract = make_contract(tmp_path / "model", tmp_path / "model" / "config.json", tmp_path / "out",
                              method="full", strategy="zero3", world=2, micro=1, accumulation=1)  # fmt: skip
-    (tmp_path / "contract.json").write_text(contract.to_json())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "tests.runtime.probes.zero3_tied", str(tmp_path / "contract.json"),
-           str(tmp_path / "out.json")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    probes.run("zero3_tied", contract, tmp_path, tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text()) == {"tied": True, "max_diff": 0.0, "lm_head_in_file": False}

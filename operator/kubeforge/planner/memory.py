@@ -283,6 +283,14 @@ def checkpointing_mode(layout: Layout) -> int:
     return SELECTIVE if layout.checkpointing_policy == "selective" else FULL
 
 
+def checkpointing_fields(mode: int) -> dict[str, Any]:
+    """Layout's fields for a checkpointing mode (checkpointing_mode's inverse)."""
+    return {
+        "gradient_checkpointing": mode != NONE,
+        "checkpointing_policy": "selective" if mode == SELECTIVE else "full",
+    }
+
+
 def activation_bytes(arch: Architecture, layout: Layout) -> float:
     return Activations(arch, layout)(layout.micro_batch, checkpointing_mode(layout), layout.gradient_accumulation)
 

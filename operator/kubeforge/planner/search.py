@@ -61,6 +61,7 @@ from kubeforge.planner.memory import (
     Memory,
     MemoryModel,
     activation_regime,
+    checkpointing_fields,
     layout_like,
     loss_chunk,
     model_states,
@@ -210,13 +211,11 @@ class Candidate:
     @property
     def layout(self) -> Layout:
         if self._layout is None:
-            mode = self.gradient_checkpointing  # memory.NONE, FULL or SELECTIVE
             self._layout = layout_like(
                 self.group.layout,
                 micro_batch=self.micro_batch,
-                gradient_checkpointing=mode != NONE,
-                checkpointing_policy="selective" if mode == SELECTIVE else "full",
                 gradient_accumulation=self.gradient_accumulation,
+                **checkpointing_fields(self.gradient_checkpointing),
             )
         return self._layout
 
@@ -270,7 +269,7 @@ class Request:
     objective: str
     precision: str
     master_weights: str
-    checkpointing: str  # auto (the planner: off or full) | full | selective
+    checkpointing: str  # auto (the planner's choice of none, selective or full) | full | selective
     max_gpus: int | None
     max_hours: float | None
     gpu_type: str
